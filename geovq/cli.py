@@ -1,0 +1,166 @@
+"""The `geovq` command line. Follow `sweep` downwards to see where the data goes:
+
+    cli.sweep -> distributed.tune.run_sweep -> Ray Tune trials -> pipeline.train_vae_stage / run_unit_stage
+              -> report.tables.write_results
+
+Only typer is imported at module level: torch and Ray load inside commands, so `geovq --help` is fast.
+A user error (`GeovqError`) prints one line and exits with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from geovq.errors import GeovqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Post-hoc discrete codes for Gaussian VAEs vs VQ-VAE at matched bit rate, on Ray.")
+
+
+def user_errors(fn):
+    """Turn GeovqError into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GeovqError as e:
+            typer.secho(f"Error: {e}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GeovqError(f"{option} {text!r} must be a comma list of integers, e.g. 16,64,256") from None
+
+
+def _setup_logging(run_dir: Path) -> None:
+    log = logging.getLogger("geovq")
+    log.setLevel(logging.INFO)
+    handler = logging.FileHandler(run_dir / "sweep.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("geovq: %(message)s"))
+    log.addHandler(console)
+
+
+@app.command()
+@user_errors
+def sweep(
+    dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory [default: runs/DATASET or runs/DATASET-quick]"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list [default: every registered method]"),
+    codebook_sizes: Optional[str] = typer.Option(None, "--codebook-sizes", help="comma list of K [default: per dataset]"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds, 0..N-1 [default: 3; 1 with --quick]"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs of every model [default: per dataset]"),
+    quick: bool = typer.Option(False, "--quick", help="a few-minute smoke configuration"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $GEOVQ_DATA or ~/.cache/geovq/data]"),
+    download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
+    token_dim: Optional[int] = typer.Option(None, "--token-dim", help="channels per token d [default: C, one token per cell]"),
+    grouping: str = typer.Option("contiguous", "--grouping", help="contiguous or interleaved channel groups"),
+    cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
+) -> None:
+    """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory."""
+    t_start = time.time()
+    from geovq.config import DATASET_DEFAULTS, SweepConfig, resolve_config
+    from geovq.data import DATASETS, load_dataset, resolve_data_root
+    from geovq.pipeline import END_TO_END
+    from geovq.quantize import QUANTIZERS
+
+    if dataset not in DATASETS:
+        raise GeovqError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    known = list(END_TO_END) + sorted(QUANTIZERS)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else known
+    for m in chosen:
+        if m not in known:
+            raise GeovqError(f"unknown method {m!r}; valid: {', '.join(known)}")
+    if not chosen:
+        raise GeovqError(f"--methods is empty; valid: {', '.join(known)}")
+    if epochs is not None and epochs < 0:
+        raise GeovqError(f"--epochs {epochs} must be >= 0")
+    sizes = _int_list(codebook_sizes, "--codebook-sizes") if codebook_sizes else None
+    for k in sizes or []:
+        if k <= 1:
+            raise GeovqError(f"--codebook-sizes: K={k} must be >= 2")
+    root = resolve_data_root(data_root)
+    data = load_dataset(dataset, root, download=download)  # fails early, before any run directory exists
+    assert dataset in DATASET_DEFAULTS
+    cfg = resolve_config(dataset, data.image_shape, chosen, sizes, seeds, epochs, quick,
+                         data_root=str(root), download=download, token_dim=token_dim, grouping=grouping,
+                         cpus_per_trial=cpus_per_trial)
+    n_train = min(len(data.train), cfg.max_train_images or len(data.train))
+    for k in cfg.codebook_sizes:
+        if k > n_train * cfg.tokens_per_image:
+            raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training latents "
+                             f"({n_train} images × {cfg.tokens_per_image} tokens); choose a smaller K")
+
+    run_dir = out or Path("runs") / (dataset + ("-quick" if quick else ""))
+    config_path = run_dir / "config.yaml"
+    if config_path.exists():
+        previous = SweepConfig.load(config_path)
+        if previous.identity() != cfg.identity():
+            changed = sorted(k for k, v in cfg.identity().items() if previous.identity().get(k) != v)
+            raise GeovqError(f"{run_dir} holds a run with a different configuration ({', '.join(changed)}); "
+                             "resume it with the same options, or choose a new --out")
+        resumed = True
+    else:
+        resumed = False
+    from geovq.io import write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(config_path, cfg.to_yaml())
+    _setup_logging(run_dir)
+    log = logging.getLogger("geovq")
+    log.info("%s run %s: %s (%s)", "resuming" if resumed else "starting", run_dir, dataset, data.description)
+    log.info("methods %s, K %s, seeds %d, epochs %d, %d tokens/image of d=%d", ",".join(cfg.methods),
+             cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
+
+    from geovq.distributed.tune import run_sweep
+    from geovq.report.tables import write_results
+
+    run_sweep(run_dir, cfg, address)
+    rows = write_results(run_dir)
+    _print_summary(rows)
+    log.info("done in %.1f s: %s", time.time() - t_start, run_dir / "report.md")
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory")) -> None:
+    """Rewrite results.json/.csv, report.md and the figures from a run directory's finished units."""
+    from geovq.report.tables import write_results
+
+    if not (run_dir / "config.yaml").exists():
+        raise GeovqError(f"{run_dir} is not a geovq run directory (no config.yaml)")
+    _print_summary(write_results(run_dir))
+
+
+def _print_summary(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="test split (per seed)")
+    for col in ("method", "K", "bits/img", "seed", "PSNR", "SSIM", "perplexity", "dead"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["method"], str(r["K"]), f"{r['bits_per_image']:g}", str(r["seed"]), f"{r['psnr']:.2f}",
+                      f"{r['ssim']:.4f}", f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
+    Console(stderr=True).print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,150 @@
+"""The typed, validated configuration of a sweep, with per-dataset defaults.
+
+`SweepConfig` is resolved once (dataset defaults, then `--quick`, then the user's options), validated
+with clear errors, written to `<run>/config.yaml`, and read back by every stage and on resume: a stage
+never sees the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from geovq.errors import GeovqError
+from geovq.models.trunk import TrunkConfig
+from geovq.training.loop import TrainConfig
+
+# Per-dataset defaults. The grid is image_size / 4 (two stride-2 stages): digits 16×16 -> 4×4,
+# MNIST/Fashion 28×28 -> 7×7, CIFAR-10 32×32 -> 8×8. One token per cell (d = C) unless --token-dim.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"trunk": {"hidden": 32, "latent_channels": 8, "res_blocks": 1},
+               "train": {"epochs": 60, "batch_size": 32}, "codebook_sizes": [16, 64, 256]},
+    "mnist": {"trunk": {"hidden": 64, "latent_channels": 16}, "train": {"epochs": 8},
+              "codebook_sizes": [256]},
+    "fashion": {"trunk": {"hidden": 64, "latent_channels": 16}, "train": {"epochs": 8},
+                "codebook_sizes": [256]},
+    "cifar10": {"trunk": {"hidden": 128, "latent_channels": 32},
+                # Gaussian likelihood; β = 0.01 on a per-image sum is a decoder σ of about 0.07.
+                "train": {"epochs": 30, "recon": "mse", "beta": 0.01}, "codebook_sizes": [256, 1024]},
+    "npz": {"trunk": {"hidden": 64, "latent_channels": 16}, "train": {"epochs": 20}, "codebook_sizes": [256]},
+}
+# `--quick`: a few-minute smoke configuration on 2 CPU cores.
+QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_train_images": 2000}
+
+
+@dataclass
+class VQTrainConfig:
+    decay: float = 0.99
+    commitment: float = 0.25
+    dead_code_threshold: float = 1.0
+
+
+@dataclass
+class SweepConfig:
+    dataset: str
+    methods: list[str]
+    codebook_sizes: list[int]
+    seeds: int = 3
+    data_root: str | None = None
+    download: bool = False
+    split_seed: int = 0  # fixes the train/val/test split; independent of the run seeds
+    token_dim: int | None = None  # d; None = C (one token per cell)
+    grouping: str = "contiguous"
+    max_train_images: int | None = None  # cap on training images (quick runs)
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    vq: VQTrainConfig = field(default_factory=VQTrainConfig)
+    cpus_per_trial: int = 1
+    quick: bool = False
+
+    @property
+    def tokens_per_image(self) -> int:
+        h, w = self.trunk.grid
+        return h * w * (self.trunk.latent_channels // self.d)
+
+    @property
+    def d(self) -> int:
+        return self.token_dim or self.trunk.latent_channels
+
+    def bits_per_image(self, n_codes: int) -> float:
+        return self.tokens_per_image * math.log2(n_codes)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["trunk"] = self.trunk.as_dict()
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a run directory to be resumed or extended: everything that shapes a model
+        or a split. Methods, codebook sizes and seed count may grow: new units join the same run."""
+        out = self.as_dict()
+        for key in ("methods", "codebook_sizes", "seeds"):
+            out.pop(key)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.as_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SweepConfig:
+        raw = dict(raw)
+        try:
+            raw["trunk"] = TrunkConfig(**raw.get("trunk", {}))
+            raw["train"] = TrainConfig(**raw.get("train", {}))
+            raw["vq"] = VQTrainConfig(**raw.get("vq", {}))
+            return cls(**raw)
+        except TypeError as e:
+            raise GeovqError(f"bad config: {e}") from e
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SweepConfig:
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+
+def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],
+                   codebook_sizes: list[int] | None, seeds: int | None, epochs: int | None, quick: bool,
+                   **options: Any) -> SweepConfig:
+    """Dataset defaults, then --quick, then the user's explicit options (None = not given)."""
+    preset = DATASET_DEFAULTS[dataset]
+    c, h, w = image_shape
+    trunk = TrunkConfig(in_channels=c, image_size=(h, w), **preset["trunk"])
+    train = TrainConfig(**preset["train"])
+    sizes = list(preset["codebook_sizes"])
+    n_seeds = 3  # headline tables: 3 seeds with 95% CIs
+    max_train = None
+    if quick:
+        train = replace(train, **QUICK["train"])
+        sizes, n_seeds, max_train = list(QUICK["codebook_sizes"]), QUICK["seeds"], QUICK["max_train_images"]
+    if epochs is not None:
+        train = replace(train, epochs=epochs)
+    cfg = SweepConfig(dataset=dataset, methods=methods, codebook_sizes=codebook_sizes or sizes,
+                      seeds=seeds if seeds is not None else n_seeds, trunk=trunk, train=train,
+                      max_train_images=max_train, quick=quick, **options)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: SweepConfig) -> None:
+    """Checks that need no data; the CLI also checks K against the number of training tokens."""
+    h, w = cfg.trunk.image_size
+    f = 2**cfg.trunk.downsamples
+    if h % f or w % f:
+        raise GeovqError(f"image size {h}×{w} must be divisible by {f} (2**downsamples)")
+    if cfg.seeds < 1:
+        raise GeovqError(f"--seeds {cfg.seeds} must be >= 1")
+    if cfg.train.epochs < 0:
+        raise GeovqError(f"--epochs {cfg.train.epochs} must be >= 0")
+    for k in cfg.codebook_sizes:
+        if k <= 1:
+            raise GeovqError(f"codebook size K={k} must be >= 2")
+    c = cfg.trunk.latent_channels
+    if c % cfg.d:
+        raise GeovqError(f"--token-dim {cfg.d} must divide the latent channels C={c} "
+                         f"(valid: {', '.join(str(d) for d in range(1, c + 1) if c % d == 0)})")
+    if cfg.cpus_per_trial < 1:
+        raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")

@@ -1,0 +1,98 @@
+"""MNIST, Fashion-MNIST and CIFAR-10 read by torchvision from their official files.
+
+The official test set is the test split; validation is VAL_SIZE images held out of the official train set by
+the split seed. torchvision's "not found" RuntimeError (and download failures) become one-line GeovqErrors
+that say where we looked and how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torchvision
+
+from geovq.data.splits import ImageSplits, hold_out
+from geovq.errors import GeovqError
+
+VAL_SIZE = 5000
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True)
+class TorchvisionSource:
+    class_name: str  # the torchvision.datasets class
+    folder: str  # where torchvision expects the files, relative to the data root
+    files: tuple[str, ...]
+    native_hw: tuple[int, int]
+
+
+SOURCES = {
+    "mnist": TorchvisionSource("MNIST", "MNIST/raw", _IDX_FILES, (28, 28)),
+    "fashion": TorchvisionSource("FashionMNIST", "FashionMNIST/raw", _IDX_FILES, (28, 28)),
+    "cifar10": TorchvisionSource(
+        "CIFAR10", "cifar-10-batches-py",
+        ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"),
+        (32, 32),
+    ),
+}
+
+
+def load_torchvision(name: str, root: Path, download: bool, split_seed: int) -> ImageSplits:
+    source = SOURCES[name]
+    if root.exists() and not root.is_dir():
+        raise GeovqError(f"{name}: data root {root} is a file; --data-root/GEOVQ_DATA must be a folder for {name}")
+    dataset_class = getattr(torchvision.datasets, source.class_name)
+    try:
+        train_set = dataset_class(str(root), train=True, download=download)
+        test_set = dataset_class(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as err:  # OSError covers URLError (no network) and unreadable files
+        raise GeovqError(_not_found_message(name, source, root, download, err)) from err
+
+    train_images, train_labels = _to_numpy(train_set)
+    test, test_labels = _to_numpy(test_set)
+    if len(train_images) <= VAL_SIZE:
+        raise GeovqError(
+            f"{name} in {root / source.folder} has only {len(train_images)} training images; "
+            f"need more than the {VAL_SIZE} held out for validation (is the copy truncated?)"
+        )
+    train, val = hold_out(len(train_images), [VAL_SIZE], split_seed)
+    h, w = source.native_hw
+    description = (
+        f"{source.class_name} via torchvision from {root / source.folder}: {len(train)} train / {len(val)} val "
+        f"(held out of the official {len(train_images)} by split seed {split_seed}) / {len(test)} official test; "
+        f"{h}×{w} uint8 scaled to [0,1]"
+    )
+    return ImageSplits(
+        name=name,
+        train=train_images[train], val=train_images[val], test=test,
+        train_labels=train_labels[train], val_labels=train_labels[val], test_labels=test_labels,
+        native_hw=source.native_hw,
+        description=description,
+    )
+
+
+def _to_numpy(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's raw uint8 arrays -> float32 (N, C, H, W) in [0, 1] and int64 labels."""
+    pixels = np.asarray(dataset.data)  # MNIST: (N, H, W) tensor; CIFAR: (N, H, W, 3) array
+    pixels = pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)
+    images = pixels.astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray(images), np.asarray(dataset.targets, dtype=np.int64)
+
+
+def _not_found_message(name: str, source: TorchvisionSource, root: Path, download: bool, err: Exception) -> str:
+    folder = root / source.folder
+    if download:
+        reason = " ".join(str(err).split()) or type(err).__name__  # torchvision's message spans lines
+        return (
+            f"could not download {name} into {folder} ({reason}); check the network, or copy the files "
+            f"({', '.join(source.files)}) there yourself and run without --download"
+        )
+    gzipped = [f for f in source.files if (folder / f"{f}.gz").is_file() and not (folder / f).is_file()]
+    gz_names = ", ".join(f"{f}.gz" for f in gzipped)
+    hint = f" (found {gz_names}: torchvision reads them uncompressed, gunzip them in place)" if gzipped else ""
+    return (
+        f"{name} not found or incomplete in {folder}{hint}: pass --download, or point "
+        f"--data-root/GEOVQ_DATA at a folder that holds {source.folder}/ with {', '.join(source.files)}"
+    )

@@ -1,0 +1,119 @@
+"""Runs a sweep as Ray Tune trials: one trial per VAE seed, per VQ-VAE (K, seed), per post-hoc unit.
+
+Ray starts itself locally when no `address` is given (`--address auto` or `ray://…` joins a cluster).
+Two small-machine traps hang Ray forever instead of failing, so this module guards both:
+- every trial reserves a fraction (80%) of the CPUs whose threads it uses, and at most
+  floor(cluster CPUs / threads) trials run at once, so some CPU is always left for Ray's own tasks;
+- no trial asks for GPUs (the models train on CPU so far), so none can wait forever for a GPU that a
+  GPU-less cluster will never offer.
+Resuming is by files, not by Tune state: a unit whose output exists is never scheduled again, so an
+interrupted sweep re-run with the same command loses no finished trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from geovq.config import SweepConfig
+from geovq.errors import GeovqError
+from geovq.pipeline import END_TO_END, Unit, plan_units, run_unit_stage, train_vae_stage, unit_dir, vae_dir
+
+log = logging.getLogger("geovq")
+CPU_RESERVE_FRACTION = 0.8
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Local Ray on a laptop or CI box: no dashboard (it is reached by port-forwarding on clusters), and
+    # a modest object store, since stages exchange files, not objects.
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address is None:
+        kwargs["object_store_memory"] = 512 * 1024**2
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        raise GeovqError(f"cannot connect to the Ray cluster at --address {address!r} ({e})") from e
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: runs one stage of pipeline.py in the worker process."""
+    import torch
+    from ray import tune
+    from ray.experimental.tqdm_ray import tqdm
+
+    torch.set_num_threads(config["threads"])  # concurrent trials must not oversubscribe the cores
+    run_dir = Path(config["run_dir"])
+    cfg = SweepConfig.load(run_dir / "config.yaml")
+    name: str = config["unit"]
+    if name.startswith("vae-seed"):
+        result = train_vae_stage(run_dir, cfg, int(name[len("vae-seed"):]), tqdm)
+    else:
+        result = run_unit_stage(run_dir, cfg, Unit.parse(name), tqdm)
+    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def _unit_logger():
+    """A Tune callback that logs one line per finished or failed trial (Tune itself runs with verbose=0)."""
+    from ray.tune import Callback
+
+    class UnitLogger(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result
+            psnr = f" PSNR {r['psnr']:.2f} dB" if "psnr" in r else ""
+            usage = f", usage perplexity {r['usage_perplexity']:.1f}" if "usage_perplexity" in r else ""
+            done = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)
+            log.info("[%d/%d] %s finished%s%s", done, len(trials), trial.config["unit"], psnr, usage)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.error("%s failed; its traceback is in %s", trial.config["unit"], trial.local_path)
+
+    return UnitLogger()
+
+
+def run_trials(run_dir: Path, cfg: SweepConfig, names: list[str], phase: str) -> None:
+    """Run the named units as one Tune experiment; raise if any trial failed."""
+    import ray
+    from ray import tune
+
+    if not names:
+        return
+    cpus = ray.cluster_resources().get("CPU", 1)
+    threads = cfg.cpus_per_trial
+    if threads > cpus:
+        raise GeovqError(f"--cpus-per-trial {threads} exceeds the cluster's {cpus:g} CPUs")
+    trainable = tune.with_resources(_trial, {"cpu": threads * CPU_RESERVE_FRACTION})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"unit": tune.grid_search(names), "run_dir": str(run_dir.resolve()), "threads": threads},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // threads))),
+        run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str((run_dir / "ray").resolve()), verbose=0,
+                                  callbacks=[_unit_logger()],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        detail = "; ".join(f"{r.config['unit']}: {type(r.error).__name__}: {r.error}"[:500] for r in failed)
+        raise RuntimeError(f"{len(failed)} trial(s) failed in phase {phase}: {detail}")
+
+
+def run_sweep(run_dir: Path, cfg: SweepConfig, address: str | None) -> None:
+    """Phase 1: the VAEs (one per seed) and the VQ-VAEs; phase 2: every post-hoc unit on the VAEs."""
+    start_ray(address)
+    units = plan_units(cfg)
+    seeds_needed = sorted({u.seed for u in units if u.method not in END_TO_END})
+    phase1 = [f"vae-seed{s}" for s in seeds_needed if not (vae_dir(run_dir, s) / "ceiling.json").exists()]
+    phase1 += [u.name for u in units if u.method in END_TO_END and not (unit_dir(run_dir, u) / "row.json").exists()]
+    phase2 = [u.name for u in units if u.method not in END_TO_END and not (unit_dir(run_dir, u) / "row.json").exists()]
+    log.info("units: %d planned, %d to train in phase 1, %d post-hoc in phase 2", len(units), len(phase1), len(phase2))
+    for phase, names in (("train", phase1), ("posthoc", phase2)):
+        t0 = time.time()
+        run_trials(run_dir, cfg, names, phase)
+        log.info("phase %s: %d trials in %.1f s", phase, len(names), time.time() - t0)

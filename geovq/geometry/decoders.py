@@ -1,0 +1,166 @@
+"""Token decoders: every graph node is a latent point with a decoder map in its own context.
+
+The edge-length engine never sees images or grids. It sees N nodes, node n having a point z_n (d,) and a
+map z ↦ Dec_n(z) whose Jacobian defines the pull-back metric at that node (DESIGN.md §3.3b):
+- `FlatTokenDecoder`: a flat decoder (B, d) -> (B, ...); every node shares one map (the 1-token case).
+- `GridTokenDecoder`: a grid decoder (B, h, w, C) -> images plus the μ-grids the tokens live in. Node n is
+  token i of image n(i); Dec_n(z) decodes image n(i)'s μ-grid with token i's channels replaced by z, so a
+  token is never decoded alone or on an artificial background.
+
+Both put nn.Module decoders in eval mode (BatchNorm/dropout in train mode make the Jacobian depend on the
+batch) and check, once, that the decoder keeps the batch size, is differentiable by `torch.func.jvp`, and
+decodes each row independently of the others.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from geovq.errors import GeovqError
+from geovq.latents import LatentSet
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TokenDecoder:
+    """N nodes: `points` (N, d) float64 and `decode(z, nodes)`, node-wise decoder maps."""
+
+    points: np.ndarray
+    dtype: torch.dtype
+    out_dim: int
+    #: (N, d, d) cached pull-back metric at each node's own point (set by lengths.node_metrics)
+    metrics: np.ndarray | None = None
+    #: every node has the same map, so a segment's length does not depend on which end's context it is in
+    context_free: bool
+
+    def __init__(self, decoder: Decoder, points: np.ndarray, dtype: torch.dtype) -> None:
+        if isinstance(decoder, nn.Module):
+            decoder.eval()
+        self.decoder = decoder
+        self.points = points
+        self.dtype = dtype
+
+    @property
+    def n_nodes(self) -> int:
+        return self.points.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.points.shape[1]
+
+    def decode(self, z: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """(B, d) points, (B,) node ids -> (B, P) flattened decoder outputs, each in its node's context."""
+        inputs = self._inputs(z, nodes)
+        out = self.decoder(inputs)
+        if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != z.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise GeovqError(
+                f"the decoder returned {shape} for a batch of {z.shape[0]} inputs of shape {tuple(inputs.shape)}; "
+                f"it must return a tensor whose first dimension is the batch size"
+            )
+        return out.reshape(z.shape[0], -1)
+
+    def _inputs(self, z: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _validate(self) -> None:
+        """Probe the decoder on two nodes so that a bad decoder fails here, with a clear message."""
+        nodes = torch.arange(min(2, self.n_nodes))
+        z = torch.as_tensor(self.points[nodes.numpy()], dtype=self.dtype)
+        with torch.no_grad():
+            try:
+                out, jv = torch.func.jvp(lambda x: self.decode(x, nodes), (z,), (torch.ones_like(z),))
+            except GeovqError:
+                raise
+            except Exception as e:  # anything torch raises: not differentiable, wrong dtype, ...
+                raise GeovqError(f"the decoder could not be differentiated with torch.func.jvp "
+                                 f"on {self.dtype} inputs: {type(e).__name__}: {e}") from e
+            if not (torch.isfinite(out).all() and torch.isfinite(jv).all()):
+                raise GeovqError("the decoder returned NaN or inf (or its Jacobian did) at the latent points")
+            alone = self.decode(z[:1], nodes[:1])
+        self.out_dim = out.shape[1]  # P: decoder output values per row, sizes the JVP chunks
+        scale = out.abs().max().clamp_min(1e-12)
+        if (alone - out[:1]).abs().max() > 1e-3 * scale:
+            raise GeovqError("the decoder's output for one row depends on the other rows of the batch "
+                             "(a BatchNorm in train mode?); geometry needs a per-row decoder")
+
+
+def _module_dtype(decoder: Decoder) -> torch.dtype | None:
+    if isinstance(decoder, nn.Module):
+        for p in decoder.parameters():
+            return p.dtype
+    return None
+
+
+class FlatTokenDecoder(TokenDecoder):
+    """A flat decoder (B, d) -> (B, ...): one map shared by all nodes.
+
+    dtype: an nn.Module is called in its parameters' dtype. A plain callable is called in the dtype of the
+    latents it came with (float64 for float64 latents); if it fails on float64 inputs (e.g. it wraps
+    float32 weights), float32 is used instead. Lengths are always accumulated in float64.
+    """
+
+    context_free = True
+
+    def __init__(self, decoder: Decoder, points: np.ndarray, dtype: torch.dtype = torch.float64) -> None:
+        """`dtype`: the dtype the latents came in; ignored for an nn.Module (its parameters' dtype)."""
+        points = np.ascontiguousarray(points, dtype=np.float64)
+        tries = [_module_dtype(decoder) or dtype]
+        if tries[0] == torch.float64 and not isinstance(decoder, nn.Module):
+            tries.append(torch.float32)
+        for attempt, try_dtype in enumerate(tries, 1):
+            super().__init__(decoder, points, try_dtype)
+            try:
+                self._validate()
+                return
+            except GeovqError:
+                if attempt == len(tries):
+                    raise
+
+    def _inputs(self, z: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+class GridTokenDecoder(TokenDecoder):
+    """A grid decoder (B, h, w, C) -> images, with each node a token in its own image's μ-grid.
+
+    `grids` (n_images, h, w, C) are the context μ-grids; node n is the d channels at flat positions
+    `channels[n]` (indices into one grid flattened to h·w·C) of grid `image[n]`.
+    """
+
+    def __init__(self, decoder: Decoder, grids: np.ndarray, image: np.ndarray, channels: np.ndarray) -> None:
+        dtype = _module_dtype(decoder) or torch.float32
+        self.grids, self.image, self.channels = grids, np.asarray(image), np.asarray(channels)
+        self.grid_shape = tuple(grids.shape[1:])
+        flat = np.ascontiguousarray(grids, dtype=np.float64).reshape(grids.shape[0], -1)
+        points = flat[self.image[:, None], self.channels]
+        super().__init__(decoder, points, dtype)
+        self.context_free = flat.shape[1] == self.channels.shape[1]  # one token per image: no other context
+        self._grids = torch.as_tensor(flat, dtype=dtype)
+        self._image = torch.as_tensor(self.image, dtype=torch.long)
+        self._channels = torch.as_tensor(self.channels, dtype=torch.long)
+        self._validate()
+
+    @classmethod
+    def from_latents(cls, decoder: Decoder, latents: LatentSet, tokens: np.ndarray | None = None,
+                     ) -> GridTokenDecoder:
+        """Nodes = `tokens` (indices into latents' tokens; all when None), contexts = their images' μ."""
+        tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
+        image, cell_slot = np.divmod(tokens, latents.tokens_per_image)
+        used, image = np.unique(image, return_inverse=True)  # keep only the images that hold a node
+        return cls(decoder, latents.mu[used], image, token_channels(latents.layout, cell_slot))
+
+    def _inputs(self, z: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        # out-of-place scatter: differentiable in z, the rest of the grid is a constant
+        grids = self._grids[self._image[nodes]].scatter(1, self._channels[nodes], z)
+        return grids.reshape(-1, *self.grid_shape)
+
+
+def token_channels(layout, slot_in_image: np.ndarray) -> np.ndarray:
+    """(n, d) flat positions in an h·w·C grid of the tokens at `slot_in_image` (token order of LatentSet)."""
+    cell, group = np.divmod(np.asarray(slot_in_image), layout.groups)
+    return cell[:, None] * layout.channels + layout.group_channels()[group]

@@ -1,0 +1,109 @@
+"""The geodesic graph (k-NN graph re-weighted by decoder-metric edge lengths) and the public distance call.
+
+    from geovq.geometry import geodesic_distances
+    D = geodesic_distances(latents, decoder, sources=[0, 5], k=10, quadrature="midpoint")  # (2, N)
+
+The `geodesic` quantizer builds its graph with the same `build_geodesic_graph`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from geovq.errors import GeovqError
+from geovq.geometry.decoders import FlatTokenDecoder, TokenDecoder
+from geovq.geometry.lengths import check_quadrature, edge_lengths, node_metrics
+from geovq.geometry.knn import KnnGraph, knn_graph
+from geovq.geometry.paths import shortest_paths, weighted_graph
+
+NEIGHBOURS = ("metric", "latent")
+#: most float64 metric-tensor values (N·d²) kept in memory for metric neighbours (1 GiB)
+METRIC_VALUES = 2**27
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeodesicGraph:
+    knn: KnnGraph
+    lengths: np.ndarray  # (E,) decoder-metric length of each undirected edge in knn.edges
+    graph: sp.csr_matrix  # (N, N) symmetric, those lengths
+    seconds: dict = field(default_factory=dict)  # wall time per stage: "graph", "lengths"
+
+
+def build_geodesic_graph(dec: TokenDecoder, k: int = 10, quadrature: str = "midpoint", index: str = "auto",
+                         neighbours: str = "metric", **length_options) -> GeodesicGraph:
+    """k-NN graph of the decoder's nodes, each undirected edge weighted by its decoder-metric length.
+
+    neighbours="metric" chooses each node's k neighbours under the pull-back metric (see `knn`), from the
+    metric tensors G_n at the nodes (d tangent passes per node, then reused by the endpoint rule). It falls
+    back to latent-Euclidean neighbours, with a warning, when N·d² float64 values would exceed
+    METRIC_VALUES; neighbours="latent" always uses them.
+    """
+    check_quadrature(quadrature)
+    if neighbours not in NEIGHBOURS:
+        raise GeovqError(f"neighbours {neighbours!r} is unknown; valid: {', '.join(NEIGHBOURS)}")
+    t0 = time.perf_counter()
+    metrics = None
+    if neighbours == "metric":
+        if dec.n_nodes * dec.dim**2 <= METRIC_VALUES:
+            metrics = dec.metrics if dec.metrics is not None else node_metrics(dec, **_chunking(length_options))
+        else:
+            log.warning("metric tensors of %d nodes in %d dims exceed %d values: latent-Euclidean neighbours",
+                        dec.n_nodes, dec.dim, METRIC_VALUES)
+    t1 = time.perf_counter()
+    knn = knn_graph(dec.points, k, index, metrics=metrics)
+    t2 = time.perf_counter()
+    lengths = edge_lengths(dec, knn.edges, quadrature, **length_options)
+    t3 = time.perf_counter()
+    return GeodesicGraph(knn, lengths, weighted_graph(dec.n_nodes, knn.edges, lengths),
+                         {"metrics": t1 - t0, "graph": t2 - t1, "lengths": t3 - t2})
+
+
+def _chunking(length_options: dict) -> dict:
+    return {key: value for key, value in length_options.items() if key == "chunk_elements"}
+
+
+def geodesic_distances(latents, decoder: Callable[[torch.Tensor], torch.Tensor], sources, k: int = 10,
+                       quadrature: str = "midpoint") -> np.ndarray:
+    """Graph geodesic distances under the decoder's pull-back metric, shape (len(sources), N).
+
+    latents: (N, d) float array or tensor. decoder: a callable from a (B, d) tensor to a (B, ...) tensor
+    (an nn.Module is put in eval mode); each node's k neighbours are chosen under the pull-back metric. It is called with float64 tensors when the latents are float64 and
+    it accepts them, otherwise with float32 tensors (and in its parameters' dtype if it is an nn.Module);
+    lengths are accumulated in float64. Entry (s, j) is the length of the shortest path from
+    latents[sources[s]] to latents[j] in the symmetrised k-NN graph whose edges carry their decoder-metric
+    length (`quadrature`: midpoint, simpson, endpoint or adaptive). Points in another connected component
+    than the source are unreachable: their entry is inf.
+    """
+    points, dtype = _as_points(latents)
+    n = points.shape[0]
+    if not 1 <= k < n:
+        raise GeovqError(f"k={k} neighbours needs 1 <= k < N; there are N={n} latent points")
+    sources = np.asarray(sources)
+    if sources.ndim != 1 or not np.issubdtype(sources.dtype, np.integer) or (sources < 0).any() or (sources >= n).any():
+        raise GeovqError(f"sources must be a 1-D array of integer indices in [0, {n}); got {sources!r}")
+    check_quadrature(quadrature)
+    dec = FlatTokenDecoder(decoder, points, dtype)
+    return shortest_paths(build_geodesic_graph(dec, k, quadrature).graph, sources)
+
+
+def _as_points(latents) -> tuple[np.ndarray, torch.dtype]:
+    if isinstance(latents, torch.Tensor):
+        dtype = latents.dtype
+        latents = latents.detach().cpu().numpy()
+    else:
+        latents = np.asarray(latents)
+        dtype = torch.float32 if latents.dtype == np.float32 else torch.float64
+    if latents.ndim != 2 or latents.shape[0] < 2 or not np.issubdtype(latents.dtype, np.floating):
+        raise GeovqError(f"latents must be an (N, d) float array with N >= 2; got shape {latents.shape}, "
+                         f"dtype {latents.dtype}")
+    if not np.isfinite(latents).all():
+        raise GeovqError(f"latents contain {int((~np.isfinite(latents)).sum())} NaN or inf values")
+    return latents.astype(np.float64), (torch.float32 if dtype == torch.float32 else torch.float64)

@@ -1,0 +1,131 @@
+"""End-to-end VQ-VAE on the same trunk and grid as the Gaussian VAE (DESIGN.md §3.1).
+
+The codebook is learned by exponential moving averages (decay 0.99), initialised by k-means on the first
+batches' encoder outputs, and dead codes (EMA usage below a threshold) are restarted from batch latents.
+The loss is a per-element mean reconstruction term beside a per-element mean commitment term (β = 0.25):
+scaling one as a sum and the other as a mean is what made earlier baselines collapse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geovq.latents import TokenLayout
+from geovq.models.trunk import Decoder, Encoder, TrunkConfig
+from geovq.models.vae import reconstruction_nll
+
+
+@dataclass
+class VQConfig:
+    n_codes: int = 256
+    token_dim: int = 16  # d; tokens of d channels, grouped as in the post-hoc methods
+    grouping: str = "contiguous"
+    decay: float = 0.99
+    commitment: float = 0.25
+    dead_code_threshold: float = 1.0  # EMA hits per step below which a code is restarted
+    kmeans_init_tokens: int = 20000  # encoder outputs collected for the k-means initialisation
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokens_of(z: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(B, C, h, w) -> (B, T, d) in TokenLayout's order (row, column, group)."""
+    idx = torch.as_tensor(layout.group_channels(), device=z.device)
+    b = z.shape[0]
+    return z.permute(0, 2, 3, 1)[..., idx].reshape(b, layout.tokens_per_image, layout.token_dim)
+
+
+def grid_of(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(B, T, d) -> (B, C, h, w): the inverse of `tokens_of`."""
+    b = tokens.shape[0]
+    idx = torch.as_tensor(layout.group_channels(), device=tokens.device).reshape(-1)
+    flat = tokens.reshape(b, layout.height, layout.width, layout.channels)  # channels in group order
+    grid = torch.empty_like(flat)
+    grid[..., idx] = flat
+    return grid.permute(0, 3, 1, 2)
+
+
+class EMACodebook(nn.Module):
+    def __init__(self, n_codes: int, dim: int, decay: float, dead_threshold: float) -> None:
+        super().__init__()
+        self.decay, self.dead_threshold, self.eps = decay, dead_threshold, 1e-5
+        self.register_buffer("embedding", torch.randn(n_codes, dim))
+        self.register_buffer("cluster_size", torch.ones(n_codes))
+        self.register_buffer("embed_sum", self.embedding.clone())
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codeword (squared Euclidean) for each row of flat (N, d)."""
+        d2 = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embedding.T + self.embedding.pow(2).sum(1)
+        return d2.argmin(1)
+
+    @torch.no_grad()
+    def init_from(self, flat: np.ndarray, seed: int) -> None:
+        """k-means (k-means++ init, Lloyd to convergence) on encoder outputs."""
+        from sklearn.cluster import KMeans
+
+        km = KMeans(self.embedding.shape[0], init="k-means++", n_init=1, random_state=seed).fit(flat)
+        centers = torch.as_tensor(km.cluster_centers_, dtype=self.embedding.dtype, device=self.embedding.device)
+        self.embedding.copy_(centers)
+        self.embed_sum.copy_(centers)
+        self.cluster_size.fill_(1.0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> int:
+        """One EMA step on a batch; restarts dead codes from batch vectors. Returns how many restarted."""
+        onehot = F.one_hot(codes, self.embedding.shape[0]).type(flat.dtype)
+        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(onehot.T @ flat, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        # Laplace smoothing keeps a barely used code from dividing by ~0.
+        smoothed = (self.cluster_size + self.eps) / (n + self.embedding.shape[0] * self.eps) * n
+        self.embedding.copy_(self.embed_sum / smoothed.unsqueeze(1))
+        dead = self.cluster_size < self.dead_threshold
+        n_dead = int(dead.sum())
+        if n_dead:
+            pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
+            self.embedding[dead] = flat[pick]
+            self.embed_sum[dead] = flat[pick] * self.dead_threshold
+            self.cluster_size[dead] = self.dead_threshold
+        return n_dead
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: TrunkConfig, vq: VQConfig) -> None:
+        super().__init__()
+        self.cfg, self.vq = cfg, vq
+        h, w = cfg.grid
+        self.layout = TokenLayout(h, w, cfg.latent_channels, vq.token_dim, vq.grouping)
+        self.encoder = Encoder(cfg, cfg.latent_channels)
+        self.decoder = Decoder(cfg)
+        self.codebook = EMACodebook(vq.n_codes, vq.token_dim, vq.decay, vq.dead_code_threshold)
+
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) int64 codes of images."""
+        tokens = tokens_of(self.encoder(x), self.layout)
+        return self.codebook.nearest(tokens.reshape(-1, self.layout.token_dim)).reshape(x.shape[0], -1)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, T) codes -> predicted images in [0, 1]."""
+        return self.decoder.mean(grid_of(self.codebook.embedding[codes], self.layout))
+
+    def loss(self, x: torch.Tensor, recon: str) -> dict[str, torch.Tensor]:
+        z_e = self.encoder(x)
+        tokens = tokens_of(z_e, self.layout)
+        flat = tokens.reshape(-1, self.layout.token_dim)
+        codes = self.codebook.nearest(flat.detach())
+        quantized = self.codebook.embedding[codes].view_as(tokens)
+        commit = F.mse_loss(tokens, quantized.detach())  # per-element mean
+        straight_through = tokens + (quantized - tokens).detach()
+        logits = self.decoder(grid_of(straight_through, self.layout))
+        nll = reconstruction_nll(logits, x, recon).mean()  # per-element mean, like the commitment term
+        restarted = self.codebook.ema_update(flat.detach(), codes) if self.training else 0
+        return {"loss": nll + self.vq.commitment * commit, "nll": nll, "commit": commit, "logits": logits,
+                "codes": codes, "restarted": torch.tensor(float(restarted))}

@@ -1,0 +1,1 @@
+"""Tables (JSON, CSV, Markdown) and figures (PNG) from a run directory's rows."""

@@ -1,0 +1,93 @@
+"""Collects the unit rows of a run into results.json / results.csv / report.md.
+
+report.md groups rows by bits per image (only rows at equal bits are comparable) and summarises seeds as
+mean ± 95% confidence half-width (Student t), the per-seed rows staying in results.json/.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from geovq.io import write_json, write_text
+
+COLUMNS = ["dataset", "method", "vae", "K", "token_dim", "tokens_per_image", "bits_per_image", "bpp", "seed",
+           "psnr", "ssim", "lpips", "mse", "usage_perplexity", "usage_perplexity_corrected", "dead_codes",
+           "latent_error", "latent_error_sigma", "frac_beyond_sigma", "mean_token_kl_bits", "vae_psnr",
+           "n_test", "seconds", "lpips_reason", "codes_path"]
+SUMMARY_METRICS = ["psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_codes"]
+
+
+def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("*/row.json"))]
+    return sorted(rows, key=lambda r: (r["bits_per_image"], r["method"], r.get("vae") or "", r["seed"]))
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and 95% CI half-width (Student t); no half-width from a single seed."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+
+
+def _fmt(mean: float, half: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str) -> str:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"))].append(r)
+    lines = ["# geovq results", "",
+             "Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
+             "Rows are comparable only within one bits-per-image group.", ""]
+    if ceilings:
+        vals = [c["psnr"] for c in ceilings]
+        m, h = mean_ci(vals)
+        lines += [f"Continuous Gaussian VAE (no quantization, the ceiling): PSNR {_fmt(m, h, 2)} dB, "
+                  f"mean token KL {sum(c['mean_token_kl_bits'] for c in ceilings) / len(ceilings):.2f} bits "
+                  f"(n = {len(ceilings)}).", ""]
+    current_bits = None
+    header = "| method | vae | K | bits/image | bpp | n | PSNR (dB) | SSIM | LPIPS | MSE | usage perplexity | dead codes |"
+    for (bits, k, method, vae), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or "")):
+        if bits != current_bits:
+            lines += ["", f"## {bits:g} bits per image", "", header, "|" + "---|" * 12]
+            current_bits = bits
+        cells = []
+        for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1)):
+            vals = [r[metric] for r in rs if r.get(metric) is not None]
+            cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
+        lines.append(f"| {method} | {vae or '—'} | {k} | {bits:g} | {rs[0]['bpp']:.3f} | {len(rs)} | "
+                     + " | ".join(cells) + " |")
+    reasons = sorted({r["lpips_reason"] for r in rows if r.get("lpips") is None and r.get("lpips_reason")})
+    if reasons:
+        lines += ["", "LPIPS n/a: " + "; ".join(reasons)]
+    lines += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_results(run_dir: Path) -> list[dict[str, Any]]:
+    rows = collect_rows(run_dir)
+    ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("seed*/ceiling.json"))]
+    write_json(run_dir / "results.json", rows)
+    buf = io.StringIO()
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"fit_info"})
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(run_dir / "results.csv", buf.getvalue())
+    write_text(run_dir / "report.md", markdown_report(rows, ceilings, (run_dir / "config.yaml").read_text()))
+    from geovq.report.figures import write_figures
+
+    write_figures(run_dir, rows, ceilings)
+    return rows

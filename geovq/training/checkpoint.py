@@ -1,0 +1,65 @@
+"""Checkpoints: weights plus the config that rebuilds the model, loaded safely.
+
+Files are written with `torch.save` of plain containers (tensors, dicts, lists, numbers, strings) so that
+`torch.load(..., weights_only=True)` can read them: a checkpoint never executes code. A file that is not a
+geovq checkpoint (corrupt, foreign, or of another kind) is rejected with a clear `GeovqError`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from geovq.errors import GeovqError
+from geovq.io import atomic_path
+
+FORMAT = "geovq-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, kind: str, model: torch.nn.Module, config: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> None:
+    payload = {"format": FORMAT, "version": VERSION, "kind": kind, "config": config,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "extra": extra or {}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise GeovqError(f"checkpoint {path} does not exist") from e
+    except Exception as e:  # unpickling errors of many kinds: corrupt, truncated, or unsafe content
+        raise GeovqError(f"{path} is not a readable geovq checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise GeovqError(f"{path} is not a geovq checkpoint (no '{FORMAT}' header)")
+    if payload.get("version") != VERSION:
+        raise GeovqError(f"{path} has checkpoint version {payload.get('version')}; this geovq reads {VERSION}")
+    if kind is not None and payload["kind"] != kind:
+        raise GeovqError(f"{path} holds a {payload['kind']!r} model, expected {kind!r}")
+    return payload
+
+
+def load_model(path: str | os.PathLike, kind: str | None = None) -> torch.nn.Module:
+    """Rebuild a VAE or VQ-VAE from its checkpoint alone, in eval mode."""
+    from geovq.models.trunk import TrunkConfig
+    from geovq.models.vae import GaussianVAE
+    from geovq.models.vqvae import VQVAE, VQConfig
+
+    payload = load_checkpoint(path, kind)
+    trunk = TrunkConfig(**payload["config"]["trunk"])
+    if payload["kind"] == "vae":
+        model = GaussianVAE(trunk)
+    elif payload["kind"] == "vqvae":
+        model = VQVAE(trunk, VQConfig(**payload["config"]["vq"]))
+    else:
+        raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, vqvae")
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise GeovqError(f"{path}: weights do not match the stored config ({e})") from e
+    return model.eval()

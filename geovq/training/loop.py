@@ -1,0 +1,181 @@
+"""Training of the Gaussian VAE and the VQ-VAE: one plain loop, epoch checkpoints, TensorBoard logging.
+
+The loop knows nothing of Ray. `progress` is any tqdm-compatible factory: plain tqdm on a terminal, or
+Ray's tqdm when the Tune edge runs it in a worker. An interrupted training resumes from `state.pt`, the
+last finished epoch, written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from geovq.errors import GeovqError
+from geovq.io import atomic_path
+from geovq.models.trunk import TrunkConfig
+from geovq.models.vae import GaussianVAE
+from geovq.models.vqvae import VQVAE, VQConfig, tokens_of
+from geovq.training.checkpoint import save_checkpoint
+
+RECON_LOSSES = ("bce", "mse")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    recon: str = "bce"  # reconstruction likelihood: Bernoulli (bce) or Gaussian (mse)
+    beta: float = 1.0  # KL weight of the Gaussian VAE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise GeovqError(f"epochs={self.epochs} must be >= 0")
+        if self.recon not in RECON_LOSSES:
+            raise GeovqError(f"reconstruction loss {self.recon!r} is unknown; valid: {', '.join(RECON_LOSSES)}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(images: np.ndarray, batch_size: int, rng: np.random.Generator | None):
+    order = rng.permutation(len(images)) if rng is not None else np.arange(len(images))
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(images[order[start:start + batch_size]])
+
+
+def _log_images(writer, tag: str, originals: torch.Tensor, recons: torch.Tensor, step: int) -> None:
+    from torchvision.utils import make_grid
+
+    pairs = torch.cat([originals[:16], recons[:16]])
+    writer.add_image(tag, make_grid(pairs, nrow=16, pad_value=0.5), step)
+
+
+def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                train_images: np.ndarray, val_images: np.ndarray, cfg: TrainConfig, out_dir: Path,
+                progress: Callable[..., Any], desc: str) -> dict[str, float]:
+    """Optimise `model` with Adam (cosine decay) on `step_loss`; log to TensorBoard in out_dir/tb.
+
+    Returns the final validation losses. Resumes from out_dir/state.pt when present.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(train_images) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(1, cfg.epochs * steps_per_epoch), 1.0))))
+    start_epoch = 0
+    state_path = out_dir / "state.pt"
+    if state_path.exists():  # resume an interrupted training
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+    writer = SummaryWriter(str(out_dir / "tb"))
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(start_epoch):  # replay the shuffles so a resumed run sees the same batches
+        rng.permutation(len(train_images))
+    val_losses: dict[str, float] = {}
+    # Only total/desc/update/set_description/close: the subset plain tqdm and Ray's tqdm_ray share.
+    bar = progress(total=cfg.epochs * steps_per_epoch, desc=desc)
+    bar.update(start_epoch * steps_per_epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.time()
+        for batch in _batches(train_images, cfg.batch_size, rng):
+            losses = step_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            step = sched.last_epoch
+            if step % 20 == 0:
+                for k, v in losses.items():
+                    if v.ndim == 0:
+                        writer.add_scalar(f"train/{k}", float(v.detach()), step)
+        val_losses = evaluate_losses(model, step_loss, val_images, cfg.batch_size)
+        for k, v in val_losses.items():
+            writer.add_scalar(f"val/{k}", v, epoch + 1)
+        writer.add_scalar("time/epoch_seconds", time.time() - t0, epoch + 1)
+        with torch.no_grad():
+            first = torch.from_numpy(val_images[:16])
+            _log_images(writer, "val/originals_top_recons_bottom", first,
+                        torch.sigmoid(step_loss(first)["logits"]), epoch + 1)
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)
+        bar.set_description(f"{desc} epoch {epoch + 1}/{cfg.epochs} val loss {val_losses['loss']:.4g}")
+    bar.close()
+    writer.close()
+    model.eval()
+    return val_losses
+
+
+@torch.no_grad()
+def evaluate_losses(model: nn.Module, step_loss, images: np.ndarray, batch_size: int) -> dict[str, float]:
+    model.eval()
+    totals: dict[str, float] = {}
+    for batch in _batches(images, batch_size, None):
+        for k, v in step_loss(batch).items():
+            if v.ndim == 0:
+                totals[k] = totals.get(k, 0.0) + float(v) * len(batch)
+    return {k: v / len(images) for k, v in totals.items()}
+
+
+def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, val_images: np.ndarray,
+              out_dir: Path, progress: Callable[..., Any]) -> GaussianVAE:
+    """Train the Gaussian VAE; writes out_dir/model.pt (weights + config)."""
+    torch.manual_seed(cfg.seed)
+    model = GaussianVAE(trunk)
+
+    def step_loss(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model.loss(x, cfg.recon, cfg.beta)
+        return {k: out[k] for k in ("loss", "nll", "kl", "logits")}
+
+    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, "vae")
+    save_checkpoint(out_dir / "model.pt", "vae", model, {"trunk": trunk.as_dict(), "train": cfg.as_dict()},
+                    {"val_losses": val})
+    return model
+
+
+def train_vqvae(trunk: TrunkConfig, vq: VQConfig, cfg: TrainConfig, train_images: np.ndarray,
+                val_images: np.ndarray, out_dir: Path, progress: Callable[..., Any]) -> VQVAE:
+    """Train the VQ-VAE (k-means init of the codebook first); writes out_dir/model.pt."""
+    torch.manual_seed(cfg.seed)
+    model = VQVAE(trunk, vq)
+    if not (out_dir / "state.pt").exists():
+        _kmeans_init(model, train_images, cfg)
+
+    def step_loss(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model.loss(x, cfg.recon)
+        return {k: out[k] for k in ("loss", "nll", "commit", "restarted", "logits")}
+
+    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, f"vqvae K={vq.n_codes}")
+    save_checkpoint(out_dir / "model.pt", "vqvae", model,
+                    {"trunk": trunk.as_dict(), "vq": vq.as_dict(), "train": cfg.as_dict()}, {"val_losses": val})
+    return model
+
+
+@torch.no_grad()
+def _kmeans_init(model: VQVAE, train_images: np.ndarray, cfg: TrainConfig) -> None:
+    """Initialise the codebook by k-means on the untrained encoder's outputs of a random image sample."""
+    rng = np.random.default_rng(cfg.seed)
+    per_image = model.layout.tokens_per_image
+    n_images = min(len(train_images), max(1, -(-model.vq.kmeans_init_tokens // per_image)))
+    sample = torch.from_numpy(train_images[rng.choice(len(train_images), n_images, replace=False)])
+    flat = tokens_of(model.encoder(sample), model.layout).reshape(-1, model.layout.token_dim)
+    if flat.shape[0] < model.vq.n_codes:
+        raise GeovqError(f"codebook size K={model.vq.n_codes} exceeds the {flat.shape[0]} tokens available "
+                         "for its k-means initialisation")
+    model.codebook.init_from(flat.numpy(), cfg.seed)

@@ -1,0 +1,26 @@
+"""Shared fixtures. Ray tests run a REAL local Ray (no local_mode in Ray 2.60), started once per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Ray needs a short socket path and, in 2.60, no auth token for a private local cluster.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

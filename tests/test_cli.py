@@ -1,0 +1,57 @@
+"""Bad input: a short error naming the bad value, exit code 2, no traceback, no run directory."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from geovq.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "imagenet"], "unknown dataset 'imagenet'; valid: digits, mnist"),
+    (["sweep", "digits", "--methods", "kmeans,magic"], "unknown method 'magic'; valid: vqvae"),
+    (["sweep", "digits", "--codebook-sizes", "16,1"], "K=1 must be >= 2"),
+    (["sweep", "digits", "--codebook-sizes", "1000000"], "K=1000000 exceeds the 20128 training latents"),
+    (["sweep", "digits", "--codebook-sizes", "sixteen"], "'sixteen' must be a comma list of integers"),
+    (["sweep", "digits", "--epochs", "-3"], "--epochs -3 must be >= 0"),
+    (["sweep", "digits", "--token-dim", "3"], "--token-dim 3 must divide the latent channels C=8"),
+    (["sweep", "mnist", "--data-root", "__missing__"], "__missing__"),
+])
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, args + ["--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unreadable_data_root(tmp_path):
+    fifo = tmp_path / "fifo"
+    import os
+
+    os.mkfifo(fifo)  # exists but is neither a readable folder nor a file (root can read any folder)
+    result = runner.invoke(app, ["sweep", "digits", "--data-root", str(fifo), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "not a readable folder" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_console_script_help_is_fast_and_lazy():
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", "import sys; from geovq.cli import app; "
+                           "assert 'torch' not in sys.modules and 'ray' not in sys.modules"], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    proc = subprocess.run([sys.executable, "-m", "geovq.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "sweep" in proc.stdout
+    assert time.time() - t0 < 10  # generous for a loaded CI box; bench-free sanity bound
+
+
+def test_real_console_script_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run(["geovq", "sweep", "nope", "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
