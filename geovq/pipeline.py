@@ -87,7 +87,7 @@ def load_splits(cfg: SweepConfig) -> ImageSplits:
 
 
 @torch.no_grad()
-def encode_latents(model: GaussianVAE, images: np.ndarray, layout_dim: int, grouping: str,
+def encode_latents(model: GaussianVAE, images: np.ndarray, token_dim: int, grouping: str,
                    batch_size: int = 512) -> LatentSet:
     """Posterior μ, log σ² grids of images, (N, h, w, C), in eval mode."""
     model.eval()
@@ -96,7 +96,7 @@ def encode_latents(model: GaussianVAE, images: np.ndarray, layout_dim: int, grou
         mu, logvar = model.encode(torch.from_numpy(images[start:start + batch_size]))
         mus.append(mu.permute(0, 2, 3, 1).numpy())
         logvars.append(logvar.permute(0, 2, 3, 1).numpy())
-    return LatentSet.from_grids(np.concatenate(mus), np.concatenate(logvars), layout_dim, grouping)
+    return LatentSet.from_grids(np.concatenate(mus), np.concatenate(logvars), token_dim, grouping)
 
 
 @torch.no_grad()

@@ -77,7 +77,14 @@ class GeodesicQuantizer(Quantizer):
             raise GeovqError("the geodesic quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to images")
         self.decoder = decoder
         self.config = GeodesicConfig(**config)
-        self._landmarks: GridTokenDecoder | None = None
+        # fitted state (what encode needs): the landmark tokens in their images, each landmark's graph
+        # distance D(j) to its nearest medoid and that medoid's code, the medoids' landmark ids, and each
+        # landmark's own k graph neighbours (-1: none)
+        self.landmarks: GridTokenDecoder | None = None
+        self.landmark_distance: np.ndarray | None = None
+        self.landmark_code: np.ndarray | None = None
+        self.medoid_landmarks: np.ndarray | None = None
+        self.landmark_neighbours: np.ndarray | None = None
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), **asdict(self.config)}
@@ -92,16 +99,16 @@ class GeodesicQuantizer(Quantizer):
         if cfg.k >= n_landmarks:
             raise GeovqError(f"k={cfg.k} neighbours needs k < the {n_landmarks} landmarks")
         tokens = stratified_tokens(latents.n_images, latents.tokens_per_image, n_landmarks, rng)
-        self._landmarks = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
-        graph = build_geodesic_graph(self._landmarks, cfg.k, cfg.quadrature, cfg.index, self._neighbour_rule(),
+        self.landmarks = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
+        graph = build_geodesic_graph(self.landmarks, cfg.k, cfg.quadrature, cfg.index, self._neighbour_rule(),
                                      chunk_elements=cfg.chunk_elements)
         t0 = time.perf_counter()
         result = kmedoids(GraphSpace(graph.graph), self.n_codes, self.seed, exact_limit=cfg.exact_limit,
                           n_blocks=cfg.n_blocks)
         medoid_seconds = time.perf_counter() - t0
-        self.codebook = self._landmarks.points[result.medoids].astype(np.float32)
-        self._distance, self._label = result.distances, result.labels
-        self._medoids, self._neighbours = result.medoids, graph.knn.neighbours
+        self.codebook = self.landmarks.points[result.medoids].astype(np.float32)
+        self.landmark_distance, self.landmark_code = result.distances, result.labels
+        self.medoid_landmarks, self.landmark_neighbours = result.medoids, graph.knn.neighbours
         radius = float(np.median(graph.knn.euclidean))
         others = np.setdiff1d(np.arange(latents.n_tokens), tokens)
         sample = rng.choice(others, size=min(len(others), COVERAGE_SAMPLE), replace=False)
@@ -111,7 +118,7 @@ class GeodesicQuantizer(Quantizer):
             "trace": result.trace, "median_knn_edge": radius,
             "median_edge_length": float(np.median(graph.lengths)),
             # fraction of held-out training tokens whose nearest landmark lies within the median k-NN edge
-            "coverage": landmark_coverage(self._landmarks.points, latents.token_mu[sample], radius),
+            "coverage": landmark_coverage(self.landmarks.points, latents.token_mu[sample], radius),
             "coverage_tokens": int(len(sample)),
             "seconds": {**graph.seconds, "medoids_seeding": result.seconds["seeding"],
                         "medoids_iterations": result.seconds["iterations"], "medoids_total": medoid_seconds},
@@ -120,7 +127,7 @@ class GeodesicQuantizer(Quantizer):
     def coverage(self, latents: LatentSet) -> float:
         """Fraction of `latents`' tokens whose nearest landmark lies within the median k-NN edge length."""
         self._check_fitted()
-        return landmark_coverage(self._landmarks.points, latents.token_mu, self.fit_info["median_knn_edge"])
+        return landmark_coverage(self.landmarks.points, latents.token_mu, self.fit_info["median_knn_edge"])
 
     # -- encode -------------------------------------------------------------------------------------
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
@@ -134,49 +141,47 @@ class GeodesicQuantizer(Quantizer):
         if rule not in ENCODE_RULES:
             raise GeovqError(f"encode rule {rule!r} is unknown; valid: {', '.join(ENCODE_RULES)}")
         tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
-        index = faiss.IndexFlatL2(self._landmarks.dim)
-        index.add(np.ascontiguousarray(self._landmarks.points, dtype=np.float32))
+        index = faiss.IndexFlatL2(self.landmarks.dim)
+        index.add(np.ascontiguousarray(self.landmarks.points, dtype=np.float32))
         if rule == "nearest_landmark":
             _, nearest = index.search(np.ascontiguousarray(latents.token_mu[tokens], dtype=np.float32), 1)
-            return self._label[nearest[:, 0]]
+            return self.landmark_code[nearest[:, 0]]
         return np.concatenate([self._insert(latents, tokens[s:s + ENCODE_CHUNK], index)
                                for s in range(0, len(tokens), ENCODE_CHUNK)]) if len(tokens) else \
             np.zeros(0, dtype=np.int64)
 
     def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index) -> np.ndarray:
         """The graph-insertion rule for one chunk of query tokens."""
-        cfg, land = self.config, self._landmarks
+        cfg, land = self.config, self.landmarks
         queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
         k = min(cfg.k, land.n_nodes)
         _, near = index.search(np.ascontiguousarray(queries.points, dtype=np.float32), k)
         if self._neighbour_rule() == "metric":  # as in the graph: metric-nearest among near ∪ their neighbours
-            if land.metrics is None:
-                node_metrics(land, cfg.chunk_elements)
-            known = np.where(self._neighbours[near] >= 0, self._neighbours[near], near[:, :, None])
+            known = np.where(self.landmark_neighbours[near] >= 0, self.landmark_neighbours[near], near[:, :, None])
             candidates = np.concatenate([near, known.reshape(len(near), -1)], axis=1)
             near = nearest_by_metric(queries.points, node_metrics(queries, cfg.chunk_elements), candidates,
-                                     land.points, land.metrics, k)
+                                     land.points, k)
         q = np.repeat(np.arange(len(tokens)), k)
         j = near.ravel()
         found = j >= 0
         cost = np.full(len(j), np.inf)
         cost[found] = pair_lengths(queries, q[found], land, j[found], cfg.quadrature,
-                                   chunk_elements=cfg.chunk_elements) + self._distance[j[found]]
+                                   chunk_elements=cfg.chunk_elements) + self.landmark_distance[j[found]]
         best = np.argmin(cost.reshape(len(tokens), k), axis=1)
-        return self._label[near[np.arange(len(tokens)), best]]
+        return self.landmark_code[near[np.arange(len(tokens)), best]]
 
     def _neighbour_rule(self) -> str:
         """Metric neighbours unless the landmarks' metric tensors would not fit (as build_geodesic_graph)."""
-        n, d = self._landmarks.n_nodes, self._landmarks.dim
+        n, d = self.landmarks.n_nodes, self.landmarks.dim
         return "metric" if self.config.neighbours == "metric" and n * d * d <= METRIC_VALUES else "latent"
 
     # -- persistence --------------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
-        land = self._landmarks
-        return {"grids": land.grids, "image": land.image, "channels": land.channels, "distance": self._distance,
-                "label": self._label, "medoids": self._medoids, "neighbours": self._neighbours}
+        land = self.landmarks
+        return {"grids": land.grids, "image": land.image, "channels": land.channels, "distance": self.landmark_distance,
+                "label": self.landmark_code, "medoids": self.medoid_landmarks, "neighbours": self.landmark_neighbours}
 
     def set_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self._landmarks = GridTokenDecoder(self.decoder, arrays["grids"], arrays["image"], arrays["channels"])
-        self._distance, self._label = arrays["distance"], arrays["label"]
-        self._medoids, self._neighbours = arrays["medoids"], arrays["neighbours"]
+        self.landmarks = GridTokenDecoder(self.decoder, arrays["grids"], arrays["image"], arrays["channels"])
+        self.landmark_distance, self.landmark_code = arrays["distance"], arrays["label"]
+        self.medoid_landmarks, self.landmark_neighbours = arrays["medoids"], arrays["neighbours"]

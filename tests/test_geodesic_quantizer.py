@@ -1,0 +1,180 @@
+"""The geometry-aware quantizers: `geodesic` (graph k-medoids under the decoder metric) and `wasserstein`."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import sqrtm
+from torch import nn
+
+from geovq.errors import GeovqError
+from geovq.geometry import geodesic_distances
+from geovq.latents import LatentSet
+from geovq.quantize import Quantizer, make_quantizer
+from geovq.quantize.wasserstein import w2_points
+
+torch.set_num_threads(1)
+faiss.omp_set_num_threads(1)
+
+
+class FlatGrid(nn.Module):
+    """A flat decoder seen as a grid decoder: 1×1 μ-grids (B, 1, 1, C) -> outputs of the flat map."""
+
+    def __init__(self, flat: nn.Module) -> None:
+        super().__init__()
+        self.flat = flat
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        return self.flat(grids.reshape(grids.shape[0], -1))
+
+
+class ConvDecoder(nn.Module):
+    """μ-grids (B, h, w, C) -> images (B, 1, 2h, 2w), a 3×3 conv mixing neighbouring cells."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mix = nn.Conv2d(channels, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1)
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.up(torch.tanh(self.mix(grids.permute(0, 3, 1, 2)))))
+
+
+def flat_latents(points: np.ndarray) -> LatentSet:
+    mu = points.astype(np.float32)[:, None, None, :]
+    return LatentSet.from_grids(mu, np.full_like(mu, -2.0))
+
+
+def test_geodesic_quantizer_runs_on_the_same_engine_as_geodesic_distances():
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    latents = flat_latents(np.random.default_rng(0).standard_normal((400, 3)))
+    q = make_quantizer("geodesic", 8, decoder=FlatGrid(flat), k=6, max_landmarks=400).fit(latents)
+    points = latents.token_mu.astype(np.float64)
+    dist = geodesic_distances(points, flat, q.medoid_landmarks, k=6)  # (K, N)
+    np.testing.assert_allclose(q.landmark_distance, dist.min(0), rtol=1e-9, atol=1e-12)
+    assert (q.landmark_code == dist.argmin(0)).mean() > 0.99  # exact ties aside
+    np.testing.assert_array_equal(q.codebook, latents.token_mu[q.medoid_landmarks])
+    # a training token that is a landmark is encoded to its own landmark's code
+    np.testing.assert_array_equal(q.encode(latents).ravel(), q.landmark_code)
+
+
+class Cylinder(nn.Module):
+    """Isometric bending of the plane: the pull-back metric is the identity, so L_qj = ‖z_q − z_j‖."""
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        z = grids.reshape(grids.shape[0], 2).double()
+        return torch.stack([torch.cos(z[:, 0]), torch.sin(z[:, 0]), z[:, 1]], dim=1)
+
+
+def test_graph_insertion_rule_matches_brute_force():
+    """code(q) = label[argmin_{j in kNN(q)} (L_qj + D(j))], with L_qj the Euclidean length here."""
+    rng = np.random.default_rng(1)
+    train = flat_latents(rng.uniform(0, 3, (600, 2)))
+    test = flat_latents(rng.uniform(0, 3, (300, 2)))
+    q = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, max_landmarks=600).fit(train)
+    landmarks = q.landmarks.points
+    queries = test.token_mu.astype(np.float64)
+    dist = np.linalg.norm(queries[:, None] - landmarks[None], axis=-1)
+    near = np.argsort(dist, axis=1)[:, :8]
+    cost = np.take_along_axis(dist, near, 1) + q.landmark_distance[near]
+    want = q.landmark_code[near[np.arange(300), cost.argmin(1)]]
+    codes = q.encode(test).ravel()
+    assert (codes == want).mean() >= 0.99  # float32 ties at the k-th neighbour aside
+    approx = q.encode_tokens(test, rule="nearest_landmark")
+    assert (approx == q.landmark_code[dist.argmin(1)]).all() and (approx != codes).any()
+
+
+def test_grid_quantizer_fits_encodes_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    decoder = ConvDecoder(4)
+    rng = np.random.default_rng(2)
+    mu = rng.standard_normal((80, 4, 4, 4)).astype(np.float32)
+    train = LatentSet.from_grids(mu[:60], np.full_like(mu[:60], -1.0), token_dim=2)
+    test = LatentSet.from_grids(mu[60:], np.full_like(mu[60:], -1.0), token_dim=2)
+    q = make_quantizer("geodesic", 12, decoder=decoder, k=6, max_landmarks=600, quadrature="endpoint").fit(train)
+    info = q.fit_info
+    assert info["landmarks"] == 600 and info["graph"]["undirected_edges"] >= 600 * 6 // 2
+    assert np.bincount(q.landmarks.image).tolist() == [10] * 60  # stratified: 10 tokens from every image
+    assert 0 <= info["coverage"] <= 1 and info["coverage_tokens"] == 60 * 32 - 600
+    assert sum(info["quotas"]) == 12 and info["converged"]
+    objective = [t["objective"] for t in info["trace"] if t["start"] == "k-means++"]
+    assert np.all(np.diff(objective) <= 1e-9)
+    tokens = {tuple(row) for row in train.token_mu.tolist()}
+    assert all(tuple(row) in tokens for row in q.codebook.tolist())  # medoids are training μ
+    codes = q.encode(test)
+    assert codes.shape == (20, 32) and codes.min() >= 0 and codes.max() < 12
+    assert q.decode(codes).shape == (20, 32, 2)
+    assert 0 <= q.coverage(test) <= 1
+    q.save(tmp_path / "geodesic.npz")
+    loaded = Quantizer.load(tmp_path / "geodesic.npz", decoder=decoder)
+    np.testing.assert_array_equal(loaded.encode(test), codes)
+    assert loaded.params() == q.params() and loaded.fit_info == q.fit_info
+
+
+def test_geodesic_quantizer_bad_inputs():
+    latents = flat_latents(np.random.default_rng(3).standard_normal((50, 2)))
+    with pytest.raises(GeovqError, match="decoder"):
+        make_quantizer("geodesic", 4)
+    with pytest.raises(GeovqError, match="quadrature"):
+        make_quantizer("geodesic", 4, decoder=Cylinder(), quadrature="trapezium")
+    with pytest.raises(GeovqError, match="landmarks"):
+        make_quantizer("geodesic", 20, decoder=Cylinder(), max_landmarks=10).fit(latents)
+    q = make_quantizer("geodesic", 4, decoder=Cylinder(), k=5).fit(latents)
+    with pytest.raises(GeovqError, match="encode rule"):
+        q.encode_tokens(latents, rule="nearest")
+
+
+# -- wasserstein -------------------------------------------------------------------------------------------
+
+
+def gaussian_latents(n_images: int, seed: int) -> LatentSet:
+    rng = np.random.default_rng(seed)
+    mu = rng.standard_normal((n_images, 2, 2, 3)).astype(np.float32)
+    logvar = rng.uniform(-3, 0.5, mu.shape).astype(np.float32)
+    return LatentSet.from_grids(mu, logvar)
+
+
+def test_w2_points_give_the_gaussian_w2_closed_form():
+    latents = gaussian_latents(2, seed=4)
+    points = w2_points(latents)
+    mu, var = latents.token_mu.astype(np.float64), np.exp(latents.token_logvar.astype(np.float64))
+    for a, b in [(0, 1), (2, 7), (3, 5)]:
+        s1, s2 = np.diag(var[a]), np.diag(var[b])
+        root = sqrtm(s2)
+        w2_sq = np.sum((mu[a] - mu[b]) ** 2) + np.trace(s1 + s2 - 2 * sqrtm(root @ s1 @ root)).real
+        assert np.linalg.norm(points[a] - points[b]) == pytest.approx(np.sqrt(w2_sq), rel=1e-6)  # σ is float32
+
+
+def test_wasserstein_medoids_are_swap_optimal_and_encode_to_the_nearest(tmp_path):
+    train, test = gaussian_latents(30, seed=5), gaussian_latents(20, seed=6)  # 120 training tokens
+    q = make_quantizer("wasserstein", 4).fit(train)
+    points = w2_points(train)
+    dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    medoids = [int(np.flatnonzero((points[:, :3] == q.codebook[c]).all(1) & (points[:, 3:] == q.sigma[c]).all(1))[0])
+               for c in range(4)]
+    objective = dist[:, medoids].min(1).sum()
+    assert q.fit_info["objective"] == pytest.approx(objective, rel=1e-9)
+    for i in range(4):  # no single medoid/non-medoid swap improves: real swap iterations, not one assignment
+        for x in set(range(120)) - set(medoids):
+            swapped = medoids[:i] + [x] + medoids[i + 1:]
+            assert dist[:, swapped].min(1).sum() >= objective - 1e-9
+    test_points = w2_points(test)
+    want = np.linalg.norm(test_points[:, None] - points[medoids][None], axis=-1).argmin(1)
+    codes = q.encode(test)
+    assert (codes.ravel() == want).mean() >= 0.99  # float32 faiss ties aside
+    np.testing.assert_array_equal(q.decode(codes), q.codebook[codes])
+    q.save(tmp_path / "w2.npz")
+    loaded = Quantizer.load(tmp_path / "w2.npz")
+    np.testing.assert_array_equal(loaded.sigma, q.sigma)
+    np.testing.assert_array_equal(loaded.encode(test), codes)
+
+
+def test_wasserstein_at_scale_never_increases_its_objective():
+    latents = gaussian_latents(300, seed=7)  # 1200 tokens
+    q = make_quantizer("wasserstein", 16, exact_limit=200, block_size=400, max_points=1000).fit(latents)
+    objective = [t["objective"] for t in q.fit_info["trace"]]
+    assert q.fit_info["points"] == 1000 and q.fit_info["converged"]
+    assert np.all(np.diff(objective) < 0) and len(objective) > 2
