@@ -71,6 +71,11 @@ def sweep(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     token_dim: Optional[int] = typer.Option(None, "--token-dim", help="channels per token d [default: C, one token per cell]"),
     grouping: str = typer.Option("contiguous", "--grouping", help="contiguous or interleaved channel groups"),
+    vae: str = typer.Option("plain", "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC targets log2 K)"),
+    tdc_bits: Optional[float] = typer.Option(None, "--tdc-bits", help="TDC target bits per token [default: log2 K]"),
+    gq_beta: float = typer.Option(1.0, "--gq-beta", help="Gaussian Quant rule: 1 importance weights, 0 σ-weighted NN"),
+    finetune_decoder: bool = typer.Option(False, "--finetune-decoder", help="also report each post-hoc method with its decoder fine-tuned on the codebook"),
+    finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="max epochs of the decoder fine-tune (early-stopped on val)"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
 ) -> None:
@@ -101,6 +106,8 @@ def sweep(
     assert dataset in DATASET_DEFAULTS
     cfg = resolve_config(dataset, data.image_shape, chosen, sizes, seeds, epochs, quick,
                          data_root=str(root), download=download, token_dim=token_dim, grouping=grouping,
+                         vaes=[v.strip() for v in vae.split(",") if v.strip()], tdc_bits=tdc_bits, gq_beta=gq_beta,
+                         finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
                          cpus_per_trial=cpus_per_trial)
     n_train = min(len(data.train), cfg.max_train_images or len(data.train))
     for k in cfg.codebook_sizes:
@@ -154,10 +161,12 @@ def _print_summary(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="test split (per seed)")
-    for col in ("method", "K", "bits/img", "seed", "PSNR", "SSIM", "perplexity", "dead"):
+    for col in ("method", "vae", "decoder", "K", "bits/img", "seed", "PSNR", "SSIM", "perplexity", "dead"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["method"], str(r["K"]), f"{r['bits_per_image']:g}", str(r["seed"]), f"{r['psnr']:.2f}",
+        decoder = "fine-tuned" if r["finetuned"] else ("end-to-end" if r["vae"] is None else "VAE's")
+        table.add_row(r["method"], r["vae"] or "—", decoder, str(r["K"]), f"{r['bits_per_image']:g}", str(r["seed"]),
+                      f"{r['psnr']:.2f}",
                       f"{r['ssim']:.4f}", f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
     Console(stderr=True).print(table)
 

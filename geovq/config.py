@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from geovq.errors import GeovqError
+from geovq.latents import GROUPINGS, TokenLayout
 from geovq.models.trunk import TrunkConfig
 from geovq.training.loop import TrainConfig
 
@@ -58,6 +59,12 @@ class SweepConfig:
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)
+    vaes: list[str] = field(default_factory=lambda: ["plain"])  # Gaussian VAE variants: plain, tdc
+    tdc_bits: float | None = None  # TDC target; None = log2 K for each K
+    gq_beta: float = 1.0  # Gaussian Quant selection rule: 1 = importance weights, 0 = σ-weighted nearest
+    finetune_decoder: bool = False
+    finetune_epochs: int = 10
+    finetune_max_images: int = 10_000  # training images the decoder fine-tune sees (a fixed random subset)
     cpus_per_trial: int = 1
     quick: bool = False
 
@@ -70,6 +77,16 @@ class SweepConfig:
     def d(self) -> int:
         return self.token_dim or self.trunk.latent_channels
 
+    @property
+    def layout(self) -> TokenLayout:
+        h, w = self.trunk.grid
+        return TokenLayout(h, w, self.trunk.latent_channels, self.d, self.grouping)
+
+    @property
+    def method_options(self) -> dict[str, dict[str, Any]]:
+        """Constructor options of post-hoc quantizers that the sweep sets."""
+        return {"gq": {"beta": self.gq_beta}}
+
     def bits_per_image(self, n_codes: int) -> float:
         return self.tokens_per_image * math.log2(n_codes)
 
@@ -80,9 +97,9 @@ class SweepConfig:
 
     def identity(self) -> dict[str, Any]:
         """What must match for a run directory to be resumed or extended: everything that shapes a model
-        or a split. Methods, codebook sizes and seed count may grow: new units join the same run."""
+        or a split. Methods, VAE variants, codebook sizes and seed count may grow: new units join the run."""
         out = self.as_dict()
-        for key in ("methods", "codebook_sizes", "seeds"):
+        for key in ("methods", "codebook_sizes", "seeds", "vaes"):
             out.pop(key)
         return out
 
@@ -146,5 +163,26 @@ def validate(cfg: SweepConfig) -> None:
     if c % cfg.d:
         raise GeovqError(f"--token-dim {cfg.d} must divide the latent channels C={c} "
                          f"(valid: {', '.join(str(d) for d in range(1, c + 1) if c % d == 0)})")
+    if cfg.grouping not in GROUPINGS:
+        raise GeovqError(f"--grouping {cfg.grouping!r} is unknown; valid: {', '.join(GROUPINGS)}")
+    for v in cfg.vaes:
+        if v not in ("plain", "tdc"):
+            raise GeovqError(f"--vae {v!r} is unknown; valid: plain, tdc")
+    if not cfg.vaes:
+        raise GeovqError("--vae is empty; valid: plain, tdc")
+    if "tdc" in cfg.vaes and cfg.tdc_bits is not None:
+        for k in cfg.codebook_sizes:
+            if not math.isclose(math.log2(k), cfg.tdc_bits):
+                raise GeovqError(f"--vae tdc targets {cfg.tdc_bits:g} bits per token, but K={k} codes carry "
+                                 f"{math.log2(k):g}; use K={2 ** cfg.tdc_bits:g} or drop --tdc-bits (then "
+                                 "each K gets its own TDC VAE with T = log2 K)")
+    if "gq" in cfg.methods:
+        from geovq.quantize.gq import check_beta, check_power_of_two
+
+        check_beta(cfg.gq_beta)
+        for k in cfg.codebook_sizes:
+            check_power_of_two(k)
+    if cfg.finetune_epochs < 1:
+        raise GeovqError(f"--finetune-epochs {cfg.finetune_epochs} must be >= 1")
     if cfg.cpus_per_trial < 1:
         raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")

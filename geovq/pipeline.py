@@ -1,7 +1,8 @@
 """The sweep's stages: plain functions over files in a run directory, with no Ray in sight.
 
-    dataset -> train VAE (per seed) -> latents (.npz) -> quantizer fit (per method, K, seed) -> test codes
-            -> decoder -> paired metrics -> one row.json per unit -> results.json / .csv / report.md
+    dataset -> train VAE (per variant, seed; TDC also per K) -> latents (.npz) -> quantizer fit (per method,
+            VAE, K, seed) -> test codes -> decoder (optionally fine-tuned on the codebook) -> paired metrics
+            -> row.json (+ row_finetuned.json) per unit -> results.json / .csv / report.md
     dataset -> train VQ-VAE (per K, seed) -> test codes -> decoder -> paired metrics -> row.json
 
 Every stage checks for its own finished output first, so re-running a sweep redoes only unfinished work.
@@ -10,11 +11,12 @@ Every stage checks for its own finished output first, so re-running a sweep redo
 Run directory:
     config.yaml                      the resolved SweepConfig
     sweep.log                        what the driver did, with timings
-    vae/seed{S}/model.pt             Gaussian VAE checkpoint (weights + config); state.pt = resume point
-    vae/seed{S}/latents_{split}.npz  posterior μ / log σ² grids of train and test
-    vae/seed{S}/ceiling.json         the continuous VAE's own test reconstruction metrics
-    vae/seed{S}/tb/                  TensorBoard events (losses, reconstructions)
-    units/{method}-K{K}-seed{S}/     row.json, codes_test.npy, quantizer.npz (post-hoc) or model.pt (VQ-VAE)
+    vae/{plain|tdc-K{K}}/seed{S}/    one Gaussian VAE: model.pt (weights + config + TDC state), state.pt (resume
+                                     point), latents_{train,val,test}.npz, ceiling.json (its own test metrics
+                                     and per-token KL), kl_histogram.png, tb/ (TensorBoard events)
+    units/{method}-{vae}-K{K}-seed{S}/   a post-hoc unit: row.json, codes_test.npy, quantizer.npz, and with
+                                     fine-tuning row_finetuned.json + decoder_finetuned.pt
+    units/vqvae-K{K}-seed{S}/        an end-to-end unit: row.json, codes_test.npy, model.pt
     results.json, results.csv, report.md, figures/
     ray/                             Ray Tune's own trial records
 """
@@ -22,6 +24,7 @@ Run directory:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,30 +50,73 @@ Progress = Callable[..., Any]
 END_TO_END = ("vqvae",)  # methods trained end to end; every other method is a post-hoc quantizer
 
 
+VAE_VARIANTS = ("plain", "tdc")
+TDC_TOLERANCE_BITS = 0.5
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """One Gaussian VAE: `plain` (β-ELBO) per seed, or `tdc` per (K, seed) since its target is log2 K."""
+
+    variant: str
+    n_codes: int | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return "plain" if self.variant == "plain" else f"tdc-K{self.n_codes}"
+
+    @property
+    def name(self) -> str:
+        return f"vae-{self.key}-seed{self.seed}"
+
+    @classmethod
+    def parse(cls, name: str) -> VaeSpec:
+        parts = name.split("-")  # vae-plain-seedS | vae-tdc-KK-seedS
+        seed = int(parts[-1][4:])
+        return cls("plain", None, seed) if parts[1] == "plain" else cls("tdc", int(parts[2][1:]), seed)
+
+    def dir(self, run_dir: Path) -> Path:
+        return run_dir / "vae" / self.key / f"seed{self.seed}"
+
+    @property
+    def tdc_target_bits(self) -> float | None:
+        return math.log2(self.n_codes) if self.variant == "tdc" else None
+
+
 @dataclass(frozen=True)
 class Unit:
-    """One (method, K, seed) cell of the sweep: one Ray Tune trial, one results row."""
+    """One (method, VAE variant, K, seed) cell of the sweep: one Ray Tune trial, one results row."""
 
     method: str
+    vae: str | None  # None for end-to-end methods, which have no Gaussian VAE
     n_codes: int
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.method}-K{self.n_codes}-seed{self.seed}"
+        vae = f"-{self.vae}" if self.vae else ""
+        return f"{self.method}{vae}-K{self.n_codes}-seed{self.seed}"
 
     @classmethod
     def parse(cls, name: str) -> Unit:
-        method, k, seed = name.rsplit("-", 2)
-        return cls(method, int(k[1:]), int(seed[4:]))
+        parts = name.split("-")
+        vae = parts[1] if len(parts) == 4 else None
+        return cls(parts[0], vae, int(parts[-2][1:]), int(parts[-1][4:]))
+
+    @property
+    def vae_spec(self) -> VaeSpec:
+        assert self.vae is not None
+        return VaeSpec(self.vae, self.n_codes if self.vae == "tdc" else None, self.seed)
 
 
 def plan_units(cfg: SweepConfig) -> list[Unit]:
-    return [Unit(m, k, s) for s in range(cfg.seeds) for k in cfg.codebook_sizes for m in cfg.methods]
-
-
-def vae_dir(run_dir: Path, seed: int) -> Path:
-    return run_dir / "vae" / f"seed{seed}"
+    units = []
+    for s in range(cfg.seeds):
+        for k in cfg.codebook_sizes:
+            for m in cfg.methods:
+                units += [Unit(m, None, k, s)] if m in END_TO_END else [Unit(m, v, k, s) for v in cfg.vaes]
+    return units
 
 
 def unit_dir(run_dir: Path, unit: Unit) -> Path:
@@ -108,29 +154,40 @@ def decode_grids(decoder: torch.nn.Module, grids: np.ndarray, batch_size: int = 
     return np.concatenate(out)
 
 
-def train_vae_stage(run_dir: Path, cfg: SweepConfig, seed: int, progress: Progress) -> dict[str, Any]:
-    """Train the seed's Gaussian VAE (shared by every post-hoc method) and extract its latents."""
-    out = vae_dir(run_dir, seed)
+def train_vae_stage(run_dir: Path, cfg: SweepConfig, spec: VaeSpec, progress: Progress) -> dict[str, Any]:
+    """Train one Gaussian VAE (shared by every post-hoc method on it) and extract its latents."""
+    out = spec.dir(run_dir)
     done = out / "ceiling.json"
     if done.exists():
         return json.loads(done.read_text())
     data = load_splits(cfg)
     t0 = time.time()
-    train_cfg = cfg.train.__class__(**{**cfg.train.as_dict(), "seed": seed})
-    model = train_vae(cfg.trunk, train_cfg, data.train, data.val, out, progress)
+    train_cfg = cfg.train.__class__(**{**cfg.train.as_dict(), "seed": spec.seed})
+    model = train_vae(cfg.trunk, train_cfg, data.train, data.val, out, progress, cfg.layout, spec.tdc_target_bits)
     train_seconds = time.time() - t0
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         encode_latents(model, getattr(data, split), cfg.d, cfg.grouping).save(out / f"latents_{split}.npz")
     test = LatentSet.load(out / "latents_test.npz")
     recon = decode_grids(model.decoder, test.mu)
-    ceiling = {"seed": seed, "train_seconds": train_seconds, **image_metrics(data.test, recon),
-               "mean_token_kl_bits": float(test.token_kl_bits().mean())}
+    kl = test.token_kl_bits()
+    ceiling = {"vae": spec.variant, "tdc_target_bits": spec.tdc_target_bits, "seed": spec.seed,
+               "train_seconds": train_seconds, **image_metrics(data.test, recon),
+               "mean_token_kl_bits": float(kl.mean())}
+    if spec.tdc_target_bits is not None:
+        ceiling["frac_tokens_in_band"] = float((np.abs(kl - spec.tdc_target_bits) <= TDC_TOLERANCE_BITS).mean())
+    from geovq.report.figures import kl_histogram
+
+    kl_histogram(out / "kl_histogram.png", kl, spec.tdc_target_bits, TDC_TOLERANCE_BITS, spec.name)
     write_json(done, ceiling)  # written last: its presence marks the stage finished
     return ceiling
 
 
 def run_unit_stage(run_dir: Path, cfg: SweepConfig, unit: Unit, progress: Progress) -> dict[str, Any]:
-    """Fit/train one method at one K and seed, encode the test split, decode, and score it."""
+    """Fit/train one method at one K and seed, encode the test split, decode, and score it.
+
+    Returns the row (without decoder fine-tuning); with `cfg.finetune_decoder` a post-hoc unit also writes
+    row_finetuned.json, the same codes decoded by a decoder fine-tuned on the codebook.
+    """
     out = unit_dir(run_dir, unit)
     done = out / "row.json"
     if done.exists():
@@ -140,12 +197,13 @@ def run_unit_stage(run_dir: Path, cfg: SweepConfig, unit: Unit, progress: Progre
     if unit.method in END_TO_END:
         codes, recon, extra = _vqvae_unit(cfg, unit, data, out, progress)
     else:
-        codes, recon, extra = _posthoc_unit(run_dir, cfg, unit, out)
+        codes, recon, extra = _posthoc_unit(run_dir, cfg, unit, data, out, progress)
     save_npy(out / "codes_test.npy", codes.astype(np.int32 if unit.n_codes < 2**31 else np.int64))
     bits = bits_per_image(cfg.tokens_per_image, unit.n_codes)
+    finetuned = extra.pop("finetuned_recon", None)
     row = {
-        "dataset": cfg.dataset, "method": unit.method, "vae": "plain" if unit.method not in END_TO_END else None,
-        "K": unit.n_codes, "token_dim": cfg.d, "tokens_per_image": cfg.tokens_per_image,
+        "dataset": cfg.dataset, "method": unit.method, "vae": unit.vae, "finetuned": False,
+        "K": unit.n_codes, "token_dim": cfg.d, "grouping": cfg.grouping, "tokens_per_image": cfg.tokens_per_image,
         "bits_per_image": bits, "bpp": bits_per_pixel(bits, data.native_hw), "seed": unit.seed,
         **image_metrics(data.test, recon),
         "usage_perplexity": usage_perplexity(codes, unit.n_codes),
@@ -154,32 +212,62 @@ def run_unit_stage(run_dir: Path, cfg: SweepConfig, unit: Unit, progress: Progre
         "n_test": len(data.test), "codes_path": str((out / "codes_test.npy").relative_to(run_dir)),
         "seconds": time.time() - t0, **extra,
     }
-    write_json(done, row)
+    if finetuned is not None:
+        write_json(out / "row_finetuned.json", {**row, **image_metrics(data.test, finetuned), "finetuned": True})
+    write_json(done, row)  # written last: its presence marks the unit finished
     return row
 
 
-def _posthoc_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, out: Path):
+def _posthoc_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, data: ImageSplits, out: Path, progress: Progress):
     from geovq.quantize import get_quantizer_class
 
-    vae_path = vae_dir(run_dir, unit.seed)
+    vae_path = unit.vae_spec.dir(run_dir)
     vae = load_model(vae_path / "model.pt", "vae")
     train = LatentSet.load(vae_path / "latents_train.npz")
     test = LatentSet.load(vae_path / "latents_test.npz")
     qcls = get_quantizer_class(unit.method)
-    runtime = {"decoder": grid_decoder(vae)} if qcls.needs_decoder else {}
+    options = dict(cfg.method_options.get(unit.method, {}))
+    if qcls.needs_decoder:
+        options["decoder"] = grid_decoder(vae)
     t0 = time.time()
-    quantizer = qcls(n_codes=unit.n_codes, seed=unit.seed, **runtime).fit(train)
+    quantizer = qcls(n_codes=unit.n_codes, seed=unit.seed, **options).fit(train)
     fit_seconds = time.time() - t0
     quantizer.save(out / "quantizer.npz")
     codes = quantizer.encode(test)
-    mu_hat = quantizer.decode(codes)
-    recon = decode_grids(vae.decoder, test.layout.tokens_to_grid(mu_hat))
+    tokens_hat = quantizer.decode(codes)
+    mu_hat = test.layout.tokens_to_grid(tokens_hat)
+    recon = decode_grids(vae.decoder, mu_hat)
     ceiling = json.loads((vae_path / "ceiling.json").read_text())
+    kl = test.token_kl_bits()
+    target = math.log2(unit.n_codes)
     extra = {"fit_seconds": fit_seconds, "vae_psnr": ceiling["psnr"],
-             "mean_token_kl_bits": ceiling["mean_token_kl_bits"],
-             **quantization_error(mu_hat.reshape(-1, test.token_dim), test.token_mu, test.token_sigma),
+             # rate diagnostics: how the VAE's per-token KL sits against the code's log2 K bits
+             "mean_token_kl_bits": float(kl.mean()), "rate_gap_bits": target - float(kl.mean()),
+             "frac_tokens_in_band": float((np.abs(kl - target) <= TDC_TOLERANCE_BITS).mean()),
+             **quantization_error(tokens_hat.reshape(-1, test.token_dim), test.token_mu, test.token_sigma),
              "fit_info": quantizer.fit_info}
+    if cfg.finetune_decoder:
+        extra["finetuned_recon"], extra["finetune"] = _finetuned_recon(
+            cfg, unit, quantizer, vae, vae_path, train, data, mu_hat, out, progress)
     return codes, recon, extra
+
+
+def _finetuned_recon(cfg: SweepConfig, unit: Unit, quantizer, vae: GaussianVAE, vae_path: Path,
+                     train: LatentSet, data: ImageSplits, test_grids: np.ndarray, out: Path, progress: Progress):
+    """Fine-tune the decoder on quantized training latents (a fixed random prefix of at most
+    `finetune_max_images` images), early-stopped on the quantized validation split."""
+    from geovq.training.checkpoint import save_checkpoint
+    from geovq.training.finetune import finetune_decoder
+
+    n = min(train.n_images, cfg.finetune_max_images)
+    sub = train.subset(np.arange(n))
+    val = LatentSet.load(vae_path / "latents_val.npz")
+    quantize = lambda ls: ls.layout.tokens_to_grid(quantizer.decode(quantizer.encode(ls)))  # noqa: E731
+    tuned, info = finetune_decoder(vae.decoder, quantize(sub), data.train[:n], quantize(val), data.val,
+                                   cfg.train.recon, cfg.finetune_epochs, progress,
+                                   batch_size=cfg.train.batch_size, seed=unit.seed)
+    save_checkpoint(out / "decoder_finetuned.pt", "decoder", tuned, {"trunk": cfg.trunk.as_dict()}, info)
+    return decode_grids(tuned, test_grids), info
 
 
 def grid_decoder(vae: GaussianVAE) -> Callable[[torch.Tensor], torch.Tensor]:

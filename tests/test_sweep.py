@@ -67,7 +67,7 @@ def test_run_directory_layout_csv_report_and_checkpoints(quick_run):
     assert "## 64 bits per image" in report and "## 96 bits per image" in report
     assert (quick_run / "figures" / "rate_distortion.png").stat().st_size > 1000
     assert (quick_run / "sweep.log").read_text().count("finished") >= len(rows)
-    vae = load_model(quick_run / "vae" / "seed0" / "model.pt", "vae")
+    vae = load_model(quick_run / "vae" / "plain" / "seed0" / "model.pt", "vae")
     assert not vae.training
     assert not list(quick_run.rglob("*.tmp"))  # atomic writes leave no temporaries
 
@@ -75,7 +75,7 @@ def test_run_directory_layout_csv_report_and_checkpoints(quick_run):
 def test_tensorboard_events_parse_back(quick_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(quick_run / "vae" / "seed0" / "tb")).Reload()
+    acc = EventAccumulator(str(quick_run / "vae" / "plain" / "seed0" / "tb")).Reload()
     tags = acc.Tags()
     assert {"train/loss", "train/kl", "val/loss"} <= set(tags["scalars"])
     val = [e.value for e in acc.Scalars("val/loss")]
@@ -86,15 +86,15 @@ def test_tensorboard_events_parse_back(quick_run):
 
 def test_rerun_resumes_only_unfinished_units(quick_run):
     rows = sorted((quick_run / "units").glob("*/row.json"))
-    victim = next(p for p in rows if p.parent.name.startswith("kmeans-K16"))
+    victim = next(p for p in rows if p.parent.name.startswith("kmeans-plain-K16"))
     kept = {p: p.stat().st_mtime_ns for p in rows if p != victim}
-    vae_mtime = (quick_run / "vae" / "seed0" / "model.pt").stat().st_mtime_ns
+    vae_mtime = (quick_run / "vae" / "plain" / "seed0" / "model.pt").stat().st_mtime_ns
     victim.unlink()  # as if the sweep had been interrupted during this unit
     result = runner.invoke(app, ["sweep", "digits", "--quick", "--out", str(quick_run)])
     assert result.exit_code == 0, result.output
     assert victim.exists()
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
-    assert (quick_run / "vae" / "seed0" / "model.pt").stat().st_mtime_ns == vae_mtime
+    assert (quick_run / "vae" / "plain" / "seed0" / "model.pt").stat().st_mtime_ns == vae_mtime
     assert "resuming" in (quick_run / "sweep.log").read_text()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from geovq.config import SweepConfig
 from geovq.errors import GeovqError
-from geovq.pipeline import END_TO_END, Unit, plan_units, run_unit_stage, train_vae_stage, unit_dir, vae_dir
+from geovq.pipeline import END_TO_END, Unit, VaeSpec, plan_units, run_unit_stage, train_vae_stage, unit_dir
 
 log = logging.getLogger("geovq")
 CPU_RESERVE_FRACTION = 0.8
@@ -51,8 +51,8 @@ def _trial(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     cfg = SweepConfig.load(run_dir / "config.yaml")
     name: str = config["unit"]
-    if name.startswith("vae-seed"):
-        result = train_vae_stage(run_dir, cfg, int(name[len("vae-seed"):]), tqdm)
+    if name.startswith("vae-"):
+        result = train_vae_stage(run_dir, cfg, VaeSpec.parse(name), tqdm)
     else:
         result = run_unit_stage(run_dir, cfg, Unit.parse(name), tqdm)
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -105,11 +105,11 @@ def run_trials(run_dir: Path, cfg: SweepConfig, names: list[str], phase: str) ->
 
 
 def run_sweep(run_dir: Path, cfg: SweepConfig, address: str | None) -> None:
-    """Phase 1: the VAEs (one per seed) and the VQ-VAEs; phase 2: every post-hoc unit on the VAEs."""
+    """Phase 1: the Gaussian VAEs and the VQ-VAEs; phase 2: every post-hoc unit on its VAE."""
     start_ray(address)
     units = plan_units(cfg)
-    seeds_needed = sorted({u.seed for u in units if u.method not in END_TO_END})
-    phase1 = [f"vae-seed{s}" for s in seeds_needed if not (vae_dir(run_dir, s) / "ceiling.json").exists()]
+    vaes = sorted({u.vae_spec for u in units if u.method not in END_TO_END}, key=lambda v: v.name)
+    phase1 = [v.name for v in vaes if not (v.dir(run_dir) / "ceiling.json").exists()]
     phase1 += [u.name for u in units if u.method in END_TO_END and not (unit_dir(run_dir, u) / "row.json").exists()]
     phase2 = [u.name for u in units if u.method not in END_TO_END and not (unit_dir(run_dir, u) / "row.json").exists()]
     log.info("units: %d planned, %d to train in phase 1, %d post-hoc in phase 2", len(units), len(phase1), len(phase2))

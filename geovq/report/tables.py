@@ -18,16 +18,17 @@ from scipy import stats
 
 from geovq.io import write_json, write_text
 
-COLUMNS = ["dataset", "method", "vae", "K", "token_dim", "tokens_per_image", "bits_per_image", "bpp", "seed",
-           "psnr", "ssim", "lpips", "mse", "usage_perplexity", "usage_perplexity_corrected", "dead_codes",
-           "latent_error", "latent_error_sigma", "frac_beyond_sigma", "mean_token_kl_bits", "vae_psnr",
-           "n_test", "seconds", "lpips_reason", "codes_path"]
+COLUMNS = ["dataset", "method", "vae", "finetuned", "K", "token_dim", "grouping", "tokens_per_image",
+           "bits_per_image", "bpp", "seed", "psnr", "ssim", "lpips", "mse", "usage_perplexity",
+           "usage_perplexity_corrected", "dead_codes", "latent_error", "latent_error_sigma", "frac_beyond_sigma",
+           "mean_token_kl_bits", "rate_gap_bits", "frac_tokens_in_band", "vae_psnr", "n_test", "seconds",
+           "lpips_reason", "codes_path"]
 SUMMARY_METRICS = ["psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_codes"]
 
 
 def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("*/row.json"))]
-    return sorted(rows, key=lambda r: (r["bits_per_image"], r["method"], r.get("vae") or "", r["seed"]))
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("*/row*.json"))]
+    return sorted(rows, key=lambda r: (r["bits_per_image"], r["method"], r.get("vae") or "", r["finetuned"], r["seed"]))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -47,27 +48,35 @@ def _fmt(mean: float, half: float | None, digits: int) -> str:
 def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"))].append(r)
+        groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"), r["finetuned"])].append(r)
     lines = ["# geovq results", "",
              "Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
              "Rows are comparable only within one bits-per-image group.", ""]
-    if ceilings:
-        vals = [c["psnr"] for c in ceilings]
-        m, h = mean_ci(vals)
-        lines += [f"Continuous Gaussian VAE (no quantization, the ceiling): PSNR {_fmt(m, h, 2)} dB, "
-                  f"mean token KL {sum(c['mean_token_kl_bits'] for c in ceilings) / len(ceilings):.2f} bits "
-                  f"(n = {len(ceilings)}).", ""]
+    by_vae: dict[tuple, list[dict]] = defaultdict(list)
+    for c in ceilings:
+        by_vae[(c["vae"], c.get("tdc_target_bits"))].append(c)
+    for (vae, target), cs in sorted(by_vae.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        m, h = mean_ci([c["psnr"] for c in cs])
+        label = "plain" if target is None else f"tdc, T = {target:g} bits"
+        band = (f", {100 * sum(c['frac_tokens_in_band'] for c in cs) / len(cs):.1f}% of test tokens within "
+                f"±0.5 bit of T" if target is not None else "")
+        lines += [f"- Continuous Gaussian VAE ({label}), no quantization (the ceiling): PSNR {_fmt(m, h, 2)} dB, "
+                  f"mean token KL {sum(c['mean_token_kl_bits'] for c in cs) / len(cs):.2f} bits{band} "
+                  f"(n = {len(cs)})."]
     current_bits = None
-    header = "| method | vae | K | bits/image | bpp | n | PSNR (dB) | SSIM | LPIPS | MSE | usage perplexity | dead codes |"
-    for (bits, k, method, vae), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or "")):
+    header = ("| method | vae | decoder | K | bits/image | bpp | n | PSNR (dB) | SSIM | LPIPS | MSE | usage perplexity "
+              "| dead codes |")
+    for (bits, k, method, vae, tuned), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or "", kv[0][4])):
         if bits != current_bits:
-            lines += ["", f"## {bits:g} bits per image", "", header, "|" + "---|" * 12]
+            lines += ["", f"## {bits:g} bits per image", "", header, "|" + "---|" * 13]
             current_bits = bits
         cells = []
         for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1)):
             vals = [r[metric] for r in rs if r.get(metric) is not None]
             cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
-        lines.append(f"| {method} | {vae or '—'} | {k} | {bits:g} | {rs[0]['bpp']:.3f} | {len(rs)} | "
+        decoder = "fine-tuned" if tuned else ("end-to-end" if vae is None else "VAE's")
+        lines.append(f"| {method} | {vae or '—'} | {decoder} | {k} | {bits:g} | {rs[0]['bpp']:.3f} | {len(rs)} | "
                      + " | ".join(cells) + " |")
     reasons = sorted({r["lpips_reason"] for r in rows if r.get("lpips") is None and r.get("lpips_reason")})
     if reasons:
@@ -78,10 +87,10 @@ def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], 
 
 def write_results(run_dir: Path) -> list[dict[str, Any]]:
     rows = collect_rows(run_dir)
-    ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("seed*/ceiling.json"))]
+    ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("*/seed*/ceiling.json"))]
     write_json(run_dir / "results.json", rows)
     buf = io.StringIO()
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"fit_info"})
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"fit_info", "finetune"})
     writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -19,10 +19,12 @@ from torch import nn
 
 from geovq.errors import GeovqError
 from geovq.io import atomic_path
+from geovq.latents import TokenLayout
 from geovq.models.trunk import TrunkConfig
 from geovq.models.vae import GaussianVAE
 from geovq.models.vqvae import VQVAE, VQConfig, tokens_of
 from geovq.training.checkpoint import save_checkpoint
+from geovq.training.tdc import TDCController, token_kl_bits
 
 RECON_LOSSES = ("bce", "mse")
 
@@ -61,11 +63,15 @@ def _log_images(writer, tag: str, originals: torch.Tensor, recons: torch.Tensor,
 
 def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, torch.Tensor]],
                 train_images: np.ndarray, val_images: np.ndarray, cfg: TrainConfig, out_dir: Path,
-                progress: Callable[..., Any], desc: str) -> dict[str, float]:
+                progress: Callable[..., Any], desc: str, stateful: dict[str, Any] | None = None) -> dict[str, float]:
     """Optimise `model` with Adam (cosine decay) on `step_loss`; log to TensorBoard in out_dir/tb.
 
-    Returns the final validation losses. Resumes from out_dir/state.pt when present.
+    `step_loss` returns scalars (logged; "loss" is minimised), "logits" (for image grids) and optional
+    "hist_*" tensors (logged as histograms). `stateful` objects with state_dict()/load_state_dict() (e.g. the
+    TDC controller) are saved with every epoch's resume point. Returns the final validation losses.
+    Resumes from out_dir/state.pt when present.
     """
+    stateful = stateful or {}
     from torch.utils.tensorboard import SummaryWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +87,9 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
+        torch.set_rng_state(state["torch_rng"])  # the VAE's sampling noise continues where it stopped
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
     writer = SummaryWriter(str(out_dir / "tb"))
     rng = np.random.default_rng(cfg.seed)
     for _ in range(start_epoch):  # replay the shuffles so a resumed run sees the same batches
@@ -104,6 +113,8 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
                 for k, v in losses.items():
                     if v.ndim == 0:
                         writer.add_scalar(f"train/{k}", float(v.detach()), step)
+                    elif k.startswith("hist_"):
+                        writer.add_histogram(f"train/{k[5:]}", v.detach().flatten(), step)
         val_losses = evaluate_losses(model, step_loss, val_images, cfg.batch_size)
         for k, v in val_losses.items():
             writer.add_scalar(f"val/{k}", v, epoch + 1)
@@ -114,7 +125,9 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
                         torch.sigmoid(step_loss(first)["logits"]), epoch + 1)
         with atomic_path(state_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)
+                        "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                        "torch_rng": torch.get_rng_state(),
+                        **{name: obj.state_dict() for name, obj in stateful.items()}}, tmp)
         bar.set_description(f"{desc} epoch {epoch + 1}/{cfg.epochs} val loss {val_losses['loss']:.4g}")
     bar.close()
     writer.close()
@@ -134,18 +147,39 @@ def evaluate_losses(model: nn.Module, step_loss, images: np.ndarray, batch_size:
 
 
 def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, val_images: np.ndarray,
-              out_dir: Path, progress: Callable[..., Any]) -> GaussianVAE:
-    """Train the Gaussian VAE; writes out_dir/model.pt (weights + config)."""
+              out_dir: Path, progress: Callable[..., Any], layout: TokenLayout | None = None,
+              tdc_target_bits: float | None = None) -> GaussianVAE:
+    """Train the Gaussian VAE; writes out_dir/model.pt (weights + config, and the TDC state if any).
+
+    Plain: reconstruction NLL + β·KL, both summed per image. With `tdc_target_bits` T, the KL term is the
+    Target Divergence Constraint of DESIGN.md §3.6 on per-token KL (grouped by `layout`), steering every
+    token's KL to T = log2 K bits. Per-token KL (mean, min, max, histogram) is logged either way.
+    `layout` defaults to one token per grid cell (d = C).
+    """
+    layout = layout or TokenLayout(*trunk.grid, trunk.latent_channels, trunk.latent_channels)
     torch.manual_seed(cfg.seed)
     model = GaussianVAE(trunk)
+    tdc = TDCController(tdc_target_bits) if tdc_target_bits is not None else None
 
     def step_loss(x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = model.loss(x, cfg.recon, cfg.beta)
-        return {k: out[k] for k in ("loss", "nll", "kl", "logits")}
+        kl_bits = token_kl_bits(out["mu"], out["logvar"], layout)  # (B, T)
+        losses = {k: out[k] for k in ("loss", "nll", "kl", "logits")}
+        losses.update(kl_bits_mean=kl_bits.mean(), kl_bits_min=kl_bits.min(), kl_bits_max=kl_bits.max(),
+                      hist_token_kl_bits=kl_bits)
+        if tdc is not None:
+            losses["loss"] = out["nll"] + tdc.loss(kl_bits)
+            losses.update(tdc_lambda=torch.tensor(tdc.lam), tdc_lambda_min=torch.tensor(tdc.lam_min),
+                          tdc_lambda_max=torch.tensor(tdc.lam_max))
+            if model.training:  # λ's move after each training step, never on validation batches
+                tdc.update(kl_bits.detach())
+        return losses
 
-    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, "vae")
+    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress,
+                      "vae" if tdc is None else f"vae tdc T={tdc_target_bits:g}",
+                      stateful={"tdc": tdc} if tdc is not None else None)
     save_checkpoint(out_dir / "model.pt", "vae", model, {"trunk": trunk.as_dict(), "train": cfg.as_dict()},
-                    {"val_losses": val})
+                    {"val_losses": val, "tdc": tdc.state_dict() if tdc is not None else None})
     return model
 
 
