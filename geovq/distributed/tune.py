@@ -58,17 +58,19 @@ def _trial(config: dict[str, Any]) -> None:
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
-def _unit_logger():
+def _unit_logger(total: int):
     """A Tune callback that logs one line per finished or failed trial (Tune itself runs with verbose=0)."""
     from ray.tune import Callback
 
     class UnitLogger(Callback):
+        done = 0
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result
             psnr = f" PSNR {r['psnr']:.2f} dB" if "psnr" in r else ""
             usage = f", usage perplexity {r['usage_perplexity']:.1f}" if "usage_perplexity" in r else ""
-            done = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)
-            log.info("[%d/%d] %s finished%s%s", done, len(trials), trial.config["unit"], psnr, usage)
+            self.done += 1
+            log.info("[%d/%d] %s finished%s%s", self.done, total, trial.config["unit"], psnr, usage)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log.error("%s failed; its traceback is in %s", trial.config["unit"], trial.local_path)
@@ -94,7 +96,7 @@ def run_trials(run_dir: Path, cfg: SweepConfig, names: list[str], phase: str) ->
         tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // threads))),
         run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str((run_dir / "ray").resolve()), verbose=0,
-                                  callbacks=[_unit_logger()],
+                                  callbacks=[_unit_logger(len(names))],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()
