@@ -83,6 +83,8 @@ def test_graph_insertion_rule_matches_brute_force():
     want = q.landmark_code[near[np.arange(300), cost.argmin(1)]]
     codes = q.encode(test).ravel()
     assert (codes == want).mean() >= 0.99  # float32 ties at the k-th neighbour aside
+    # with a constant metric, borrowing the nearest landmark's metric tensor changes nothing
+    assert (q.encode_tokens(test, rule="landmark_metric") == want).mean() >= 0.99
     approx = q.encode_tokens(test, rule="nearest_landmark")
     assert (approx == q.landmark_code[dist.argmin(1)]).all() and (approx != codes).any()
 

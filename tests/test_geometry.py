@@ -15,10 +15,9 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from geovq.errors import GeovqError
-from geovq.geometry import (QUADRATURES, FlatTokenDecoder, GraphSpace, GridTokenDecoder, component_quotas,
-                            edge_lengths, geodesic_distances, kmedoids, knn_graph, own_speeds, pair_lengths,
-                            weighted_graph)
-from geovq.geometry.lengths import node_metrics
+from geovq.geometry import (QUADRATURES, FlatTokenDecoder, GraphSpace, GridTokenDecoder, build_geodesic_graph,
+                            component_quotas, edge_lengths, geodesic_distances, kmedoids, knn_graph, node_metrics,
+                            own_speeds, pair_lengths, shortest_paths, weighted_graph)
 from geovq.latents import LatentSet
 
 torch.set_num_threads(1)
@@ -121,7 +120,6 @@ def test_swiss_roll_needs_metric_neighbours():
     truth = np.hypot(arc[sources, None] - arc[None], h[sources, None] - h[None])
     rho, rel = judge_scores(geodesic_distances(latents, swiss_roll, sources, k=10), truth)
     assert rho >= 0.99 and rel <= 0.05, (rho, rel)
-    from geovq.geometry import build_geodesic_graph, shortest_paths
     latent_graph = build_geodesic_graph(FlatTokenDecoder(swiss_roll, latents), 10, neighbours="latent").graph
     far = truth > 0.2 * truth.max()
     errors = np.abs(shortest_paths(latent_graph, sources) - truth)[far] / truth[far]

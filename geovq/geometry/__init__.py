@@ -2,18 +2,18 @@
 
 - `knn_graph`: symmetric k-NN graph (faiss exact or IVF), components reported.
 - `FlatTokenDecoder`, `GridTokenDecoder`: nodes and their decoder maps, each token in its own image.
-- `edge_lengths`, `pair_lengths`: segment lengths under the pull-back metric (midpoint, simpson, endpoint,
-  adaptive), by batched torch.func JVPs.
+- `edge_lengths`, `pair_lengths`, `node_metrics`: segment lengths under the pull-back metric (midpoint,
+  simpson, endpoint, adaptive) and metric tensors G = JᵀJ at the nodes, by batched torch.func JVPs.
 - `shortest_paths`, `voronoi`: Dijkstra (scipy.sparse.csgraph), multi-source for Voronoi cells.
 - `kmedoids`: k-means++ seeding, FasterPAM swaps or alternate iterations, per-component quotas.
 - `geodesic_distances(latents, decoder, sources, k=10, quadrature="midpoint")`: the one-call entry point.
 """
 
 from geovq.geometry.decoders import FlatTokenDecoder, GridTokenDecoder, TokenDecoder
-from geovq.geometry.lengths import QUADRATURES, edge_lengths, own_speeds, pair_lengths, speeds
+from geovq.geometry.lengths import QUADRATURES, edge_lengths, node_metrics, own_speeds, pair_lengths, speeds
 from geovq.geometry.graph import GeodesicGraph, build_geodesic_graph, geodesic_distances
 from geovq.geometry.medoids import (EuclideanSpace, KMedoidsResult, component_quotas, kmeans_plus_plus,
-                                     kmedoids)
+                                    kmedoids)
 from geovq.geometry.knn import KnnGraph, knn_graph
 from geovq.geometry.landmarks import landmark_coverage, stratified_tokens
 from geovq.geometry.paths import GraphSpace, shortest_paths, voronoi, weighted_graph
@@ -21,6 +21,6 @@ from geovq.geometry.paths import GraphSpace, shortest_paths, voronoi, weighted_g
 __all__ = [
     "QUADRATURES", "EuclideanSpace", "FlatTokenDecoder", "GeodesicGraph", "GraphSpace", "GridTokenDecoder",
     "KMedoidsResult", "KnnGraph", "TokenDecoder", "build_geodesic_graph", "component_quotas", "edge_lengths",
-    "geodesic_distances", "kmeans_plus_plus", "kmedoids", "knn_graph", "landmark_coverage", "own_speeds",
-    "pair_lengths", "shortest_paths", "speeds", "stratified_tokens", "voronoi", "weighted_graph",
+    "geodesic_distances", "kmeans_plus_plus", "kmedoids", "knn_graph", "landmark_coverage", "node_metrics",
+    "own_speeds", "pair_lengths", "shortest_paths", "speeds", "stratified_tokens", "voronoi", "weighted_graph",
 ]

@@ -75,13 +75,14 @@ def geodesic_distances(latents, decoder: Callable[[torch.Tensor], torch.Tensor],
     """Graph geodesic distances under the decoder's pull-back metric, shape (len(sources), N).
 
     latents: (N, d) float array or tensor. decoder: a callable from a (B, d) tensor to a (B, ...) tensor
-    (an nn.Module is put in eval mode); each node's k neighbours are chosen under the pull-back metric. It is called with float64 tensors when the latents are float64 and
+    (an nn.Module is put in eval mode). It is called with float64 tensors when the latents are float64 and
     it accepts them, otherwise with float32 tensors (and in its parameters' dtype if it is an nn.Module);
-    lengths are accumulated in float64. Entry (s, j) is the length of the shortest path from
-    latents[sources[s]] to latents[j] in the symmetrised k-NN graph whose edges carry their decoder-metric
-    length (`quadrature`: midpoint, simpson, endpoint or adaptive). Points in another connected component
-    than the source are unreachable: their entry is inf.
+    lengths are accumulated in float64. Each point's k neighbours are chosen under the pull-back metric,
+    the graph is symmetrised, and every edge carries its decoder-metric length (`quadrature`: midpoint,
+    simpson, endpoint or adaptive). Entry (s, j) is the length of the shortest path from latents[sources[s]]
+    to latents[j]; points in another connected component than the source are unreachable: inf.
     """
+
     points, dtype = _as_points(latents)
     n = points.shape[0]
     if not 1 <= k < n:

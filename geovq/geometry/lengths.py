@@ -9,7 +9,7 @@ decoder both are the same number, computed once). Quadratures of ℓ:
 - `endpoint`:  L_ab = ½(‖J_a(z_a) Δ‖ + ‖J_b(z_b) Δ‖), the trapezoid rule with each end in its own context
                (DESIGN.md §3.3b); needs only each node's own Jacobian, shared by all its edges
 - `adaptive`:  adaptive Simpson: a panel is bisected while its Simpson estimate and the sum of its two
-               halves' differ by more than rtol·ℓ·(panel width); at least 8 and at most 2^(max_depth+1)
+               halves' differ by more than rtol·ℓ·(panel width); at least 8 and at most 2^max_depth
                panels
 
 "Shared per node": all terms ‖J_n(z_n) Δ_e‖ of node n are pushed forward around one primal pass, either as
@@ -54,11 +54,16 @@ def pair_lengths(dec_a: TokenDecoder, a: np.ndarray, dec_b: TokenDecoder, b: np.
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     delta = dec_b.points[b] - dec_a.points[a]
     opts = dict(rtol=rtol, max_depth=max_depth, chunk_elements=chunk_elements)
+    one_map = dec_a is dec_b and dec_a.context_free  # ℓ_a = ℓ_b, and a segment's s(1) is b's own term
+    if quadrature == "midpoint":  # s(½) only: no endpoint terms
+        mid_a = speeds(dec_a, a, dec_a.points[a] + 0.5 * delta, delta, chunk_elements)
+        return mid_a if one_map else 0.5 * (mid_a + speeds(dec_b, b, dec_b.points[b] - 0.5 * delta, -delta,
+                                                             chunk_elements))
     own_a = own_speeds(dec_a, a, delta, chunk_elements)
     own_b = own_speeds(dec_b, b, delta, chunk_elements)
     if quadrature == "endpoint":
         return 0.5 * (own_a + own_b)
-    if dec_a is dec_b and dec_a.context_free:  # one map: ℓ_a = ℓ_b, and s(1) is b's own term
+    if one_map:
         return segment_lengths(dec_a, a, delta, quadrature, own_a, own_b, **opts)
     return 0.5 * (segment_lengths(dec_a, a, delta, quadrature, own_a, **opts)
                   + segment_lengths(dec_b, b, -delta, quadrature, own_b, **opts))
@@ -67,15 +72,13 @@ def pair_lengths(dec_a: TokenDecoder, a: np.ndarray, dec_b: TokenDecoder, b: np.
 def segment_lengths(dec: TokenDecoder, nodes: np.ndarray, deltas: np.ndarray, quadrature: str,
                     f0: np.ndarray, f1: np.ndarray | None = None, *, rtol: float, max_depth: int,
                     chunk_elements: int) -> np.ndarray:
-    """ℓ = ∫₀¹ ‖J_n(z_n + tΔ) Δ‖ dt in node n's context; f0 = s(0) and (optionally) f1 = s(1) are given."""
+    """Simpson or adaptive ℓ = ∫₀¹ ‖J_n(z_n + tΔ) Δ‖ dt in node n's context; f0 = s(0), f1 = s(1) if known."""
     starts = dec.points[nodes]
 
     def s(t: float) -> np.ndarray:
         return speeds(dec, nodes, starts + t * deltas, deltas, chunk_elements)
 
     fm = s(0.5)
-    if quadrature == "midpoint":
-        return fm
     f1 = s(1.0) if f1 is None else f1
     simpson = (f0 + 4.0 * fm + f1) / 6.0
     if quadrature == "simpson":

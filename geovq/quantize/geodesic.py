@@ -7,9 +7,13 @@ label(j).
 
 encode (the graph-insertion rule, §3.3e): a token q finds its k graph neighbours among the landmarks (chosen
 the way the graph chose them), measures L_qj = ½(ℓ_q + ℓ_j) with ℓ_q in q's own image and ℓ_j in j's, and
-gets label[argmin_j (L_qj + D(j))]. `encode_rule="nearest_landmark"` is the cheap approximation (the
-Euclidean-nearest landmark's code, no decoder call); `encode_tokens(..., rule=...)` runs either rule on any
-subset of tokens, so the approximation can be measured against the exact rule.
+gets label[argmin_j (L_qj + D(j))]. It costs about d + 1 decoder passes per token (its own Jacobian in its
+own image), so two approximations without any decoder call are offered for whole splits:
+- `landmark_metric`: the same rule with the endpoint length, q's metric tensor taken from its
+  Euclidean-nearest landmark (needs the landmarks' metric tensors, i.e. metric neighbours);
+- `nearest_landmark`: the Euclidean-nearest landmark's code.
+`encode_tokens(..., rule=...)` runs any rule on any subset of tokens, so that an approximation can be
+measured against the exact rule (agreement rate, ΔPSNR).
 
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
@@ -26,7 +30,7 @@ import torch
 
 from geovq.errors import GeovqError
 from geovq.geometry.decoders import GridTokenDecoder
-from geovq.geometry.lengths import CHUNK_ELEMENTS, QUADRATURES, node_metrics, pair_lengths
+from geovq.geometry.lengths import CHUNK_ELEMENTS, QUADRATURES, metric_norms, node_metrics, pair_lengths
 from geovq.geometry.graph import METRIC_VALUES, NEIGHBOURS, build_geodesic_graph
 from geovq.geometry.medoids import kmedoids
 from geovq.geometry.knn import nearest_by_metric
@@ -35,7 +39,7 @@ from geovq.geometry.paths import GraphSpace
 from geovq.latents import LatentSet
 from geovq.quantize.base import Quantizer, register
 
-ENCODE_RULES = ("graph", "nearest_landmark")
+ENCODE_RULES = ("graph", "landmark_metric", "nearest_landmark")
 #: non-landmark training tokens sampled to measure coverage at fit time
 COVERAGE_SAMPLE = 20_000
 #: query tokens per encode chunk (their grids, metric tensors and k candidate edges live together)
@@ -49,7 +53,7 @@ class GeodesicConfig:
     neighbours: str = "metric"  # choose neighbours under the pull-back metric, or "latent" (Euclidean)
     max_landmarks: int = 20_000  # graph nodes; more training tokens are subsampled, stratified by image
     index: str = "auto"  # k-NN search: exact, ivf, auto
-    encode_rule: str = "graph"  # graph (exact §3.3e) or nearest_landmark (approximation)
+    encode_rule: str = "graph"  # graph (exact §3.3e), landmark_metric or nearest_landmark (approximations)
     exact_limit: int = 2000  # k-medoids: full distance matrix + FasterPAM up to this many nodes
     n_blocks: int = 0  # k-medoids: CLARA-style FasterPAM blocks after alternate iterations, at scale
     chunk_elements: int = CHUNK_ELEMENTS  # decoder output values per JVP call (memory bound)
@@ -118,7 +122,8 @@ class GeodesicQuantizer(Quantizer):
             "trace": result.trace, "median_knn_edge": radius,
             "median_edge_length": float(np.median(graph.lengths)),
             # fraction of held-out training tokens whose nearest landmark lies within the median k-NN edge
-            "coverage": landmark_coverage(self.landmarks.points, latents.token_mu[sample], radius),
+            "coverage": (landmark_coverage(self.landmarks.points, latents.token_mu[sample], radius)
+                         if len(sample) else None),  # None: every training token is a landmark
             "coverage_tokens": int(len(sample)),
             "seconds": {**graph.seconds, "medoids_seeding": result.seconds["seeding"],
                         "medoids_iterations": result.seconds["iterations"], "medoids_total": medoid_seconds},
@@ -140,35 +145,55 @@ class GeodesicQuantizer(Quantizer):
         rule = rule or self.config.encode_rule
         if rule not in ENCODE_RULES:
             raise GeovqError(f"encode rule {rule!r} is unknown; valid: {', '.join(ENCODE_RULES)}")
+        if rule == "landmark_metric" and self._neighbour_rule() != "metric":
+            raise GeovqError("encode rule 'landmark_metric' needs the landmarks' metric tensors "
+                             "(neighbours='metric' within METRIC_VALUES); use 'graph' or 'nearest_landmark'")
         tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
         index = faiss.IndexFlatL2(self.landmarks.dim)
         index.add(np.ascontiguousarray(self.landmarks.points, dtype=np.float32))
         if rule == "nearest_landmark":
             _, nearest = index.search(np.ascontiguousarray(latents.token_mu[tokens], dtype=np.float32), 1)
             return self.landmark_code[nearest[:, 0]]
-        return np.concatenate([self._insert(latents, tokens[s:s + ENCODE_CHUNK], index)
-                               for s in range(0, len(tokens), ENCODE_CHUNK)]) if len(tokens) else \
-            np.zeros(0, dtype=np.int64)
+        codes = [self._insert(latents, tokens[s:s + ENCODE_CHUNK], index, rule)
+                 for s in range(0, len(tokens), ENCODE_CHUNK)]
+        return np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
 
-    def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index) -> np.ndarray:
-        """The graph-insertion rule for one chunk of query tokens."""
+    def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index, rule: str) -> np.ndarray:
+        """label[argmin_j (L_qj + D(j))] over each query's k graph neighbours, for one chunk of tokens."""
         cfg, land = self.config, self.landmarks
-        queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
         k = min(cfg.k, land.n_nodes)
-        _, near = index.search(np.ascontiguousarray(queries.points, dtype=np.float32), k)
+        if rule == "graph":
+            queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
+            points = queries.points
+        else:  # landmark_metric: no decoder call; the query's metric is its nearest landmark's
+            points = latents.token_mu[tokens].astype(np.float64)
+        _, near = index.search(np.ascontiguousarray(points, dtype=np.float32), k)
         if self._neighbour_rule() == "metric":  # as in the graph: metric-nearest among near ∪ their neighbours
+            if rule == "graph":
+                query_metrics = node_metrics(queries, cfg.chunk_elements)
+            else:
+                query_metrics = self._landmark_metrics()[near[:, 0]]
             known = np.where(self.landmark_neighbours[near] >= 0, self.landmark_neighbours[near], near[:, :, None])
             candidates = np.concatenate([near, known.reshape(len(near), -1)], axis=1)
-            near = nearest_by_metric(queries.points, node_metrics(queries, cfg.chunk_elements), candidates,
-                                     land.points, k)
+            near = nearest_by_metric(points, query_metrics, candidates, land.points, k)
         q = np.repeat(np.arange(len(tokens)), k)
         j = near.ravel()
         found = j >= 0
-        cost = np.full(len(j), np.inf)
-        cost[found] = pair_lengths(queries, q[found], land, j[found], cfg.quadrature,
-                                   chunk_elements=cfg.chunk_elements) + self.landmark_distance[j[found]]
+        q, j = q[found], j[found]
+        if rule == "graph":
+            length = pair_lengths(queries, q, land, j, cfg.quadrature, chunk_elements=cfg.chunk_elements)
+        else:  # the endpoint rule with both metric tensors taken from landmarks
+            delta = land.points[j] - points[q]
+            length = 0.5 * (metric_norms(query_metrics[q], delta) + metric_norms(self._landmark_metrics()[j], delta))
+        cost = np.full(len(found), np.inf)
+        cost[found] = length + self.landmark_distance[j]
         best = np.argmin(cost.reshape(len(tokens), k), axis=1)
         return self.landmark_code[near[np.arange(len(tokens)), best]]
+
+    def _landmark_metrics(self) -> np.ndarray:
+        """The landmarks' metric tensors: kept from the fit, or computed once after `load`."""
+        land = self.landmarks
+        return land.metrics if land.metrics is not None else node_metrics(land, self.config.chunk_elements)
 
     def _neighbour_rule(self) -> str:
         """Metric neighbours unless the landmarks' metric tensors would not fit (as build_geodesic_graph)."""
