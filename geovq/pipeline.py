@@ -182,26 +182,43 @@ def train_vae_stage(run_dir: Path, cfg: SweepConfig, spec: VaeSpec, progress: Pr
     return ceiling
 
 
+def unit_done(run_dir: Path, cfg: SweepConfig, unit: Unit) -> bool:
+    """Finished: its row exists, and with `cfg.finetune_decoder` a post-hoc unit's fine-tuned row too."""
+    out = unit_dir(run_dir, unit)
+    wants_finetune = cfg.finetune_decoder and unit.method not in END_TO_END
+    return (out / "row.json").exists() and (not wants_finetune or (out / "row_finetuned.json").exists())
+
+
 def run_unit_stage(run_dir: Path, cfg: SweepConfig, unit: Unit, progress: Progress) -> dict[str, Any]:
     """Fit/train one method at one K and seed, encode the test split, decode, and score it.
 
-    Returns the row (without decoder fine-tuning); with `cfg.finetune_decoder` a post-hoc unit also writes
-    row_finetuned.json, the same codes decoded by a decoder fine-tuned on the codebook.
+    Returns the row. With `cfg.finetune_decoder` a post-hoc unit also writes row_finetuned.json: the same test
+    codes decoded by a decoder fine-tuned on the codebook (added later to a unit that finished without it).
     """
     out = unit_dir(run_dir, unit)
     done = out / "row.json"
+    data = None
     if done.exists():
-        return json.loads(done.read_text())
-    data = load_splits(cfg)
+        row = json.loads(done.read_text())
+    else:
+        data = load_splits(cfg)
+        row = _score_unit(run_dir, cfg, unit, data, out, progress)
+        write_json(done, row)  # its presence marks the unit scored
+    if not unit_done(run_dir, cfg, unit):
+        _finetune_unit(run_dir, cfg, unit, row, data or load_splits(cfg), out, progress)
+    return row
+
+
+def _score_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, data: ImageSplits, out: Path,
+                progress: Progress) -> dict[str, Any]:
     t0 = time.time()
     if unit.method in END_TO_END:
         codes, recon, extra = _vqvae_unit(cfg, unit, data, out, progress)
     else:
-        codes, recon, extra = _posthoc_unit(run_dir, cfg, unit, data, out, progress)
+        codes, recon, extra = _posthoc_unit(run_dir, cfg, unit, out)
     save_npy(out / "codes_test.npy", codes.astype(np.int32 if unit.n_codes < 2**31 else np.int64))
     bits = bits_per_image(cfg.tokens_per_image, unit.n_codes)
-    finetuned = extra.pop("finetuned_recon", None)
-    row = {
+    return {
         "dataset": cfg.dataset, "method": unit.method, "vae": unit.vae, "finetuned": False,
         "K": unit.n_codes, "token_dim": cfg.d, "grouping": cfg.grouping, "tokens_per_image": cfg.tokens_per_image,
         "bits_per_image": bits, "bpp": bits_per_pixel(bits, data.native_hw), "seed": unit.seed,
@@ -212,18 +229,17 @@ def run_unit_stage(run_dir: Path, cfg: SweepConfig, unit: Unit, progress: Progre
         "n_test": len(data.test), "codes_path": str((out / "codes_test.npy").relative_to(run_dir)),
         "seconds": time.time() - t0, **extra,
     }
-    if finetuned is not None:
-        write_json(out / "row_finetuned.json", {**row, **image_metrics(data.test, finetuned), "finetuned": True})
-    write_json(done, row)  # written last: its presence marks the unit finished
-    return row
 
 
-def _posthoc_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, data: ImageSplits, out: Path, progress: Progress):
+def _load_vae_and_latents(run_dir: Path, unit: Unit, split: str) -> tuple[GaussianVAE, Path, LatentSet]:
+    vae_path = unit.vae_spec.dir(run_dir)
+    return load_model(vae_path / "model.pt", "vae"), vae_path, LatentSet.load(vae_path / f"latents_{split}.npz")
+
+
+def _posthoc_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, out: Path):
     from geovq.quantize import get_quantizer_class
 
-    vae_path = unit.vae_spec.dir(run_dir)
-    vae = load_model(vae_path / "model.pt", "vae")
-    train = LatentSet.load(vae_path / "latents_train.npz")
+    vae, vae_path, train = _load_vae_and_latents(run_dir, unit, "train")
     test = LatentSet.load(vae_path / "latents_test.npz")
     qcls = get_quantizer_class(unit.method)
     options = dict(cfg.method_options.get(unit.method, {}))
@@ -235,8 +251,7 @@ def _posthoc_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, data: ImageSplits
     quantizer.save(out / "quantizer.npz")
     codes = quantizer.encode(test)
     tokens_hat = quantizer.decode(codes)
-    mu_hat = test.layout.tokens_to_grid(tokens_hat)
-    recon = decode_grids(vae.decoder, mu_hat)
+    recon = decode_grids(vae.decoder, test.layout.tokens_to_grid(tokens_hat))
     ceiling = json.loads((vae_path / "ceiling.json").read_text())
     kl = test.token_kl_bits()
     target = math.log2(unit.n_codes)
@@ -246,28 +261,33 @@ def _posthoc_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, data: ImageSplits
              "frac_tokens_in_band": float((np.abs(kl - target) <= TDC_TOLERANCE_BITS).mean()),
              **quantization_error(tokens_hat.reshape(-1, test.token_dim), test.token_mu, test.token_sigma),
              "fit_info": quantizer.fit_info}
-    if cfg.finetune_decoder:
-        extra["finetuned_recon"], extra["finetune"] = _finetuned_recon(
-            cfg, unit, quantizer, vae, vae_path, train, data, mu_hat, out, progress)
     return codes, recon, extra
 
 
-def _finetuned_recon(cfg: SweepConfig, unit: Unit, quantizer, vae: GaussianVAE, vae_path: Path,
-                     train: LatentSet, data: ImageSplits, test_grids: np.ndarray, out: Path, progress: Progress):
+def _finetune_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, row: dict[str, Any], data: ImageSplits, out: Path,
+                   progress: Progress) -> None:
     """Fine-tune the decoder on quantized training latents (a fixed random prefix of at most
-    `finetune_max_images` images), early-stopped on the quantized validation split."""
+    `finetune_max_images` images), early-stopped on the quantized validation split; decode the saved test
+    codes with it and write row_finetuned.json."""
+    from geovq.quantize import Quantizer
     from geovq.training.checkpoint import save_checkpoint
     from geovq.training.finetune import finetune_decoder
 
+    vae, vae_path, train = _load_vae_and_latents(run_dir, unit, "train")
+    quantizer = Quantizer.load(out / "quantizer.npz", **(
+        {"decoder": grid_decoder(vae)} if Quantizer.load_class(out / "quantizer.npz").needs_decoder else {}))
     n = min(train.n_images, cfg.finetune_max_images)
-    sub = train.subset(np.arange(n))
-    val = LatentSet.load(vae_path / "latents_val.npz")
-    quantize = lambda ls: ls.layout.tokens_to_grid(quantizer.decode(quantizer.encode(ls)))  # noqa: E731
-    tuned, info = finetune_decoder(vae.decoder, quantize(sub), data.train[:n], quantize(val), data.val,
+    quantized = lambda ls: ls.layout.tokens_to_grid(quantizer.decode(quantizer.encode(ls)))  # noqa: E731
+    t0 = time.time()
+    tuned, info = finetune_decoder(vae.decoder, quantized(train.subset(np.arange(n))), data.train[:n],
+                                   quantized(LatentSet.load(vae_path / "latents_val.npz")), data.val,
                                    cfg.train.recon, cfg.finetune_epochs, progress,
                                    batch_size=cfg.train.batch_size, seed=unit.seed)
+    info["seconds"] = time.time() - t0
     save_checkpoint(out / "decoder_finetuned.pt", "decoder", tuned, {"trunk": cfg.trunk.as_dict()}, info)
-    return decode_grids(tuned, test_grids), info
+    test_grids = train.layout.tokens_to_grid(quantizer.decode(np.load(run_dir / row["codes_path"])))
+    write_json(out / "row_finetuned.json", {**row, **image_metrics(data.test, decode_grids(tuned, test_grids)),
+                                            "finetuned": True, "finetune": info})
 
 
 def grid_decoder(vae: GaussianVAE) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from geovq.config import SweepConfig
 from geovq.errors import GeovqError
-from geovq.pipeline import END_TO_END, Unit, VaeSpec, plan_units, run_unit_stage, train_vae_stage, unit_dir
+from geovq.pipeline import END_TO_END, Unit, VaeSpec, plan_units, run_unit_stage, train_vae_stage, unit_done
 
 log = logging.getLogger("geovq")
 CPU_RESERVE_FRACTION = 0.8
@@ -112,8 +112,8 @@ def run_sweep(run_dir: Path, cfg: SweepConfig, address: str | None) -> None:
     units = plan_units(cfg)
     vaes = sorted({u.vae_spec for u in units if u.method not in END_TO_END}, key=lambda v: v.name)
     phase1 = [v.name for v in vaes if not (v.dir(run_dir) / "ceiling.json").exists()]
-    phase1 += [u.name for u in units if u.method in END_TO_END and not (unit_dir(run_dir, u) / "row.json").exists()]
-    phase2 = [u.name for u in units if u.method not in END_TO_END and not (unit_dir(run_dir, u) / "row.json").exists()]
+    phase1 += [u.name for u in units if u.method in END_TO_END and not unit_done(run_dir, cfg, u)]
+    phase2 = [u.name for u in units if u.method not in END_TO_END and not unit_done(run_dir, cfg, u)]
     log.info("units: %d planned, %d to train in phase 1, %d post-hoc in phase 2", len(units), len(phase1), len(phase2))
     for phase, names in (("train", phase1), ("posthoc", phase2)):
         t0 = time.time()

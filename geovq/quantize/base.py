@@ -100,9 +100,8 @@ class Quantizer(ABC):
         save_npz(path, header=np.array(json.dumps(header)), codebook=self.codebook,
                  **{f"state_{k}": v for k, v in self.state().items()})
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, **runtime: Any) -> "Quantizer":
-        """Load any registered quantizer; `runtime` passes what is not stored (e.g. `decoder=`)."""
+    @staticmethod
+    def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         try:
             with np.load(path, allow_pickle=False) as f:
                 header = json.loads(str(f["header"]))
@@ -111,6 +110,17 @@ class Quantizer(ABC):
             raise GeovqError(f"{path} is not a geovq quantizer file ({e})") from e
         if header.get("format") != "geovq-quantizer":
             raise GeovqError(f"{path} is not a geovq quantizer file (format {header.get('format')!r})")
+        return header, arrays
+
+    @staticmethod
+    def load_class(path: str | os.PathLike) -> type["Quantizer"]:
+        """The registered class a saved quantizer file belongs to (e.g. to see if it needs a decoder)."""
+        return get_quantizer_class(Quantizer._read(path)[0]["method"])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **runtime: Any) -> "Quantizer":
+        """Load any registered quantizer; `runtime` passes what is not stored (e.g. `decoder=`)."""
+        header, arrays = cls._read(path)
         qcls = get_quantizer_class(header["method"])
         if cls is not Quantizer and qcls is not cls:
             raise GeovqError(f"{path} holds a {header['method']!r} quantizer, not {cls.name!r}")
