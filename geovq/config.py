@@ -98,9 +98,10 @@ class SweepConfig:
     def identity(self) -> dict[str, Any]:
         """What must match for a run directory to be resumed or extended: everything that shapes a model
         or a split. Methods, VAE variants, codebook sizes and seed count may grow (new units join the run),
-        and --finetune-decoder may be switched on (finished units gain their fine-tuned rows)."""
+        and --finetune-decoder may be switched on (finished units gain their fine-tuned rows). Threads per
+        trial are a matter of the machine, not of the run."""
         out = self.as_dict()
-        for key in ("methods", "codebook_sizes", "seeds", "vaes", "finetune_decoder"):
+        for key in ("methods", "codebook_sizes", "seeds", "vaes", "finetune_decoder", "cpus_per_trial"):
             out.pop(key)
         return out
 

@@ -261,6 +261,8 @@ def _posthoc_unit(run_dir: Path, cfg: SweepConfig, unit: Unit, out: Path):
              "frac_tokens_in_band": float((np.abs(kl - target) <= TDC_TOLERANCE_BITS).mean()),
              **quantization_error(tokens_hat.reshape(-1, test.token_dim), test.token_mu, test.token_sigma),
              "fit_info": quantizer.fit_info}
+    if getattr(quantizer, "encode_info", None):  # e.g. how an approximate encoding agrees with the exact rule
+        extra["encode_info"] = quantizer.encode_info
     return codes, recon, extra
 
 

@@ -43,18 +43,25 @@ def start_ray(address: str | None) -> None:
 
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: runs one stage of pipeline.py in the worker process."""
+    import faiss
     import torch
     from ray import tune
     from ray.experimental.tqdm_ray import tqdm
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(config["threads"])  # concurrent trials must not oversubscribe the cores
+    # Concurrent trials must not oversubscribe the cores: torch, faiss and the BLAS/OpenMP pools behind
+    # scikit-learn and scipy all get the trial's thread count.
+    threads = config["threads"]
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
     run_dir = Path(config["run_dir"])
     cfg = SweepConfig.load(run_dir / "config.yaml")
     name: str = config["unit"]
-    if name.startswith("vae-"):
-        result = train_vae_stage(run_dir, cfg, VaeSpec.parse(name), tqdm)
-    else:
-        result = run_unit_stage(run_dir, cfg, Unit.parse(name), tqdm)
+    with threadpool_limits(threads):
+        if name.startswith("vae-"):
+            result = train_vae_stage(run_dir, cfg, VaeSpec.parse(name), tqdm)
+        else:
+            result = run_unit_stage(run_dir, cfg, Unit.parse(name), tqdm)
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 

@@ -90,7 +90,7 @@ def write_results(run_dir: Path) -> list[dict[str, Any]]:
     ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("*/seed*/ceiling.json"))]
     write_json(run_dir / "results.json", rows)
     buf = io.StringIO()
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"fit_info", "finetune"})
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"fit_info", "finetune", "encode_info"})
     writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
