@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -162,7 +162,7 @@ def train_vae_stage(run_dir: Path, cfg: SweepConfig, spec: VaeSpec, progress: Pr
         return json.loads(done.read_text())
     data = load_splits(cfg)
     t0 = time.time()
-    train_cfg = cfg.train.__class__(**{**cfg.train.as_dict(), "seed": spec.seed})
+    train_cfg = replace(cfg.train, seed=spec.seed)
     model = train_vae(cfg.trunk, train_cfg, data.train, data.val, out, progress, cfg.layout, spec.tdc_target_bits)
     train_seconds = time.time() - t0
     for split in ("train", "val", "test"):
@@ -301,7 +301,7 @@ def grid_decoder(vae: GaussianVAE) -> Callable[[torch.Tensor], torch.Tensor]:
 def _vqvae_unit(cfg: SweepConfig, unit: Unit, data: ImageSplits, out: Path, progress: Progress):
     vq = VQConfig(n_codes=unit.n_codes, token_dim=cfg.d, grouping=cfg.grouping, decay=cfg.vq.decay,
                   commitment=cfg.vq.commitment, dead_code_threshold=cfg.vq.dead_code_threshold)
-    train_cfg = cfg.train.__class__(**{**cfg.train.as_dict(), "seed": unit.seed})
+    train_cfg = replace(cfg.train, seed=unit.seed)
     model = train_vqvae(cfg.trunk, vq, train_cfg, data.train, data.val, out, progress)
     codes, recons, errors = [], [], []
     with torch.no_grad():

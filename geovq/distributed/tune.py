@@ -114,14 +114,18 @@ def run_trials(run_dir: Path, cfg: SweepConfig, names: list[str], phase: str) ->
 
 
 def run_sweep(run_dir: Path, cfg: SweepConfig, address: str | None) -> None:
-    """Phase 1: the Gaussian VAEs and the VQ-VAEs; phase 2: every post-hoc unit on its VAE."""
+    """Phase 1: the Gaussian VAEs, the VQ-VAEs, and post-hoc units whose VAE is already trained (a resumed
+    or extended run); phase 2: the post-hoc units on the VAEs that phase 1 trained."""
     start_ray(address)
     units = plan_units(cfg)
     vaes = sorted({u.vae_spec for u in units if u.method not in END_TO_END}, key=lambda v: v.name)
-    phase1 = [v.name for v in vaes if not (v.dir(run_dir) / "ceiling.json").exists()]
-    phase1 += [u.name for u in units if u.method in END_TO_END and not unit_done(run_dir, cfg, u)]
-    phase2 = [u.name for u in units if u.method not in END_TO_END and not unit_done(run_dir, cfg, u)]
-    log.info("units: %d planned, %d to train in phase 1, %d post-hoc in phase 2", len(units), len(phase1), len(phase2))
+    vae_ready = {v: (v.dir(run_dir) / "ceiling.json").exists() for v in vaes}
+    pending = [u for u in units if not unit_done(run_dir, cfg, u)]
+    phase1 = [v.name for v in vaes if not vae_ready[v]]
+    phase1 += [u.name for u in pending if u.method in END_TO_END or vae_ready[u.vae_spec]]
+    phase2 = [u.name for u in pending if u.method not in END_TO_END and not vae_ready[u.vae_spec]]
+    log.info("units: %d planned, %d pending; %d VAE(s) to train", len(units), len(pending),
+             sum(not r for r in vae_ready.values()))
     for phase, names in (("train", phase1), ("posthoc", phase2)):
         t0 = time.time()
         run_trials(run_dir, cfg, names, phase)

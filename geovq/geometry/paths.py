@@ -6,6 +6,9 @@ constant. Callers that need finite distances (k-medoids) work per component.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components, dijkstra
@@ -59,10 +62,15 @@ def voronoi(graph: sp.csr_matrix, sources: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 class GraphSpace:
-    """A graph as a metric space for k-medoids (`geovq.geometry.medoids`), which works per component."""
+    """A graph as a metric space for k-medoids (`geovq.geometry.medoids`), which works per component.
 
-    def __init__(self, graph: sp.csr_matrix) -> None:
+    `clock["paths"]` accumulates the seconds spent in shortest-path searches (shared with subspaces), so
+    that a fit can split its k-medoids time into paths and the rest.
+    """
+
+    def __init__(self, graph: sp.csr_matrix, clock: dict[str, float] | None = None) -> None:
         self.graph = graph.tocsr()
+        self.clock = {"paths": 0.0} if clock is None else clock
 
     @property
     def n(self) -> int:
@@ -73,19 +81,22 @@ class GraphSpace:
         return connected_components(self.graph, directed=False)[1]
 
     def subspace(self, nodes: np.ndarray) -> GraphSpace:
-        return GraphSpace(self.graph[nodes][:, nodes])
+        return GraphSpace(self.graph[nodes][:, nodes], self.clock)
 
     def distances_from(self, sources: np.ndarray, limit: float = np.inf) -> np.ndarray:
-        return shortest_paths(self.graph, sources, limit)
+        with self._timed():
+            return shortest_paths(self.graph, sources, limit)
 
     def pairwise(self, nodes: np.ndarray) -> np.ndarray:
         """(m, m) full-graph distances among `nodes` (paths may leave the set)."""
         rows = max(1, DIJKSTRA_ENTRIES // self.n)
-        return np.concatenate([shortest_paths(self.graph, nodes[s:s + rows])[:, nodes]
-                               for s in range(0, len(nodes), rows)]) if len(nodes) else np.zeros((0, 0))
+        with self._timed():
+            return np.concatenate([shortest_paths(self.graph, nodes[s:s + rows])[:, nodes]
+                                   for s in range(0, len(nodes), rows)]) if len(nodes) else np.zeros((0, 0))
 
     def assign(self, medoids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dist, label = voronoi(self.graph, medoids)
+        with self._timed():
+            dist, label = voronoi(self.graph, medoids)
         assert (label >= 0).all(), "k-medoids space must be connected"
         return dist, label
 
@@ -96,10 +107,19 @@ class GraphSpace:
         so the current medoid's cost is exact here and any other candidate's is an upper bound on its
         full-graph cost: choosing the minimum never increases the k-medoids objective.
         """
-        sub = self.graph[members][:, members]
-        local = np.searchsorted(members, candidates)  # members are sorted
-        rows = max(1, DIJKSTRA_ENTRIES // len(members))
-        cost = np.concatenate([dijkstra(sub, directed=True, indices=local[s:s + rows]).sum(axis=1)
-                               for s in range(0, len(local), rows)])
+        with self._timed():
+            sub = self.graph[members][:, members]
+            local = np.searchsorted(members, candidates)  # members are sorted
+            rows = max(1, DIJKSTRA_ENTRIES // len(members))
+            cost = np.concatenate([dijkstra(sub, directed=True, indices=local[s:s + rows]).sum(axis=1)
+                                   for s in range(0, len(local), rows)])
         best = int(np.argmin(cost))
         return int(candidates[best]), float(cost[best])
+
+    @contextmanager
+    def _timed(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock["paths"] += time.perf_counter() - t0
