@@ -34,7 +34,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "npz": {"trunk": {"hidden": 64, "latent_channels": 16}, "train": {"epochs": 20}, "codebook_sizes": [256]},
 }
 # `--quick`: a few-minute smoke configuration on 2 CPU cores.
-QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_train_images": 2000}
+QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_train_images": 2000,
+         "geodesic_landmarks": 5000}
 
 
 @dataclass
@@ -62,6 +63,7 @@ class SweepConfig:
     vaes: list[str] = field(default_factory=lambda: ["plain"])  # Gaussian VAE variants: plain, tdc
     tdc_bits: float | None = None  # TDC target; None = log2 K for each K
     gq_beta: float = 1.0  # Gaussian Quant selection rule: 1 = importance weights, 0 = σ-weighted nearest
+    geodesic_landmarks: int | None = None  # graph nodes of the geodesic quantizer; None = its own default
     finetune_decoder: bool = False
     finetune_epochs: int = 10
     finetune_max_images: int = 10_000  # training images the decoder fine-tune sees (a fixed random subset)
@@ -85,7 +87,10 @@ class SweepConfig:
     @property
     def method_options(self) -> dict[str, dict[str, Any]]:
         """Constructor options of post-hoc quantizers that the sweep sets."""
-        return {"gq": {"beta": self.gq_beta}}
+        options: dict[str, dict[str, Any]] = {"gq": {"beta": self.gq_beta}}
+        if self.geodesic_landmarks is not None:
+            options["geodesic"] = {"max_landmarks": self.geodesic_landmarks}
+        return options
 
     def bits_per_image(self, n_codes: int) -> float:
         return self.tokens_per_image * math.log2(n_codes)
@@ -135,15 +140,16 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
     train = TrainConfig(**preset["train"])
     sizes = list(preset["codebook_sizes"])
     n_seeds = 3  # headline tables: 3 seeds with 95% CIs
-    max_train = None
+    max_train = landmarks = None
     if quick:
         train = replace(train, **QUICK["train"])
         sizes, n_seeds, max_train = list(QUICK["codebook_sizes"]), QUICK["seeds"], QUICK["max_train_images"]
+        landmarks = QUICK["geodesic_landmarks"]
     if epochs is not None:
         train = replace(train, epochs=epochs)
     cfg = SweepConfig(dataset=dataset, methods=methods, codebook_sizes=codebook_sizes or sizes,
                       seeds=seeds if seeds is not None else n_seeds, trunk=trunk, train=train,
-                      max_train_images=max_train, quick=quick, **options)
+                      max_train_images=max_train, geodesic_landmarks=landmarks, quick=quick, **options)
     validate(cfg)
     return cfg
 

@@ -100,7 +100,8 @@ def run_trials(run_dir: Path, cfg: SweepConfig, names: list[str], phase: str) ->
     tuner = tune.Tuner(
         trainable,
         param_space={"unit": tune.grid_search(names), "run_dir": str(run_dir.resolve()), "threads": threads},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // threads))),
+        # reuse_actors: a finished trial's worker (torch already imported) takes the next unit
+        tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // threads)), reuse_actors=True),
         run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str((run_dir / "ray").resolve()), verbose=0,
                                   callbacks=[_unit_logger(len(names))],

@@ -63,6 +63,10 @@ BORROWED = 5
 #: relative to the token's own μ (VAE latents are O(1)); chosen on MNIST, see the module docstring
 CONTEXT_WEIGHT = 0.5
 POSITION_WEIGHT = 3.0
+#: ... searched after a PCA to this many dimensions (same agreement on MNIST as without, 5× faster)
+CONTEXT_DIMS = 32
+#: inverted lists searched by approximate rules (see landmark_index)
+NPROBE = 16
 #: images per decoder call when checking an approximation
 DECODE_BATCH = 256
 #: floor on a per-image MSE before PSNR = 10·log10(1/MSE) (caps PSNR at 120 dB, keeps figures finite)
@@ -196,16 +200,15 @@ class GeodesicQuantizer(Quantizer):
         if rule not in ENCODE_RULES:
             raise GeovqError(f"encode rule {rule!r} is unknown; valid: {', '.join(ENCODE_RULES)}")
         tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
-        index = faiss.IndexFlatL2(self.landmarks.dim)
-        index.add(np.ascontiguousarray(self.landmarks.points, dtype=np.float32))
+        land = self.landmarks
+        index = landmark_index(land.points, exact=rule == "graph")  # the exact rule searches exactly
         if rule == "nearest_landmark":
             _, nearest = index.search(np.ascontiguousarray(latents.token_mu[tokens], dtype=np.float32), 1)
             return self.landmark_code[nearest[:, 0]]
         similar = None
         if rule == "landmark_metric":  # landmarks by context, to borrow metric tensors from
-            land = self.landmarks
-            similar = faiss.IndexFlatL2(land.dim + 9 * land.grid_shape[2] + 2)
-            similar.add(context_features(land.grids, land.image, land.channels))
+            features = context_features(land.grids, land.image, land.channels)
+            similar = landmark_index(features, exact=False, pca=CONTEXT_DIMS)
         codes = [self._insert(latents, tokens[s:s + ENCODE_CHUNK], index, rule, similar)
                  for s in range(0, len(tokens), ENCODE_CHUNK)]
         return np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
@@ -349,6 +352,25 @@ def context_features(grids: np.ndarray, image: np.ndarray, channels: np.ndarray)
     return np.ascontiguousarray(np.concatenate(
         [own, CONTEXT_WEIGHT * window.reshape(len(image), -1), POSITION_WEIGHT * position], axis=1),
         dtype=np.float32)
+
+
+def landmark_index(vectors: np.ndarray, exact: bool, pca: int | None = None) -> faiss.Index:
+    """A faiss L2 index of landmark vectors: flat (exact) or, for approximate rules, inverted lists.
+
+    Approximate: ~4·sqrt(N) lists (each trained with >= 39 points), NPROBE of them searched, which found
+    99.8-100% of the exact neighbours of MNIST test tokens at a quarter of the time; optionally after a PCA
+    to `pca` dimensions.
+    """
+    n, dim = vectors.shape
+    n_lists = int(np.clip(4 * np.sqrt(n), 1, n // 39))
+    steps = ([f"PCA{min(pca, n, dim)}"] if pca else []) + ["Flat" if exact or n_lists < 2 else f"IVF{n_lists},Flat"]
+    index = faiss.index_factory(dim, ",".join(steps))
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index.train(vectors)
+    index.add(vectors)
+    if "IVF" in steps[-1]:
+        faiss.extract_index_ivf(index).nprobe = NPROBE
+    return index
 
 
 def _psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
