@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import faiss
 import numpy as np
 import pytest
@@ -10,9 +12,11 @@ from scipy.linalg import sqrtm
 from torch import nn
 
 from geovq.errors import GeovqError
-from geovq.geometry import geodesic_distances
+from geovq.geometry import geodesic_distances, stratified_tokens
+from geovq.geometry.decoders import token_channels
 from geovq.latents import LatentSet
 from geovq.quantize import Quantizer, make_quantizer
+from geovq.quantize.geodesic import CONTEXT_WEIGHT, POSITION_WEIGHT, context_features
 from geovq.quantize.wasserstein import w2_points
 
 torch.set_num_threads(1)
@@ -52,8 +56,9 @@ def test_geodesic_quantizer_runs_on_the_same_engine_as_geodesic_distances():
     flat = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 5)).double()
     latents = flat_latents(np.random.default_rng(0).standard_normal((400, 3)))
     q = make_quantizer("geodesic", 8, decoder=FlatGrid(flat), k=6, max_landmarks=400).fit(latents)
+    assert q.config.quadrature == "endpoint"  # the quantizer's default; geodesic_distances' is midpoint
     points = latents.token_mu.astype(np.float64)
-    dist = geodesic_distances(points, flat, q.medoid_landmarks, k=6)  # (K, N)
+    dist = geodesic_distances(points, flat, q.medoid_landmarks, k=6, quadrature="endpoint")  # (K, N)
     np.testing.assert_allclose(q.landmark_distance, dist.min(0), rtol=1e-9, atol=1e-12)
     assert (q.landmark_code == dist.argmin(0)).mean() > 0.99  # exact ties aside
     np.testing.assert_array_equal(q.codebook, latents.token_mu[q.medoid_landmarks])
@@ -116,6 +121,85 @@ def test_grid_quantizer_fits_encodes_and_round_trips(tmp_path):
     assert loaded.params() == q.params() and loaded.fit_info == q.fit_info
 
 
+def grid_quantizer_and_test(n_test: int, **config):
+    """A geodesic quantizer fit on 60 images of 4×4×4 μ-grids (tokens of d=2: 32 per image), and a test split."""
+    torch.manual_seed(0)
+    decoder = ConvDecoder(4)
+    rng = np.random.default_rng(2)
+    mu = rng.standard_normal((60 + n_test, 4, 4, 4)).astype(np.float32)
+    train = LatentSet.from_grids(mu[:60], np.full_like(mu[:60], -1.0), token_dim=2)
+    test = LatentSet.from_grids(mu[60:], np.full_like(mu[60:], -1.0), token_dim=2)
+    q = make_quantizer("geodesic", 12, decoder=decoder, k=6, max_landmarks=600, **config).fit(train)
+    return q, decoder, test
+
+
+def psnr_db(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    mse = ((images - reference) ** 2).reshape(len(images), -1).mean(1)
+    return 10 * np.log10(1 / mse)
+
+
+@pytest.mark.parametrize("rule", ["landmark_metric", "nearest_landmark"])
+def test_large_splits_are_encoded_approximately_and_checked_against_the_exact_rule(rule):
+    q, decoder, test = grid_quantizer_and_test(20, exact_encode_limit=639, approx_rule=rule)  # 640 test tokens
+    codes = q.encode(test)
+    info = q.encode_info
+    json.dumps(info, allow_nan=False)  # the pipeline copies it into a results row
+    assert info["rule"] == rule and info["tokens"] == 640
+    # a split smaller than check_tokens is checked on all of its tokens
+    assert info["check_tokens"] == 640 and info["check_images"] == 20
+    exact = q.encode_tokens(test, rule="graph").reshape(20, 32)
+    assert info["agreement"] == pytest.approx((codes == exact).mean())
+    assert 0.3 < info["agreement"] < 1  # a real approximation, not the exact rule under another name
+    sq = ((q.decode(codes) - q.decode(exact)) ** 2).sum(-1)
+    assert info["latent_sq_diff"] == pytest.approx(sq.mean(), rel=1e-5)
+    # every token of an image sampled: its grid with all tokens replaced, decoded, against its decoded μ-grid
+    with torch.no_grad():
+        def decode(grids):
+            return decoder(torch.as_tensor(grids, dtype=torch.float32)).double().numpy()
+        reference = decode(test.mu)
+        images = {name: decode(test.layout.tokens_to_grid(q.decode(c))) for name, c in [("exact", exact), ("approx", codes)]}
+    psnr_exact, psnr_approx = psnr_db(images["exact"], reference), psnr_db(images["approx"], reference)
+    assert info["psnr_exact_db"] == pytest.approx(psnr_exact.mean(), abs=1e-3)
+    assert info["delta_psnr_db"] == pytest.approx(psnr_approx.mean() - psnr_exact.mean(), abs=1e-3)
+    differs = (codes != exact).any(1)
+    assert info["differing_images"] == differs.sum()
+    assert info["psnr_between_db"] == pytest.approx(psnr_db(images["approx"][differs], images["exact"][differs]).mean(),
+                                                    abs=1e-3)
+
+
+def test_small_splits_get_the_exact_rule_and_large_samples_are_stratified():
+    q, _, test = grid_quantizer_and_test(100, exact_encode_limit=3200)  # 3200 test tokens
+    codes = q.encode(test)
+    assert q.encode_info["rule"] == "graph" and "agreement" not in q.encode_info
+    np.testing.assert_array_equal(codes.ravel(), q.encode_tokens(test, rule="graph"))
+    q.config.exact_encode_limit = 3199
+    approx = q.encode(test)
+    info = q.encode_info
+    assert info["rule"] == "landmark_metric" and info["check_tokens"] == 2000 and info["check_images"] == 100
+    np.testing.assert_array_equal(approx.ravel(), q.encode_tokens(test, rule="landmark_metric"))
+    # the documented sample: 20 tokens of each image, drawn with the quantizer's seed
+    sample = stratified_tokens(100, 32, 2000, np.random.default_rng(q.seed))
+    assert (np.bincount(sample // 32) == 20).all()
+    assert info["agreement"] == pytest.approx((approx.ravel()[sample] == codes.ravel()[sample]).mean())
+
+
+def test_context_features_are_the_token_its_3x3_neighbourhood_and_its_place():
+    mu = np.arange(2 * 3 * 3 * 4, dtype=np.float32).reshape(2, 3, 3, 4)
+    latents = LatentSet.from_grids(mu, np.zeros_like(mu), token_dim=2)  # 18 tokens per image
+    token = 18 + 2 * 0 + 1  # image 1, cell (0, 0), second group: channels 2, 3
+    image, slot = np.divmod(np.array([token]), latents.tokens_per_image)
+    got = context_features(latents.mu, image, token_channels(latents.layout, slot))[0]
+    window = np.zeros((3, 3, 4), dtype=np.float32)
+    window[1:, 1:] = mu[1, :2, :2]  # cells (-1, ·) and (·, -1) lie outside the grid
+    want = np.concatenate([mu[1, 0, 0, 2:], CONTEXT_WEIGHT * window.ravel(), POSITION_WEIGHT * np.array([0.0, 0.0])])
+    np.testing.assert_allclose(got, want)
+    centre = 18 + 2 * 4  # image 1, cell (1, 1), first group
+    got = context_features(latents.mu, np.array([1]), token_channels(latents.layout, np.array([8])))[0]
+    want = np.concatenate([mu[1, 1, 1, :2], CONTEXT_WEIGHT * mu[1].ravel(), POSITION_WEIGHT * np.array([1.0, 1.0])])
+    np.testing.assert_allclose(got, want)
+    assert latents.token_mu[centre].tolist() == mu[1, 1, 1, :2].tolist()
+
+
 def test_geodesic_quantizer_bad_inputs():
     latents = flat_latents(np.random.default_rng(3).standard_normal((50, 2)))
     with pytest.raises(GeovqError, match="decoder"):
@@ -127,6 +211,10 @@ def test_geodesic_quantizer_bad_inputs():
     q = make_quantizer("geodesic", 4, decoder=Cylinder(), k=5).fit(latents)
     with pytest.raises(GeovqError, match="encode rule"):
         q.encode_tokens(latents, rule="nearest")
+    with pytest.raises(GeovqError, match="approx_rule"):
+        make_quantizer("geodesic", 4, decoder=Cylinder(), approx_rule="graph")
+    with pytest.raises(GeovqError, match="check_tokens"):
+        make_quantizer("geodesic", 4, decoder=Cylinder(), check_tokens=500)
 
 
 # -- wasserstein -------------------------------------------------------------------------------------------

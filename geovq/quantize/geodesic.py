@@ -3,27 +3,29 @@
 fit: landmark tokens (stratified across images) -> k-NN graph with each token's Jacobian taken in its own
 image's μ-grid -> decoder-metric edge lengths -> k-medoids on graph distances. The codebook is the medoids'
 μ. Then one multi-source Dijkstra from the medoids gives every landmark j its distance D(j) and code
-label(j). The default edge rule is `endpoint`: it needs only each landmark's own metric tensor G_j, which
-metric neighbour selection computes anyway, so the lengths cost no further decoder call and a fit on
-MNIST's 55k training images (20k landmarks) takes a few minutes on 2 cores; `midpoint` adds two JVPs per
-edge. (`geovq.geometry.geodesic_distances` keeps its own `midpoint` default.)
+label(j). The quantizer's default edge rule is `endpoint` (`geovq.geometry.geodesic_distances` keeps
+`midpoint`): it needs only each landmark's own metric tensor G_j, which metric neighbour selection computes
+anyway, so the lengths cost no further decoder call. The metric tensors (d tangent passes + 1 primal pass
+of the full decoder per landmark) are then most of a fit's time; `midpoint` adds two JVPs per edge (each
+end's segment in its own image), which roughly doubles a fit's decoder work at k=10 (bench/edge_lengths.py).
 
 encode (the graph-insertion rule, §3.3e, rule "graph"): a token q finds its k graph neighbours among the
 landmarks (chosen the way the graph chose them), measures L_qj = ½(ℓ_q + ℓ_j) with ℓ_q in q's own image and
-ℓ_j in j's, and gets label[argmin_j (L_qj + D(j))]. It costs q's own metric tensor, d tangent passes of the
-full decoder per token (about 5 ms per MNIST token on one core: 40 min for the 490k tokens of MNIST's test
-split). So `encode` uses it only for splits of at most `exact_encode_limit` tokens, and otherwise
-`approx_rule`, an approximation without any decoder call:
-- `landmark_metric` (default): the same rule with the endpoint length, q's metric tensor G_q replaced by
-  the mean metric tensor of the BORROWED landmarks most like q in the decoder's eyes: nearest in
-  [token μ, CONTEXT_WEIGHT · μ of the 3×3 cells around it (all channels), POSITION_WEIGHT · (row, col)].
-  On MNIST (20k landmarks) this matches the exact rule on ~97-98% of test tokens; borrowing from the
-  Euclidean-nearest landmark alone gives ~96%, because a token's metric depends on its context and its
-  place in the image as much as on its own μ.
-- `nearest_landmark`: the Euclidean-nearest landmark's code (~80% agreement on MNIST).
-Each approximate encode of a split is measured against the exact rule on a stratified sample of that
-split's tokens, and the figures are kept in `encode_info` (see `check_approximation`).
-`encode_tokens(..., rule=...)` runs any rule on any subset of tokens.
+ℓ_j in j's, and gets label[argmin_j (L_qj + D(j))]. It needs q's own metric tensor: d tangent passes of
+the full decoder per token, about 5 ms per MNIST token on one core, i.e. 40 min for the 490k tokens of
+MNIST's test split. So `encode` uses it for splits of at most `exact_encode_limit` tokens (default 10k:
+under a minute on MNIST) and otherwise `approx_rule`, an approximation without any decoder call:
+- `landmark_metric` (default): the same rule with the endpoint length, q's metric tensor G_q replaced by the
+  mean metric tensor of the BORROWED landmarks most like q in the decoder's eyes: nearest in [token μ,
+  CONTEXT_WEIGHT · μ of the 3×3 cells around it (all channels), POSITION_WEIGHT · (row, col)]. On MNIST
+  test tokens (6000, stratified) it agrees with the exact rule on 98.5% (20k landmarks; 97.8% with 10k).
+  Borrowing from the Euclidean-nearest landmark instead gives 97.6% (96.1%), the mean of the 5 nearest
+  98.2% (96.9%): a token's metric depends on its context and its place in the image, not only on its μ.
+  The landmark searches use inverted lists (see landmark_index); 490k MNIST tokens take under a minute.
+- `nearest_landmark`: the Euclidean-nearest landmark's code (86% agreement with 20k landmarks, 80% with 10k).
+Every approximately encoded split is measured against the exact rule on a stratified sample of its tokens
+(`check_approximation`), and the figures are kept in `encode_info`, which the pipeline copies into its
+results row. `encode_tokens(..., rule=...)` runs any rule on any subset of tokens.
 
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
@@ -76,7 +78,8 @@ MSE_FLOOR = 1e-12
 @dataclass
 class GeodesicConfig:
     k: int = 10  # graph neighbours per node
-    quadrature: str = "endpoint"  # edge-length rule: endpoint (default, no extra decoder call), midpoint, ...
+    quadrature: str = "endpoint"  # edge-length rule: endpoint (no decoder call beyond the metric tensors),
+    # midpoint, simpson or adaptive
     neighbours: str = "metric"  # choose neighbours under the pull-back metric, or "latent" (Euclidean)
     max_landmarks: int = 20_000  # graph nodes; more training tokens are subsampled, stratified by image
     index: str = "auto"  # k-NN search: exact, ivf, auto
@@ -337,14 +340,15 @@ def context_features(grids: np.ndarray, image: np.ndarray, channels: np.ndarray)
     Token t (the d channels at flat positions channels[t] of grid image[t], grids (N, h, w, C)):
     [its μ, CONTEXT_WEIGHT · μ of all C channels of the 3×3 cells around its cell (0 outside the grid),
     POSITION_WEIGHT · (row, col)]. A token's Jacobian depends on its whole receptive field and on where it
-    sits in the image (at the border of MNIST digits the decoder is saturated), not only on its own μ.
+    sits in the image (near the border of an MNIST image the decoder's output is saturated background), not
+    only on its own μ.
     """
     n_images, h, w, c = grids.shape
     flat = grids.reshape(n_images, -1)
     row, col = np.divmod(channels[:, 0] // c, w)
     step = np.array([-1, 0, 1])
-    rows = (row[:, None] + np.repeat(step, 3)[None]).clip(-1, h)  # (n, 9), -1 and h: outside
-    cols = (col[:, None] + np.tile(step, 3)[None]).clip(-1, w)
+    rows = row[:, None] + np.repeat(step, 3)[None]  # (n, 9); -1 and h lie outside the grid
+    cols = col[:, None] + np.tile(step, 3)[None]
     inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
     window = grids[image[:, None], rows.clip(0, h - 1), cols.clip(0, w - 1)] * inside[:, :, None]  # (n, 9, C)
     own = flat[image[:, None], channels]
@@ -357,9 +361,9 @@ def context_features(grids: np.ndarray, image: np.ndarray, channels: np.ndarray)
 def landmark_index(vectors: np.ndarray, exact: bool, pca: int | None = None) -> faiss.Index:
     """A faiss L2 index of landmark vectors: flat (exact) or, for approximate rules, inverted lists.
 
-    Approximate: ~4·sqrt(N) lists (each trained with >= 39 points), NPROBE of them searched, which found
-    99.8-100% of the exact neighbours of MNIST test tokens at a quarter of the time; optionally after a PCA
-    to `pca` dimensions.
+    Approximate: ~4·sqrt(N) lists (each trained with >= 39 points), NPROBE of them searched; on MNIST test
+    tokens this left the landmark_metric agreement unchanged at about a third of the flat search's time.
+    Optionally after a PCA to `pca` dimensions.
     """
     n, dim = vectors.shape
     n_lists = int(np.clip(4 * np.sqrt(n), 1, n // 39))
