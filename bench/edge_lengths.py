@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
 import faiss
@@ -39,29 +38,9 @@ from geovq.latents import LatentSet
 from geovq.pipeline import grid_decoder
 from geovq.training.checkpoint import load_model
 
+from _memory import peak_rss_mib, reset_peak_rss
+
 FORWARD_BATCHES = (64, 256, 1024)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB (since the last reset, where resets work)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def forward_cost(decoder, grids: torch.Tensor, batches=FORWARD_BATCHES) -> tuple[float, float, int]:

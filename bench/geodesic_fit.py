@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
 import faiss
@@ -35,29 +34,9 @@ from geovq.pipeline import grid_decoder
 from geovq.quantize import make_quantizer
 from geovq.training.checkpoint import load_model
 
+from _memory import peak_rss_mib, reset_peak_rss
+
 STAGES = ("metrics", "graph", "lengths", "paths", "medoids")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB (since the last reset, where resets work)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main() -> None:
