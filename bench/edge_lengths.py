@@ -35,7 +35,7 @@ import torch
 from geovq.geometry import GridTokenDecoder, QUADRATURES, edge_lengths, knn_graph, node_metrics, stratified_tokens
 from geovq.geometry.lengths import CHUNK_ELEMENTS
 from geovq.latents import LatentSet
-from geovq.pipeline import grid_decoder
+from geovq.pipeline import GridDecoder
 from geovq.training.checkpoint import load_model
 
 from _memory import peak_rss_mib, reset_peak_rss
@@ -72,7 +72,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
 
-    decoder = grid_decoder(load_model(args.checkpoint, "vae"))
+    decoder = GridDecoder(load_model(args.checkpoint, "vae"))
     latents = LatentSet.load(args.latents)
     tokens = stratified_tokens(latents.n_images, latents.tokens_per_image, args.nodes, rng)
     dec = GridTokenDecoder.from_latents(decoder, latents, tokens)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from geovq.latents import LatentSet
-from geovq.pipeline import grid_decoder
+from geovq.pipeline import GridDecoder
 from geovq.quantize import make_quantizer
 from geovq.training.checkpoint import load_model
 
@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 
-    decoder = grid_decoder(load_model(args.checkpoint, "vae"))
+    decoder = GridDecoder(load_model(args.checkpoint, "vae"))
     latents = LatentSet.load(args.latents)
     print(f"model {args.checkpoint}: {latents.n_images} training images × {latents.tokens_per_image} tokens of "
           f"d={latents.token_dim}; K={args.codes}, k={args.k}, endpoint rule, metric neighbours")

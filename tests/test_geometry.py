@@ -19,6 +19,9 @@ from geovq.geometry import (QUADRATURES, FlatTokenDecoder, GraphSpace, GridToken
                             component_quotas, edge_lengths, geodesic_distances, kmedoids, knn_graph, node_metrics,
                             own_speeds, pair_lengths, shortest_paths, weighted_graph)
 from geovq.latents import LatentSet
+from geovq.models.trunk import TrunkConfig
+from geovq.models.vae import GaussianVAE
+from geovq.pipeline import GridDecoder
 
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
@@ -241,6 +244,44 @@ def test_grid_edge_length_is_a_full_decoder_jvp_in_the_tokens_own_image():
     elsewhere[3] += 1.0  # image 3 holds neither token
     same = GridTokenDecoder.from_latents(decoder, LatentSet(elsewhere, latents.logvar, lay))
     np.testing.assert_allclose(edge_lengths(same, pair, "midpoint"), [midpoint], rtol=1e-12)
+
+
+def test_trunk_decoders_own_jvp_equals_torch_func_and_gives_the_same_lengths():
+    """GridDecoder.jvp (the trunk's forward-mode pass) is the engine's fast path; it must change no number."""
+    torch.manual_seed(0)
+    vae = GaussianVAE(TrunkConfig(image_size=(12, 12), hidden=8, latent_channels=4, res_blocks=1)).double()
+    fast = GridDecoder(vae)
+    grids = torch.randn(5, 3, 3, 4, dtype=torch.float64)
+    tangents = torch.randn(3, 5, 3, 3, 4, dtype=torch.float64)
+    images, jv = fast.jvp(grids, tangents)
+    torch.testing.assert_close(images, fast(grids), rtol=0, atol=0)
+    for m in range(3):
+        _, want = torch.func.jvp(fast, (grids,), (tangents[m],))
+        torch.testing.assert_close(jv[m], want, rtol=1e-12, atol=1e-14)
+
+    latents = grid_latents(n_images=8, token_dim=2, grouping="interleaved")
+    dec_fast = GridTokenDecoder.from_latents(fast, latents)
+
+    class NoJvp:  # the same decoder without its jvp: the engine falls back to torch.func
+        dtype = torch.float64
+
+        def __call__(self, g):
+            return fast(g)
+
+    dec_func = GridTokenDecoder.from_latents(NoJvp(), latents)
+    edges = knn_graph(dec_fast.points, 4).edges
+    for quadrature in QUADRATURES:
+        np.testing.assert_allclose(edge_lengths(dec_fast, edges, quadrature), edge_lengths(dec_func, edges, quadrature),
+                                   rtol=1e-10, err_msg=quadrature)
+    np.testing.assert_allclose(node_metrics(dec_fast), node_metrics(dec_func), rtol=1e-10, atol=1e-14)
+
+    class WrongJvp(NoJvp):  # a decoder whose jvp is not its forward pass's derivative is refused
+        def jvp(self, g, t):
+            out, jv = fast.jvp(g, t)
+            return out, 2 * jv
+
+    with pytest.raises(GeovqError, match="disagrees with torch.func.jvp"):
+        GridTokenDecoder.from_latents(WrongJvp(), latents)
 
 
 def test_pair_lengths_across_two_token_sets_match_one_set():

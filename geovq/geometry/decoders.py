@@ -14,6 +14,8 @@ decodes each row independently of the others.
 
 from __future__ import annotations
 
+import logging
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -24,6 +26,8 @@ from geovq.errors import GeovqError
 from geovq.latents import LatentSet
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 class TokenDecoder:
@@ -64,7 +68,28 @@ class TokenDecoder:
             )
         return out.reshape(z.shape[0], -1)
 
+    def push_forward(self, z: torch.Tensor, nodes: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+        """(m, B, P) J_n(z)·t: m tangents (m, B, d) per row of z (B, d), around one primal pass.
+
+        Uses the decoder's own `jvp(inputs, input_tangents)` when it has one (checked against torch.func.jvp
+        when the decoder is wrapped), else a vmap of `torch.func.jvp` over the m tangents.
+        """
+        fast = getattr(self.decoder, "jvp", None)
+        if fast is not None:
+            _, jv = fast(self._inputs(z, nodes), self._tangent_inputs(tangents, nodes))
+            return jv.reshape(tangents.shape[0], z.shape[0], -1)
+        push = partial(_jvp_tangent, partial(self.decode, nodes=nodes), z)
+        try:
+            return torch.func.vmap(push)(tangents)
+        except RuntimeError as e:  # decoders with ops vmap cannot batch (e.g. in-place writes): one pass each
+            log.warning("decoder could not be vmapped (%s); pushing tangents one by one", e)
+            return torch.stack([push(t) for t in tangents])
+
     def _inputs(self, z: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tangent_inputs(self, tangents: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """The decoder-input tangents (m, B, ...) of token tangents (m, B, d) (the insertion is linear)."""
         raise NotImplementedError
 
     def _validate(self) -> None:
@@ -82,6 +107,10 @@ class TokenDecoder:
             if not (torch.isfinite(out).all() and torch.isfinite(jv).all()):
                 raise GeovqError("the decoder returned NaN or inf (or its Jacobian did) at the latent points")
             alone = self.decode(z[:1], nodes[:1])
+            if getattr(self.decoder, "jvp", None) is not None:  # its own JVP must be the true one
+                fast = self.push_forward(z, nodes, torch.ones_like(z)[None])[0]
+                if (fast - jv).abs().max() > 1e-4 * jv.abs().max().clamp_min(1e-12):
+                    raise GeovqError("the decoder's jvp() disagrees with torch.func.jvp of its forward pass")
         self.out_dim = out.shape[1]  # P: decoder output values per row, sizes the JVP chunks
         scale = out.abs().max().clamp_min(1e-12)
         if (alone - out[:1]).abs().max() > 1e-3 * scale:
@@ -90,10 +119,12 @@ class TokenDecoder:
 
 
 def _module_dtype(decoder: Decoder) -> torch.dtype | None:
+    """The dtype a decoder computes in: an nn.Module's parameters', or a wrapper's own `dtype` attribute."""
     if isinstance(decoder, nn.Module):
         for p in decoder.parameters():
             return p.dtype
-    return None
+    dtype = getattr(decoder, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 class FlatTokenDecoder(TokenDecoder):
@@ -123,6 +154,9 @@ class FlatTokenDecoder(TokenDecoder):
 
     def _inputs(self, z: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         return z
+
+    def _tangent_inputs(self, tangents: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        return tangents
 
 
 class GridTokenDecoder(TokenDecoder):
@@ -159,8 +193,18 @@ class GridTokenDecoder(TokenDecoder):
         grids = self._grids[self._image[nodes]].scatter(1, self._channels[nodes], z)
         return grids.reshape(-1, *self.grid_shape)
 
+    def _tangent_inputs(self, tangents: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        m, rows = tangents.shape[:2]
+        zero = tangents.new_zeros(m, rows, self._grids.shape[1])
+        channels = self._channels[nodes].expand(m, -1, -1)
+        return zero.scatter(2, channels, tangents).reshape(m, rows, *self.grid_shape)
+
 
 def token_channels(layout, slot_in_image: np.ndarray) -> np.ndarray:
     """(n, d) flat positions in an h·w·C grid of the tokens at `slot_in_image` (token order of LatentSet)."""
     cell, group = np.divmod(np.asarray(slot_in_image), layout.groups)
     return cell[:, None] * layout.channels + layout.group_channels()[group]
+
+
+def _jvp_tangent(f, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.func.jvp(f, (z,), (t,))[1]

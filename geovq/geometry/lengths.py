@@ -14,14 +14,14 @@ decoder both are the same number, computed once). Quadratures of ℓ:
 
 "Shared per node": all terms ‖J_n(z_n) Δ_e‖ of node n are pushed forward around one primal pass, either as
 the d columns of J_n (when n has at least d such terms, giving G_n and every term as sqrt(Δᵀ G_n Δ)) or as
-its own Δ_e's. JVPs are `torch.func.jvp` (vmapped over tangents that share a primal), in chunks of at
-most `chunk_elements` decoder output values, so memory is bounded whatever the number of edges.
+its own Δ_e's. JVPs are `TokenDecoder.push_forward` (a vmap of `torch.func.jvp` over tangents that share
+a primal, or the decoder's own `jvp` when it has one), in chunks of at most `chunk_elements` decoder output
+values, so memory is bounded whatever the number of edges.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import numpy as np
 import torch
@@ -133,10 +133,8 @@ def speeds(dec: TokenDecoder, nodes: np.ndarray, points: np.ndarray, tangents: n
     with torch.no_grad():
         for start in range(0, len(nodes), rows):
             sl = slice(start, start + rows)
-            node_t = torch.as_tensor(nodes[sl])
-            _, jv = torch.func.jvp(partial(_decode, dec, node_t),
-                                   (torch.as_tensor(points[sl], dtype=dec.dtype),),
-                                   (torch.as_tensor(tangents[sl], dtype=dec.dtype),))
+            jv = dec.push_forward(torch.as_tensor(points[sl], dtype=dec.dtype), torch.as_tensor(nodes[sl]),
+                                  torch.as_tensor(tangents[sl], dtype=dec.dtype)[None])[0]
             out[sl] = jv.double().norm(dim=1).numpy()
     return out
 
@@ -178,7 +176,7 @@ def own_speeds(dec: TokenDecoder, nodes: np.ndarray, tangents: np.ndarray,
             else:  # fewer terms than d: push the node's own tangents, zero-padded to n_tangents
                 padded = np.zeros((n_tangents, len(chunk), d))
                 padded[rank[sorted_rows], local] = t
-                jv = _push_forward(dec, node_t, z, torch.as_tensor(padded, dtype=dec.dtype))
+                jv = dec.push_forward(z, node_t, torch.as_tensor(padded, dtype=dec.dtype))
                 norms = jv.double().norm(dim=2).numpy()  # (n_tangents, nodes)
                 out[rows] = norms[rank[sorted_rows], local]
     return out
@@ -212,26 +210,8 @@ def _metrics_at(dec: TokenDecoder, nodes: torch.Tensor, z: torch.Tensor) -> np.n
     """(B, d, d) J_nᵀJ_n at points z (B, d), from the d columns of J pushed around one primal pass."""
     d = dec.dim
     basis = torch.eye(d, dtype=dec.dtype)[:, None, :].expand(d, len(nodes), d)
-    jac = _push_forward(dec, nodes, z, basis).double()  # (d, B, P)
+    jac = dec.push_forward(z, nodes, basis).double()  # (d, B, P)
     return torch.einsum("inp,jnp->nij", jac, jac).numpy()
-
-
-def _decode(dec: TokenDecoder, nodes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return dec.decode(z, nodes)
-
-
-def _push_forward(dec: TokenDecoder, nodes: torch.Tensor, z: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """(m, B, d) tangents at primal z (B, d) -> (m, B, P) J·t, all m around one primal pass (vmap of jvp)."""
-    push = partial(_jvp_tangent, partial(_decode, dec, nodes), z)
-    try:
-        return torch.func.vmap(push)(tangents)
-    except RuntimeError as e:  # decoders with ops vmap cannot batch (e.g. in-place writes): one pass each
-        log.warning("decoder could not be vmapped (%s); pushing tangents one by one", e)
-        return torch.stack([push(t) for t in tangents])
-
-
-def _jvp_tangent(f, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.func.jvp(f, (z,), (t,))[1]
 
 
 def _rows_per_call(dec: TokenDecoder, chunk_elements: int) -> int:
