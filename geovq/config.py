@@ -21,6 +21,9 @@ from geovq.training.loop import TrainConfig
 
 # Per-dataset defaults. The grid is image_size / 4 (two stride-2 stages): digits 16×16 -> 4×4,
 # MNIST/Fashion 28×28 -> 7×7, CIFAR-10 32×32 -> 8×8. One token per cell (d = C) unless --token-dim.
+#: τ of DESIGN.md §3.6: a token is 'in band' when |KL − log2 K| <= τ bits (training and diagnostics).
+TDC_TOLERANCE_BITS = 0.5
+
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"trunk": {"hidden": 32, "latent_channels": 8, "res_blocks": 1},
                "train": {"epochs": 60, "batch_size": 32}, "codebook_sizes": [16, 64, 256]},

@@ -145,6 +145,11 @@ class LatentSet:
         mu, lv = self.token_mu.astype(np.float64), self.token_logvar.astype(np.float64)
         return 0.5 * (mu**2 + np.exp(lv) - 1.0 - lv).sum(1) / np.log(2.0)
 
+    def token_kl_bits_grid(self) -> np.ndarray:
+        """(N, h, w, groups) the same KLs placed at their images' grid cells (token order is row, column, group)."""
+        lay = self.layout
+        return self.token_kl_bits().reshape(self.n_images, lay.height, lay.width, lay.groups)
+
     def subset(self, images: np.ndarray) -> LatentSet:
         return LatentSet(self.mu[images], self.logvar[images], self.layout)
 

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from geovq.config import SweepConfig
+from geovq.config import TDC_TOLERANCE_BITS, SweepConfig
 from geovq.data import ImageSplits, load_dataset
 from geovq.io import save_npy, write_json
 from geovq.latents import LatentSet
@@ -51,7 +51,6 @@ END_TO_END = ("vqvae",)  # methods trained end to end; every other method is a p
 
 
 VAE_VARIANTS = ("plain", "tdc")
-TDC_TOLERANCE_BITS = 0.5
 
 
 @dataclass(frozen=True)
@@ -175,9 +174,9 @@ def train_vae_stage(run_dir: Path, cfg: SweepConfig, spec: VaeSpec, progress: Pr
                "mean_token_kl_bits": float(kl.mean())}
     if spec.tdc_target_bits is not None:
         ceiling["frac_tokens_in_band"] = float((np.abs(kl - spec.tdc_target_bits) <= TDC_TOLERANCE_BITS).mean())
-    from geovq.report.figures import kl_histogram
+    from geovq.report.figures import token_kl_figure
 
-    kl_histogram(out / "kl_histogram.png", kl, spec.tdc_target_bits, TDC_TOLERANCE_BITS, spec.name)
+    token_kl_figure(out, spec.tdc_target_bits, TDC_TOLERANCE_BITS)
     write_json(done, ceiling)  # written last: its presence marks the stage finished
     return ceiling
 

@@ -43,6 +43,12 @@ def test_latent_set_token_metadata_and_kl():
     q = torch.distributions.Normal(torch.tensor(mu[1, 1, 0, 2:4]), torch.exp(0.5 * torch.tensor(logvar[1, 1, 0, 2:4])))
     ref = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum() / np.log(2)
     assert ls.token_kl_bits()[13] == pytest.approx(float(ref), rel=1e-5)
+    # the grid view puts that token at (image 1, row 1, col 0, group 1), for both groupings
+    assert ls.token_kl_bits_grid()[1, 1, 0, 1] == pytest.approx(float(ref), rel=1e-5)
+    interleaved = LatentSet.from_grids(mu, logvar, token_dim=2, grouping="interleaved")
+    q = torch.distributions.Normal(torch.tensor(mu[0, 0, 1, 1::2]), torch.exp(0.5 * torch.tensor(logvar[0, 0, 1, 1::2])))
+    ref = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum() / np.log(2)
+    assert interleaved.token_kl_bits_grid()[0, 0, 1, 1] == pytest.approx(float(ref), rel=1e-5)
 
 
 def test_latent_set_rejects_nan_and_bad_layout(tmp_path):

@@ -1,11 +1,14 @@
-"""Figures: the rate–distortion picture (PSNR against bits per image, one line per method)."""
+"""Figures: the rate–distortion picture (PSNR against bits per image, one line per method) and each VAE's
+per-token KL (histogram and map by grid cell)."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from geovq.config import TDC_TOLERANCE_BITS
 from geovq.io import atomic_path
 from geovq.report.tables import mean_ci
 
@@ -43,23 +46,45 @@ def write_figures(run_dir: Path, rows: list[dict[str, Any]], ceilings: list[dict
     with atomic_path(run_dir / "figures" / "rate_distortion.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    for done in sorted((run_dir / "vae").glob("*/seed*/ceiling.json")):  # redrawn: older runs get the map too
+        token_kl_figure(done.parent, json.loads(done.read_text())["tdc_target_bits"], TDC_TOLERANCE_BITS)
 
 
-def kl_histogram(path: Path, kl_bits, target_bits: float | None, tolerance: float, title: str) -> None:
-    """Histogram of the test tokens' KL (bits), with the TDC band [T−τ, T+τ] shaded when there is a target."""
+def token_kl_figure(vae_dir: Path, target_bits: float | None, tolerance: float) -> None:
+    """vae_dir/kl_histogram.png from its test latents: the per-token KL histogram (TDC band shaded) beside a
+    map of the mean KL at each grid cell, where each cell also shows the share of its tokens in the band.
+
+    The map shows what one number hides: on MNIST, empty border cells have nothing to encode and stay below
+    the band while the centre of the digit sits above it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist(kl_bits, bins=80, color="C0")
+    from geovq.latents import LatentSet
+
+    kl = LatentSet.load(vae_dir / "latents_test.npz").token_kl_bits_grid()
+    fig, (hist, cells) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    hist.hist(kl.ravel(), bins=80, color="C0")
     if target_bits is not None:
-        ax.axvspan(target_bits - tolerance, target_bits + tolerance, color="C1", alpha=0.25, label="T ± τ")
-        ax.axvline(target_bits, color="C1")
-        ax.legend()
-    ax.set(xlabel="per-token KL (bits)", ylabel="test tokens", title=title)
+        hist.axvspan(target_bits - tolerance, target_bits + tolerance, color="C1", alpha=0.25, label="T ± τ")
+        hist.axvline(target_bits, color="C1")
+        hist.legend()
+    hist.set(xlabel="per-token KL (bits)", ylabel="test tokens", title=f"{vae_dir.parent.name}/{vae_dir.name}")
+    cell_means = kl.mean(axis=(0, 3))
+    image = cells.imshow(cell_means, cmap="viridis")
+    fig.colorbar(image, ax=cells, label="mean KL (bits)")
+    if target_bits is not None:
+        in_band = (np.abs(kl - target_bits) <= tolerance).mean(axis=(0, 3))
+        for (row, col), share in np.ndenumerate(in_band):
+            dark = image.norm(cell_means[row, col]) < 0.6  # white text on the dark end of viridis
+            cells.text(col, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=7,
+                       color="w" if dark else "k")
+    cells.set(title="by grid cell" + (" (% of tokens in band)" if target_bits is not None else ""),
+              xticks=[], yticks=[])
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(vae_dir / "kl_histogram.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
