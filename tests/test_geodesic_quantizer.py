@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.linalg import sqrtm
+from scipy.spatial.distance import cdist
 from torch import nn
 
 from geovq.errors import GeovqError
@@ -145,6 +146,10 @@ def test_large_splits_are_encoded_approximately_and_checked_against_the_exact_ru
     info = q.encode_info
     json.dumps(info, allow_nan=False)  # the pipeline copies it into a results row
     assert info["rule"] == rule and info["tokens"] == 640
+    # coverage of the test split, by brute force: nearest landmark within the median k-NN edge
+    nearest = cdist(test.token_mu.astype(np.float64), q.landmarks.points).min(1)
+    assert info["landmark_coverage"] == pytest.approx((nearest <= q.fit_info["median_knn_edge"]).mean(), abs=1e-9)
+    assert 0 < info["landmark_coverage"] < 1
     # a split smaller than check_tokens is checked on all of its tokens
     assert info["check_tokens"] == 640 and info["check_images"] == 20
     exact = q.encode_tokens(test, rule="graph").reshape(20, 32)

@@ -181,7 +181,8 @@ class GeodesicQuantizer(Quantizer):
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
         """The exact rule for a split of at most `exact_encode_limit` tokens, else `approx_rule`, checked.
 
-        Sets `encode_info`: rule, tokens, exact_encode_limit, seconds (the encode itself), and for an
+        Sets `encode_info`: rule, tokens, exact_encode_limit, seconds (the encode itself), landmark_coverage
+        (the split's tokens whose nearest landmark lies within the median k-NN edge), and for an
         approximation the figures of `check_approximation` (their own time in check_seconds).
         """
         cfg = self.config
@@ -190,7 +191,10 @@ class GeodesicQuantizer(Quantizer):
         t0 = time.perf_counter()
         codes = self.encode_tokens(latents, rule=rule)
         info = {"rule": rule, "tokens": int(latents.n_tokens), "exact_encode_limit": cfg.exact_encode_limit,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0,
+                # how well the landmarks cover this split: a split far from every landmark is encoded by
+                # extrapolating the graph, whatever the rule
+                "landmark_coverage": self.coverage(latents)}
         if not exact:
             info.update(self.check_approximation(latents, codes))
         self.encode_info = info
