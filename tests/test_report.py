@@ -2,6 +2,7 @@
 import pytest
 import yaml
 
+from geovq.report.figures import _ceiling_lines, _stat
 from geovq.report.tables import markdown_report, mean_ci
 
 
@@ -31,3 +32,15 @@ def test_markdown_groups_by_bits_and_summarises_seeds():
     assert any(l.startswith("| kmeans | plain | fine-tuned | 16 |") and "25.00" in l for l in text.splitlines())
     assert "| vqvae | — | end-to-end | 64 |" in text
     assert "LPIPS n/a: no weights" in text
+
+
+def test_figure_statistics_put_usage_on_a_fraction_of_k_and_one_ceiling_per_variant():
+    rows = [dict(row("kmeans", "plain", 16, s, p), usage_perplexity=u) for s, p, u in [(0, 20.0, 8.0), (1, 22.0, 12.0)]]
+    mean, half = _stat(rows, "usage_perplexity")
+    assert mean == pytest.approx(10.0 / 16)
+    assert half == pytest.approx(mean_ci([8.0, 12.0])[1] / 16)
+    assert _stat(rows[:1], "psnr") == (20.0, 0.0)  # one seed: no interval
+    ceilings = [{"vae": "plain", "tdc_target_bits": None, "psnr": 20.0}, {"vae": "plain", "tdc_target_bits": None,
+                "psnr": 22.0}, {"vae": "tdc", "tdc_target_bits": 8.0, "psnr": 28.0}]
+    assert _ceiling_lines(ceilings) == {"continuous VAE (plain)": (21.0, "--"),
+                                        "continuous VAE (tdc, T=8)": (28.0, ":")}

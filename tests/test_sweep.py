@@ -65,7 +65,9 @@ def test_run_directory_layout_csv_report_and_checkpoints(quick_run):
     assert float(csv_rows[0]["psnr"]) == pytest.approx(rows[0]["psnr"])
     report = (quick_run / "report.md").read_text()
     assert "## 64 bits per image" in report and "## 96 bits per image" in report
-    assert (quick_run / "figures" / "rate_distortion.png").stat().st_size > 1000
+    for figure in ("rate_distortion.png", "compare_64bits.png", "compare_96bits.png"):
+        assert (quick_run / "figures" / figure).stat().st_size > 1000
+    assert (quick_run / "vae" / "plain" / "seed0" / "kl_histogram.png").stat().st_size > 1000
     assert (quick_run / "sweep.log").read_text().count("finished") >= len(rows)
     vae = load_model(quick_run / "vae" / "plain" / "seed0" / "model.pt", "vae")
     assert not vae.training
