@@ -176,7 +176,7 @@ def train_vae_stage(run_dir: Path, cfg: SweepConfig, spec: VaeSpec, progress: Pr
         ceiling["frac_tokens_in_band"] = float((np.abs(kl - spec.tdc_target_bits) <= TDC_TOLERANCE_BITS).mean())
     from geovq.report.figures import token_kl_figure
 
-    token_kl_figure(out, spec.tdc_target_bits, TDC_TOLERANCE_BITS)
+    token_kl_figure(out, test, spec.tdc_target_bits, TDC_TOLERANCE_BITS)
     write_json(done, ceiling)  # written last: its presence marks the stage finished
     return ceiling
 

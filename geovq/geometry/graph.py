@@ -82,7 +82,6 @@ def geodesic_distances(latents, decoder: Callable[[torch.Tensor], torch.Tensor],
     simpson, endpoint or adaptive). Entry (s, j) is the length of the shortest path from latents[sources[s]]
     to latents[j]; points in another connected component than the source are unreachable: inf.
     """
-
     points, dtype = _as_points(latents)
     n = points.shape[0]
     if not 1 <= k < n:

@@ -10,6 +10,7 @@ from typing import Any
 
 from geovq.config import TDC_TOLERANCE_BITS
 from geovq.io import atomic_path
+from geovq.latents import LatentSet
 from geovq.report.tables import mean_ci
 
 
@@ -68,7 +69,8 @@ def write_figures(run_dir: Path, rows: list[dict[str, Any]], ceilings: list[dict
         _save(fig, run_dir / "figures" / f"compare_{bits:g}bits.png")
 
     for done in sorted((run_dir / "vae").glob("*/seed*/ceiling.json")):  # redrawn: older runs get the map too
-        token_kl_figure(done.parent, json.loads(done.read_text())["tdc_target_bits"], TDC_TOLERANCE_BITS)
+        token_kl_figure(done.parent, LatentSet.load(done.parent / "latents_test.npz"),
+                        json.loads(done.read_text())["tdc_target_bits"], TDC_TOLERANCE_BITS)
 
 
 def _stat(rows: list[dict[str, Any]], metric: str) -> tuple[float, float]:
@@ -86,7 +88,6 @@ def _ceiling_lines(ceilings: list[dict[str, Any]]) -> dict[str, tuple[float, str
         groups[f"continuous VAE ({c['vae']}" + (f", T={target:g})" if target is not None else ")")].append(c["psnr"])
     return {name: (sum(v) / len(v), "--" if "plain" in name else ":") for name, v in sorted(groups.items())}
 
-
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -96,9 +97,9 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def token_kl_figure(vae_dir: Path, target_bits: float | None, tolerance: float) -> None:
-    """vae_dir/kl_histogram.png from its test latents: the per-token KL histogram (TDC band shaded) beside a
-    map of the mean KL at each grid cell, where each cell also shows the share of its tokens in the band.
+def token_kl_figure(vae_dir: Path, test: LatentSet, target_bits: float | None, tolerance: float) -> None:
+    """vae_dir/kl_histogram.png from the VAE's test latents: the per-token KL histogram (TDC band shaded)
+    beside a map of the mean KL at each grid cell, where each cell also shows the share of its tokens in the band.
 
     The map shows what one number hides: on MNIST, empty border cells have nothing to encode and stay below
     the band while the centre of the digit sits above it.
@@ -109,9 +110,7 @@ def token_kl_figure(vae_dir: Path, target_bits: float | None, tolerance: float) 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from geovq.latents import LatentSet
-
-    kl = LatentSet.load(vae_dir / "latents_test.npz").token_kl_bits_grid()
+    kl = test.token_kl_bits_grid()
     fig, (hist, cells) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
     hist.hist(kl.ravel(), bins=80, color="C0")
     if target_bits is not None:
