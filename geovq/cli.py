@@ -1,6 +1,7 @@
 """The `geovq` command line. Follow `sweep` downwards to see where the data goes:
 
-    cli.sweep -> distributed.tune.run_sweep -> Ray Tune trials -> pipeline.train_vae_stage / run_unit_stage
+    cli.sweep -> config.resolve_config -> distributed.tune.run_sweep (plans stages.units)
+              -> Ray Tune trials -> stages.run.run_vae / run_unit (one stage module per step)
               -> report.tables.write_results
 
 Only typer is imported at module level: torch and Ray load inside commands, so `geovq --help` is fast.
@@ -10,12 +11,13 @@ A user error (`GeovqError`) prints one line and exits with code 2, without a tra
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -46,10 +48,10 @@ def _int_list(text: str, option: str) -> list[int]:
         raise GeovqError(f"{option} {text!r} must be a comma list of integers, e.g. 16,64,256") from None
 
 
-def _setup_logging(run_dir: Path) -> None:
+def _setup_logging(log_path: Path) -> None:
     log = logging.getLogger("geovq")
     log.setLevel(logging.INFO)
-    handler = logging.FileHandler(run_dir / "sweep.log")
+    handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     console = logging.StreamHandler(sys.stderr)
@@ -57,9 +59,7 @@ def _setup_logging(run_dir: Path) -> None:
     log.addHandler(console)
 
 
-@app.command()
-@user_errors
-def sweep(
+def _sweep(
     dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory [default: runs/DATASET or runs/DATASET-quick]"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma list [default: every registered method]"),
@@ -73,17 +73,19 @@ def sweep(
     grouping: str = typer.Option("contiguous", "--grouping", help="contiguous or interleaved channel groups"),
     vae: str = typer.Option("plain", "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC targets log2 K)"),
     tdc_bits: Optional[float] = typer.Option(None, "--tdc-bits", help="TDC target bits per token [default: log2 K]"),
-    gq_beta: float = typer.Option(1.0, "--gq-beta", help="Gaussian Quant rule: 1 importance weights, 0 σ-weighted NN"),
     finetune_decoder: bool = typer.Option(False, "--finetune-decoder", help="also report each post-hoc method with its decoder fine-tuned on the codebook"),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="max epochs of the decoder fine-tune (early-stopped on val)"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
+    **method_options: Any,
 ) -> None:
-    """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory."""
+    """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory.
+
+    Each quantizer's hyperparameters are options of their own (--METHOD-PARAM), derived from its constructor.
+    """
     t_start = time.time()
-    from geovq.config import DATASET_DEFAULTS, SweepConfig, resolve_config
+    from geovq.config import END_TO_END, SweepConfig, resolve_config
     from geovq.data import DATASETS, load_dataset, resolve_data_root
-    from geovq.pipeline import END_TO_END
     from geovq.quantize import QUANTIZERS
 
     if dataset not in DATASETS:
@@ -95,18 +97,20 @@ def sweep(
             raise GeovqError(f"unknown method {m!r}; valid: {', '.join(known)}")
     if not chosen:
         raise GeovqError(f"--methods is empty; valid: {', '.join(known)}")
-    if epochs is not None and epochs < 0:
-        raise GeovqError(f"--epochs {epochs} must be >= 0")
+    params: dict[str, dict[str, Any]] = {}
+    for key, value in method_options.items():
+        if value is not None:
+            method, name = _DERIVED[key]
+            if method not in chosen:
+                raise GeovqError(f"--{method}-{name.replace('_', '-')} is given, but {method} is not among --methods")
+            params.setdefault(method, {})[name] = value
     sizes = _int_list(codebook_sizes, "--codebook-sizes") if codebook_sizes else None
-    for k in sizes or []:
-        if k <= 1:
-            raise GeovqError(f"--codebook-sizes: K={k} must be >= 2")
     root = resolve_data_root(data_root)
     data = load_dataset(dataset, root, download=download)  # fails early, before any run directory exists
-    assert dataset in DATASET_DEFAULTS
-    cfg = resolve_config(dataset, data.image_shape, chosen, sizes, seeds, epochs, quick,
-                         data_root=str(root), download=download, token_dim=token_dim, grouping=grouping,
-                         vaes=[v.strip() for v in vae.split(",") if v.strip()], tdc_bits=tdc_bits, gq_beta=gq_beta,
+    cfg = resolve_config(dataset, data.image_shape, chosen, sizes, seeds, epochs, quick, params,
+                         data_root=str(root) if dataset in READS_DATA_ROOT else None, download=download,
+                         token_dim=token_dim, grouping=grouping,
+                         vaes=[v.strip() for v in vae.split(",") if v.strip()], tdc_bits=tdc_bits,
                          finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
                          cpus_per_trial=cpus_per_trial)
     n_train = min(len(data.train), cfg.max_train_images or len(data.train))
@@ -115,34 +119,76 @@ def sweep(
             raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training latents "
                              f"({n_train} images × {cfg.tokens_per_image} tokens); choose a smaller K")
 
-    run_dir = out or Path("runs") / (dataset + ("-quick" if quick else ""))
-    config_path = run_dir / "config.yaml"
-    if config_path.exists():
-        previous = SweepConfig.load(config_path)
+    from geovq.stages.rundir import RunDir
+
+    run = RunDir(out or Path("runs") / (dataset + ("-quick" if quick else "")))
+    if run.config.exists():
+        previous = SweepConfig.load(run.config)
         if previous.identity() != cfg.identity():
             changed = sorted(k for k, v in cfg.identity().items() if previous.identity().get(k) != v)
-            raise GeovqError(f"{run_dir} holds a run with a different configuration ({', '.join(changed)}); "
+            raise GeovqError(f"{run.root} holds a run with a different configuration ({', '.join(changed)}); "
                              "resume it with the same options, or choose a new --out")
         resumed = True
     else:
         resumed = False
     from geovq.io import write_text
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(config_path, cfg.to_yaml())
-    _setup_logging(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text(run.config, cfg.to_yaml())
+    _setup_logging(run.log)
     log = logging.getLogger("geovq")
-    log.info("%s run %s: %s (%s)", "resuming" if resumed else "starting", run_dir, dataset, data.description)
+    log.info("%s run %s: %s (%s)", "resuming" if resumed else "starting", run.root, dataset, data.description)
     log.info("methods %s, K %s, seeds %d, epochs %d, %d tokens/image of d=%d", ",".join(cfg.methods),
              cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
 
     from geovq.distributed.tune import run_sweep
     from geovq.report.tables import write_results
 
-    run_sweep(run_dir, cfg, address)
-    rows = write_results(run_dir)
+    run_sweep(run, cfg, address)
+    rows = write_results(run.root)
     _print_summary(rows)
-    log.info("done in %.1f s: %s", time.time() - t_start, run_dir / "report.md")
+    log.info("done in %.1f s: %s", time.time() - t_start, run.root / "report.md")
+
+
+#: datasets read from --data-root (digits is embedded): only their configs record it
+READS_DATA_ROOT = ("mnist", "fashion", "cifar10", "npz")
+#: derived option parameter name -> (method, hyperparameter)
+_DERIVED: dict[str, tuple[str, str]] = {}
+
+
+def _derived_parameters() -> list[inspect.Parameter]:
+    """One option per hyperparameter of every registered quantizer, from its constructor's signature."""
+    from geovq.quantize import QUANTIZERS
+
+    out = []
+    for method, qcls in sorted(QUANTIZERS.items()):
+        for hp in qcls.hyperparameters().values():
+            key = f"{method}__{hp.name}".replace("-", "_")
+            _DERIVED[key] = (method, hp.name)
+            option = f"--{method}-{hp.name}".replace("_", "-")
+            out.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hp.type],
+                                         default=typer.Option(None, option, help=f"{hp.help or hp.name} "
+                                                              f"\\[default: {hp.default}]", show_default=False,
+                                                              rich_help_panel=f"{method} hyperparameters")))
+    return out
+
+
+def _register_sweep() -> None:
+    base = [p for p in inspect.signature(_sweep).parameters.values() if p.kind != p.VAR_KEYWORD]
+    signature = inspect.Signature(base + _derived_parameters())
+
+    @functools.wraps(_sweep)
+    def sweep(**kwargs: Any) -> None:
+        known = {p.name for p in base}
+        _sweep(**{k: v for k, v in kwargs.items() if k in known},
+               **{k: v for k, v in kwargs.items() if k not in known})
+
+    sweep.__signature__ = signature
+    del sweep.__wrapped__  # typer must read the derived signature, not _sweep's
+    app.command(name="sweep")(user_errors(sweep))
+
+
+_register_sweep()
 
 
 @app.command()

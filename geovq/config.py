@@ -1,8 +1,10 @@
-"""The typed, validated configuration of a sweep, with per-dataset defaults.
+"""The typed, validated configuration of a sweep, with per-dataset defaults. Imports no torch.
 
-`SweepConfig` is resolved once (dataset defaults, then `--quick`, then the user's options), validated
-with clear errors, written to `<run>/config.yaml`, and read back by every stage and on resume: a stage
-never sees the command line.
+`SweepConfig` is resolved once (dataset defaults, then `--quick`, then the user's options), validated in
+one place (`validate`, whose messages name the command-line option), written to `<run>/config.yaml`, and
+handed to every stage as an object: a stage never sees the command line. The model and training configs
+live here too (plain dataclasses), so that the driver, Tune and the report can read a run's configuration
+without importing torch.
 """
 
 from __future__ import annotations
@@ -16,14 +18,78 @@ import yaml
 
 from geovq.errors import GeovqError
 from geovq.latents import GROUPINGS, TokenLayout
-from geovq.models.trunk import TrunkConfig
-from geovq.training.loop import TrainConfig
+
+#: the run-directory layout this geovq writes and reads (1: units named by strings, before typed units)
+RUN_FORMAT = 2
+RECON_LOSSES = ("bce", "mse")
+VAE_VARIANTS = ("plain", "tdc")
+END_TO_END = ("vqvae",)  # methods trained end to end; every other method is a post-hoc quantizer
+
+
+@dataclass
+class TrunkConfig:
+    """The conv encoder/decoder shared by the Gaussian VAE and the VQ-VAE (geovq.models.trunk)."""
+
+    in_channels: int = 1  # image channels
+    image_size: tuple[int, int] = (28, 28)  # (H, W) the nets see
+    hidden: int = 64  # conv width
+    latent_channels: int = 16  # C of the h×w×C latent grid
+    downsamples: int = 2  # stride-2 stages: grid = image_size / 2**downsamples
+    res_blocks: int = 2
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(s) for s in self.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        f = 2**self.downsamples
+        return self.image_size[0] // f, self.image_size[1] // f
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+
+@dataclass
+class TrainConfig:
+    """One model's training: Adam with cosine decay (geovq.training.loop)."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    recon: str = "bce"  # reconstruction likelihood: Bernoulli (bce) or Gaussian (mse)
+    beta: float = 1.0  # KL weight of the plain Gaussian VAE
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TDCConfig:
+    """The Target Divergence Constraint's settings (DESIGN.md §3.6; geovq.training.tdc). T = log2 K is not
+    here: it belongs to each TDC VAE (its spec), since one sweep trains one TDC VAE per K."""
+
+    tolerance: float = 0.5  # τ: a token is in band when |KL − T| <= τ bits (training and diagnostics)
+    factor: float = 1.01  # f: multiplicative step of λ, λ_max, λ_min after each training step
+    initial_lambda: float = 1.0  # λ at the start (λ_min = λ_max = 1)
+    lambda_max_limit: float = 1e3  # λ_max is clipped to [1, lambda_max_limit]
+    lambda_min_limit: float = 1e-3  # λ_min is clipped to [lambda_min_limit, 1]
+
+
+@dataclass
+class VQConfig:
+    """The end-to-end VQ-VAE's codebook training (DESIGN.md §3.1); K, d and grouping belong to each unit."""
+
+    decay: float = 0.99  # EMA decay of the codebook
+    commitment: float = 0.25  # β of the commitment term
+    dead_code_threshold: float = 1.0  # EMA hits per step below which a code is restarted
+    kmeans_init_tokens: int = 20000  # encoder outputs collected for the k-means initialisation
+
 
 # Per-dataset defaults. The grid is image_size / 4 (two stride-2 stages): digits 16×16 -> 4×4,
 # MNIST/Fashion 28×28 -> 7×7, CIFAR-10 32×32 -> 8×8. One token per cell (d = C) unless --token-dim.
-#: τ of DESIGN.md §3.6: a token is 'in band' when |KL − log2 K| <= τ bits (training and diagnostics).
-TDC_TOLERANCE_BITS = 0.5
-
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"trunk": {"hidden": 32, "latent_channels": 8, "res_blocks": 1},
                "train": {"epochs": 60, "batch_size": 32}, "codebook_sizes": [16, 64, 256]},
@@ -38,14 +104,21 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # `--quick`: a few-minute smoke configuration on 2 CPU cores.
 QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_train_images": 2000,
-         "geodesic_landmarks": 5000}
+         "method_params": {"geodesic": {"max_landmarks": 5000}}}
+
+#: the command-line option behind each configuration key, so that errors name what the user typed
+OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--codebook-sizes", "seeds": "--seeds",
+           "data_root": "--data-root", "token_dim": "--token-dim", "grouping": "--grouping", "vaes": "--vae",
+           "tdc_bits": "--tdc-bits", "train.epochs": "--epochs", "max_train_images": "--quick",
+           "finetune_epochs": "--finetune-epochs", "cpus_per_trial": "--cpus-per-trial"}
 
 
-@dataclass
-class VQTrainConfig:
-    decay: float = 0.99
-    commitment: float = 0.25
-    dead_code_threshold: float = 1.0
+def option_name(key: str) -> str:
+    """'--epochs' for 'train.epochs', '--gq-beta' for 'method_params.gq.beta', else the key itself."""
+    if key.startswith("method_params."):
+        _, method, param = key.split(".", 2)
+        return f"--{method}-{param}".replace("_", "-")
+    return OPTIONS.get(key, key)
 
 
 @dataclass
@@ -54,7 +127,7 @@ class SweepConfig:
     methods: list[str]
     codebook_sizes: list[int]
     seeds: int = 3
-    data_root: str | None = None
+    data_root: str | None = None  # only for datasets read from disk (workers need it); never for digits
     download: bool = False
     split_seed: int = 0  # fixes the train/val/test split; independent of the run seeds
     token_dim: int | None = None  # d; None = C (one token per cell)
@@ -62,21 +135,18 @@ class SweepConfig:
     max_train_images: int | None = None  # cap on training images (quick runs)
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    vq: VQTrainConfig = field(default_factory=VQTrainConfig)
+    tdc: TDCConfig = field(default_factory=TDCConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
     vaes: list[str] = field(default_factory=lambda: ["plain"])  # Gaussian VAE variants: plain, tdc
     tdc_bits: float | None = None  # TDC target; None = log2 K for each K
-    gq_beta: float = 1.0  # Gaussian Quant selection rule: 1 = importance weights, 0 = σ-weighted nearest
-    geodesic_landmarks: int | None = None  # graph nodes of the geodesic quantizer; None = its own default
+    #: hyperparameters of post-hoc methods, {method: {name: value}}: their constructors' keyword arguments
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     finetune_decoder: bool = False
     finetune_epochs: int = 10
     finetune_max_images: int = 10_000  # training images the decoder fine-tune sees (a fixed random subset)
     cpus_per_trial: int = 1
     quick: bool = False
-
-    @property
-    def tokens_per_image(self) -> int:
-        h, w = self.trunk.grid
-        return h * w * (self.trunk.latent_channels // self.d)
+    run_format: int = RUN_FORMAT
 
     @property
     def d(self) -> int:
@@ -88,15 +158,8 @@ class SweepConfig:
         return TokenLayout(h, w, self.trunk.latent_channels, self.d, self.grouping)
 
     @property
-    def method_options(self) -> dict[str, dict[str, Any]]:
-        """Constructor options of post-hoc quantizers that the sweep sets."""
-        options: dict[str, dict[str, Any]] = {"gq": {"beta": self.gq_beta}}
-        if self.geodesic_landmarks is not None:
-            options["geodesic"] = {"max_landmarks": self.geodesic_landmarks}
-        return options
-
-    def bits_per_image(self, n_codes: int) -> float:
-        return self.tokens_per_image * math.log2(n_codes)
+    def tokens_per_image(self) -> int:
+        return self.layout.tokens_per_image
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -120,9 +183,8 @@ class SweepConfig:
     def from_dict(cls, raw: dict[str, Any]) -> SweepConfig:
         raw = dict(raw)
         try:
-            raw["trunk"] = TrunkConfig(**raw.get("trunk", {}))
-            raw["train"] = TrainConfig(**raw.get("train", {}))
-            raw["vq"] = VQTrainConfig(**raw.get("vq", {}))
+            for key, kind in (("trunk", TrunkConfig), ("train", TrainConfig), ("tdc", TDCConfig), ("vq", VQConfig)):
+                raw[key] = kind(**raw.get(key, {}))
             return cls(**raw)
         except TypeError as e:
             raise GeovqError(f"bad config: {e}") from e
@@ -130,35 +192,44 @@ class SweepConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> SweepConfig:
         with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
+            raw = yaml.safe_load(f)
+        if not isinstance(raw, dict):
+            raise GeovqError(f"{path} is not a geovq run configuration")
+        if raw.get("run_format") != RUN_FORMAT:
+            raise GeovqError(f"{os.path.dirname(path) or '.'} was written by an older geovq (run layout "
+                             f"{raw.get('run_format', 1)}; this geovq reads layout {RUN_FORMAT}): start a new --out")
+        return cls.from_dict(raw)
 
 
 def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],
                    codebook_sizes: list[int] | None, seeds: int | None, epochs: int | None, quick: bool,
-                   **options: Any) -> SweepConfig:
-    """Dataset defaults, then --quick, then the user's explicit options (None = not given)."""
+                   method_params: dict[str, dict[str, Any]] | None = None, **options: Any) -> SweepConfig:
+    """Dataset defaults, then --quick, then the user's explicit options (None = not given); validated."""
     preset = DATASET_DEFAULTS[dataset]
     c, h, w = image_shape
     trunk = TrunkConfig(in_channels=c, image_size=(h, w), **preset["trunk"])
     train = TrainConfig(**preset["train"])
     sizes = list(preset["codebook_sizes"])
     n_seeds = 3  # headline tables: 3 seeds with 95% CIs
-    max_train = landmarks = None
+    max_train = None
+    params: dict[str, dict[str, Any]] = {}
     if quick:
         train = replace(train, **QUICK["train"])
         sizes, n_seeds, max_train = list(QUICK["codebook_sizes"]), QUICK["seeds"], QUICK["max_train_images"]
-        landmarks = QUICK["geodesic_landmarks"]
+        params = {m: dict(p) for m, p in QUICK["method_params"].items()}
     if epochs is not None:
         train = replace(train, epochs=epochs)
+    for method, given in (method_params or {}).items():
+        params.setdefault(method, {}).update(given)
     cfg = SweepConfig(dataset=dataset, methods=methods, codebook_sizes=codebook_sizes or sizes,
                       seeds=seeds if seeds is not None else n_seeds, trunk=trunk, train=train,
-                      max_train_images=max_train, geodesic_landmarks=landmarks, quick=quick, **options)
+                      max_train_images=max_train, method_params=params, quick=quick, **options)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: SweepConfig) -> None:
-    """Checks that need no data; the CLI also checks K against the number of training tokens."""
+    """Every rule of a sweep configuration, in one place; messages name the command-line option."""
     h, w = cfg.trunk.image_size
     f = 2**cfg.trunk.downsamples
     if h % f or w % f:
@@ -167,33 +238,48 @@ def validate(cfg: SweepConfig) -> None:
         raise GeovqError(f"--seeds {cfg.seeds} must be >= 1")
     if cfg.train.epochs < 0:
         raise GeovqError(f"--epochs {cfg.train.epochs} must be >= 0")
+    if cfg.train.recon not in RECON_LOSSES:
+        raise GeovqError(f"reconstruction loss {cfg.train.recon!r} is unknown; valid: {', '.join(RECON_LOSSES)}")
+    if not cfg.codebook_sizes:
+        raise GeovqError("--codebook-sizes is empty; give at least one K, e.g. 16,64")
     for k in cfg.codebook_sizes:
         if k <= 1:
-            raise GeovqError(f"codebook size K={k} must be >= 2")
+            raise GeovqError(f"--codebook-sizes: K={k} must be >= 2")
     c = cfg.trunk.latent_channels
-    if c % cfg.d:
+    if cfg.d < 1 or c % cfg.d:
         raise GeovqError(f"--token-dim {cfg.d} must divide the latent channels C={c} "
                          f"(valid: {', '.join(str(d) for d in range(1, c + 1) if c % d == 0)})")
     if cfg.grouping not in GROUPINGS:
         raise GeovqError(f"--grouping {cfg.grouping!r} is unknown; valid: {', '.join(GROUPINGS)}")
-    for v in cfg.vaes:
-        if v not in ("plain", "tdc"):
-            raise GeovqError(f"--vae {v!r} is unknown; valid: plain, tdc")
     if not cfg.vaes:
-        raise GeovqError("--vae is empty; valid: plain, tdc")
-    if "tdc" in cfg.vaes and cfg.tdc_bits is not None:
+        raise GeovqError(f"--vae is empty; valid: {', '.join(VAE_VARIANTS)}")
+    for v in cfg.vaes:
+        if v not in VAE_VARIANTS:
+            raise GeovqError(f"--vae {v!r} is unknown; valid: {', '.join(VAE_VARIANTS)}")
+    if "tdc" in cfg.vaes:
+        from geovq.training.tdc import TDCController  # its own rules for τ, f and the λ's
+
         for k in cfg.codebook_sizes:
-            if not math.isclose(math.log2(k), cfg.tdc_bits):
+            if cfg.tdc_bits is not None and not math.isclose(math.log2(k), cfg.tdc_bits):
                 raise GeovqError(f"--vae tdc targets {cfg.tdc_bits:g} bits per token, but K={k} codes carry "
                                  f"{math.log2(k):g}; use K={2 ** cfg.tdc_bits:g} or drop --tdc-bits (then "
                                  "each K gets its own TDC VAE with T = log2 K)")
-    if "gq" in cfg.methods:
-        from geovq.quantize.gq import check_beta, check_power_of_two
+            TDCController.from_config(cfg.tdc_bits or math.log2(k), cfg.tdc)
+    from geovq.quantize import get_quantizer_class  # quantizer modules are light: no torch here
 
-        check_beta(cfg.gq_beta)
-        for k in cfg.codebook_sizes:
-            check_power_of_two(k)
+    for method in cfg.methods:
+        if method in END_TO_END:
+            continue
+        qcls = get_quantizer_class(method)
+        params = cfg.method_params.get(method, {})
+        unknown = sorted(set(params) - set(qcls.hyperparameters()))
+        if unknown:
+            raise GeovqError(f"{method} has no hyperparameter {unknown[0]!r}; valid: "
+                             f"{', '.join(qcls.hyperparameters())}")
+        for k in cfg.codebook_sizes:  # the quantizer's own rules (e.g. gq: K a power of two)
+            qcls(n_codes=k, seed=0, **params).validate()
     if cfg.finetune_epochs < 1:
         raise GeovqError(f"--finetune-epochs {cfg.finetune_epochs} must be >= 1")
     if cfg.cpus_per_trial < 1:
         raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")
+

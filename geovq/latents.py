@@ -54,18 +54,31 @@ class TokenLayout:
             return np.arange(self.channels).reshape(g, d)
         return np.arange(self.channels).reshape(d, g).T
 
-    def grid_to_tokens(self, grid: np.ndarray) -> np.ndarray:
-        """(N, h, w, C) -> (N, T, d), tokens ordered row, column, group."""
+    # The one token-layout permutation. Every place that cuts a grid into tokens or puts tokens back
+    # (latent sets, the VQ-VAE, TDC's per-token KL, the geometry's token decoders) goes through these, so
+    # token i means the same channels everywhere. They accept numpy arrays and torch tensors alike
+    # (indexing with a numpy permutation works on both and keeps autograd).
+    def grid_to_tokens(self, grid):
+        """(N, h, w, C) channels-last grid -> (N, T, d), tokens ordered row, column, group."""
         n = grid.shape[0]
-        return grid[..., self.group_channels()].reshape(n, self.tokens_per_image, self.token_dim)
+        return grid[..., self.group_channels().reshape(-1)].reshape(n, self.tokens_per_image, self.token_dim)
 
-    def tokens_to_grid(self, tokens: np.ndarray) -> np.ndarray:
+    def tokens_to_grid(self, tokens):
         """(N, T, d) or (N·T, d) -> (N, h, w, C): the inverse of `grid_to_tokens`."""
-        tokens = np.asarray(tokens)
-        tokens = tokens.reshape(-1, self.height, self.width, self.groups, self.token_dim)
-        grid = np.empty(tokens.shape[:3] + (self.channels,), dtype=tokens.dtype)
-        grid[..., self.group_channels()] = tokens
-        return grid
+        if not hasattr(tokens, "device"):  # a torch tensor stays one; anything else becomes numpy
+            tokens = np.asarray(tokens)
+        per_cell = tokens.reshape(-1, self.height, self.width, self.channels)  # channels in token order
+        return per_cell[..., np.argsort(self.group_channels().reshape(-1))]
+
+    def flat_positions(self, slot_in_image: np.ndarray) -> np.ndarray:
+        """(n, d) positions in a grid flattened to h·w·C of the tokens at `slot_in_image` (token order)."""
+        cell, group = np.divmod(np.asarray(slot_in_image), self.groups)
+        return cell[:, None] * self.channels + self.group_channels()[group]
+
+    def with_token_dim(self, token_dim: int | None, grouping: str | None = None) -> TokenLayout:
+        """The same grid cut into tokens of `token_dim` channels (None: keep)."""
+        return TokenLayout(self.height, self.width, self.channels, token_dim or self.token_dim,
+                           grouping or self.grouping)
 
     def as_dict(self) -> dict:
         return dict(height=self.height, width=self.width, channels=self.channels,
@@ -152,6 +165,10 @@ class LatentSet:
 
     def subset(self, images: np.ndarray) -> LatentSet:
         return LatentSet(self.mu[images], self.logvar[images], self.layout)
+
+    def with_tokens(self, token_dim: int | None, grouping: str | None = None) -> LatentSet:
+        """The same grids cut into tokens of `token_dim` channels (a VAE's latents serve any d)."""
+        return LatentSet(self.mu, self.logvar, self.layout.with_token_dim(token_dim, grouping))
 
     def save(self, path: str | os.PathLike) -> None:
         save_npz(path, mu=self.mu, logvar=self.logvar, layout=np.array(

@@ -9,7 +9,8 @@ map z ↦ Dec_n(z) whose Jacobian defines the pull-back metric at that node (DES
 
 Both put nn.Module decoders in eval mode (BatchNorm/dropout in train mode make the Jacobian depend on the
 batch) and check, once, that the decoder keeps the batch size, is differentiable by `torch.func.jvp`, and
-decodes each row independently of the others.
+decodes each row independently of the others. They compute on the decoder's own device (an nn.Module's
+parameters', or a wrapper's `device` attribute); numbers come back to the caller as numpy arrays.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ class TokenDecoder:
 
     points: np.ndarray
     dtype: torch.dtype
+    device: torch.device
     out_dim: int
-    #: (N, d, d) cached pull-back metric at each node's own point (set by lengths.node_metrics)
-    metrics: np.ndarray | None = None
     #: every node has the same map, so a segment's length does not depend on which end's context it is in
     context_free: bool
 
@@ -47,6 +47,11 @@ class TokenDecoder:
         self.decoder = decoder
         self.points = points
         self.dtype = dtype
+        self.device = _module_device(decoder)
+
+    def tensor(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`values` as a tensor on the decoder's device, in its dtype (or `dtype`, e.g. torch.long for ids)."""
+        return torch.as_tensor(values, dtype=dtype or self.dtype, device=self.device)
 
     @property
     def n_nodes(self) -> int:
@@ -94,8 +99,8 @@ class TokenDecoder:
 
     def _validate(self) -> None:
         """Probe the decoder on two nodes so that a bad decoder fails here, with a clear message."""
-        nodes = torch.arange(min(2, self.n_nodes))
-        z = torch.as_tensor(self.points[nodes.numpy()], dtype=self.dtype)
+        nodes = torch.arange(min(2, self.n_nodes), device=self.device)
+        z = self.tensor(self.points[:len(nodes)])
         with torch.no_grad():
             try:
                 out, jv = torch.func.jvp(lambda x: self.decode(x, nodes), (z,), (torch.ones_like(z),))
@@ -116,6 +121,15 @@ class TokenDecoder:
         if (alone - out[:1]).abs().max() > 1e-3 * scale:
             raise GeovqError("the decoder's output for one row depends on the other rows of the batch "
                              "(a BatchNorm in train mode?); geometry needs a per-row decoder")
+
+
+def _module_device(decoder: Decoder) -> torch.device:
+    """The device a decoder computes on: an nn.Module's parameters', a wrapper's `device`, else the CPU."""
+    if isinstance(decoder, nn.Module):
+        for p in decoder.parameters():
+            return p.device
+    device = getattr(decoder, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def _module_dtype(decoder: Decoder) -> torch.dtype | None:
@@ -174,9 +188,9 @@ class GridTokenDecoder(TokenDecoder):
         points = flat[self.image[:, None], self.channels]
         super().__init__(decoder, points, dtype)
         self.context_free = flat.shape[1] == self.channels.shape[1]  # one token per image: no other context
-        self._grids = torch.as_tensor(flat, dtype=dtype)
-        self._image = torch.as_tensor(self.image, dtype=torch.long)
-        self._channels = torch.as_tensor(self.channels, dtype=torch.long)
+        self._grids = self.tensor(flat)
+        self._image = self.tensor(self.image, torch.long)
+        self._channels = self.tensor(self.channels, torch.long)
         self._validate()
 
     @classmethod
@@ -186,7 +200,7 @@ class GridTokenDecoder(TokenDecoder):
         tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
         image, cell_slot = np.divmod(tokens, latents.tokens_per_image)
         used, image = np.unique(image, return_inverse=True)  # keep only the images that hold a node
-        return cls(decoder, latents.mu[used], image, token_channels(latents.layout, cell_slot))
+        return cls(decoder, latents.mu[used], image, latents.layout.flat_positions(cell_slot))
 
     def _inputs(self, z: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         # out-of-place scatter: differentiable in z, the rest of the grid is a constant
@@ -198,12 +212,6 @@ class GridTokenDecoder(TokenDecoder):
         zero = tangents.new_zeros(m, rows, self._grids.shape[1])
         channels = self._channels[nodes].expand(m, -1, -1)
         return zero.scatter(2, channels, tangents).reshape(m, rows, *self.grid_shape)
-
-
-def token_channels(layout, slot_in_image: np.ndarray) -> np.ndarray:
-    """(n, d) flat positions in an h·w·C grid of the tokens at `slot_in_image` (token order of LatentSet)."""
-    cell, group = np.divmod(np.asarray(slot_in_image), layout.groups)
-    return cell[:, None] * layout.channels + layout.group_channels()[group]
 
 
 def _jvp_tangent(f, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from geovq.geometry.knn import KnnGraph, knn_graph
 from geovq.geometry.paths import shortest_paths, weighted_graph
 
 NEIGHBOURS = ("metric", "latent")
+EdgeLengths = Callable[[np.ndarray], np.ndarray]
 #: most float64 metric-tensor values (N·d²) kept in memory for metric neighbours (1 GiB)
 METRIC_VALUES = 2**27
 log = logging.getLogger(__name__)
@@ -34,35 +35,44 @@ class GeodesicGraph:
     knn: KnnGraph
     lengths: np.ndarray  # (E,) decoder-metric length of each undirected edge in knn.edges
     graph: sp.csr_matrix  # (N, N) symmetric, those lengths
+    metrics: np.ndarray | None  # (N, d, d) the nodes' metric tensors, when metric neighbours computed them
     seconds: dict = field(default_factory=dict)  # wall time per stage: "graph", "lengths"
 
 
 def build_geodesic_graph(dec: TokenDecoder, k: int = 10, quadrature: str = "midpoint", index: str = "auto",
-                         neighbours: str = "metric", **length_options) -> GeodesicGraph:
+                         neighbours: str = "metric", metrics: np.ndarray | None = None,
+                         edge_lengths_fn: EdgeLengths | None = None, **length_options) -> GeodesicGraph:
     """k-NN graph of the decoder's nodes, each undirected edge weighted by its decoder-metric length.
 
     neighbours="metric" chooses each node's k neighbours under the pull-back metric (see `knn`), from the
     metric tensors G_n at the nodes (d tangent passes per node, then reused by the endpoint rule). It falls
     back to latent-Euclidean neighbours, with a warning, when N·d² float64 values would exceed
-    METRIC_VALUES; neighbours="latent" always uses them.
+    METRIC_VALUES; neighbours="latent" always uses them. `metrics`: the nodes' metric tensors if already known.
+
+    `edge_lengths_fn(edges) -> lengths` measures the undirected edges (E, 2) instead of the in-process
+    `edge_lengths` (e.g. sharded over Ray Data workers, `geovq.stages.edges`); it must return the same numbers.
     """
     check_quadrature(quadrature)
     if neighbours not in NEIGHBOURS:
         raise GeovqError(f"neighbours {neighbours!r} is unknown; valid: {', '.join(NEIGHBOURS)}")
     t0 = time.perf_counter()
-    metrics = None
-    if neighbours == "metric":
+    if neighbours != "metric":
+        metrics = None  # latent neighbours: endpoint terms come from the nodes' own JVPs, as always
+    elif metrics is None:
         if dec.n_nodes * dec.dim**2 <= METRIC_VALUES:
-            metrics = dec.metrics if dec.metrics is not None else node_metrics(dec, **_chunking(length_options))
+            metrics = node_metrics(dec, **_chunking(length_options))
         else:
             log.warning("metric tensors of %d nodes in %d dims exceed %d values: latent-Euclidean neighbours",
                         dec.n_nodes, dec.dim, METRIC_VALUES)
     t1 = time.perf_counter()
     knn = knn_graph(dec.points, k, index, metrics=metrics)
     t2 = time.perf_counter()
-    lengths = edge_lengths(dec, knn.edges, quadrature, **length_options)
+    if edge_lengths_fn is not None and not (quadrature == "endpoint" and metrics is not None):
+        lengths = np.asarray(edge_lengths_fn(knn.edges), dtype=np.float64)
+    else:  # (endpoint lengths from known metric tensors cost no decoder call: nothing to hand out)
+        lengths = edge_lengths(dec, knn.edges, quadrature, metrics=metrics, **length_options)
     t3 = time.perf_counter()
-    return GeodesicGraph(knn, lengths, weighted_graph(dec.n_nodes, knn.edges, lengths),
+    return GeodesicGraph(knn, lengths, weighted_graph(dec.n_nodes, knn.edges, lengths), metrics,
                          {"metrics": t1 - t0, "graph": t2 - t1, "lengths": t3 - t2})
 
 

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from geovq.errors import GeovqError
+from geovq.nearest import exact_nearest
 
 INDEXES = ("auto", "exact", "ivf")
 #: "auto" searches exactly up to this many points (exact search is O(N²d) but simple and exact)
@@ -148,15 +149,15 @@ def latent_neighbours(points: np.ndarray, k: int, kind: str = "exact", nprobe: i
     x = np.ascontiguousarray(points, dtype=np.float32)
     n, d = x.shape
     if kind == "exact":
-        index = faiss.IndexFlatL2(d)
+        _, found = exact_nearest(x, x, k + 1)
     else:
         # ~4·sqrt(N) lists, each trained with >= 39 points (faiss's minimum for a stable k-means)
         n_lists = int(np.clip(4 * np.sqrt(n), 1, max(1, n // 39)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, n_lists)
         index.train(x)
         index.nprobe = nprobe or min(n_lists, 32)
-    index.add(x)
-    _, found = index.search(x, k + 1)
+        index.add(x)
+        _, found = index.search(x, k + 1)
     # Drop each point itself. With duplicate points, faiss may list a twin first and the point itself later
     # (or not at all): sort "is self" to the back, stably, and keep the first k.
     is_self = found == np.arange(n)[:, None]

@@ -7,10 +7,10 @@ the image; when M < n_images, a random subset of images gives one token each.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 from geovq.errors import GeovqError
+from geovq.nearest import exact_nearest
 
 
 def stratified_tokens(n_images: int, tokens_per_image: int, n_landmarks: int,
@@ -31,7 +31,5 @@ def landmark_coverage(landmarks: np.ndarray, queries: np.ndarray, radius: float)
     """Fraction of `queries` whose Euclidean-nearest landmark lies within `radius`."""
     if len(queries) == 0:
         return float("nan")
-    index = faiss.IndexFlatL2(landmarks.shape[1])
-    index.add(np.ascontiguousarray(landmarks, dtype=np.float32))
-    squared, _ = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
+    squared, _ = exact_nearest(landmarks, queries)
     return float((np.sqrt(np.maximum(squared[:, 0], 0.0)) <= radius).mean())

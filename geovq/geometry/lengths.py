@@ -43,15 +43,25 @@ def check_quadrature(quadrature: str) -> None:
         raise GeovqError(f"quadrature {quadrature!r} is unknown; valid: {', '.join(QUADRATURES)}")
 
 
-def edge_lengths(dec: TokenDecoder, edges: np.ndarray, quadrature: str = "midpoint", **options) -> np.ndarray:
-    """(E,) lengths of undirected edges (E, 2) between nodes of one token decoder."""
-    return pair_lengths(dec, edges[:, 0], dec, edges[:, 1], quadrature, **options)
+def edge_lengths(dec: TokenDecoder, edges: np.ndarray, quadrature: str = "midpoint",
+                 metrics: np.ndarray | None = None, **options) -> np.ndarray:
+    """(E,) lengths of undirected edges (E, 2) between nodes of one token decoder.
+
+    `metrics`: the nodes' metric tensors (N, d, d) if already computed (`node_metrics`); the endpoint terms
+    then cost no decoder call.
+    """
+    return pair_lengths(dec, edges[:, 0], dec, edges[:, 1], quadrature, metrics_a=metrics, metrics_b=metrics,
+                        **options)
 
 
 def pair_lengths(dec_a: TokenDecoder, a: np.ndarray, dec_b: TokenDecoder, b: np.ndarray,
-                 quadrature: str = "midpoint", *, rtol: float = 1e-3, max_depth: int = 8,
+                 quadrature: str = "midpoint", *, metrics_a: np.ndarray | None = None,
+                 metrics_b: np.ndarray | None = None, rtol: float = 1e-3, max_depth: int = 8,
                  chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
-    """L_ab = ½(ℓ_a + ℓ_b) for node a[e] of `dec_a` and node b[e] of `dec_b` (e.g. a query and a landmark)."""
+    """L_ab = ½(ℓ_a + ℓ_b) for node a[e] of `dec_a` and node b[e] of `dec_b` (e.g. a query and a landmark).
+
+    `metrics_a`, `metrics_b`: each decoder's node metric tensors when already known (see `own_speeds`).
+    """
     check_quadrature(quadrature)
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     delta = dec_b.points[b] - dec_a.points[a]
@@ -61,8 +71,8 @@ def pair_lengths(dec_a: TokenDecoder, a: np.ndarray, dec_b: TokenDecoder, b: np.
         mid_a = speeds(dec_a, a, dec_a.points[a] + 0.5 * delta, delta, chunk_elements)
         return mid_a if one_map else 0.5 * (mid_a + speeds(dec_b, b, dec_b.points[b] - 0.5 * delta, -delta,
                                                              chunk_elements))
-    own_a = own_speeds(dec_a, a, delta, chunk_elements)
-    own_b = own_speeds(dec_b, b, delta, chunk_elements)
+    own_a = own_speeds(dec_a, a, delta, chunk_elements, metrics_a)
+    own_b = own_speeds(dec_b, b, delta, chunk_elements, metrics_b)
     if quadrature == "endpoint":
         return 0.5 * (own_a + own_b)
     if one_map:
@@ -135,23 +145,23 @@ def speeds(dec: TokenDecoder, nodes: np.ndarray, points: np.ndarray, tangents: n
     with torch.no_grad():
         for start in range(0, len(nodes), rows):
             sl = slice(start, start + rows)
-            jv = dec.push_forward(torch.as_tensor(points[sl], dtype=dec.dtype), torch.as_tensor(nodes[sl]),
-                                  torch.as_tensor(tangents[sl], dtype=dec.dtype)[None])[0]
-            out[sl] = jv.double().norm(dim=1).numpy()
+            jv = dec.push_forward(dec.tensor(points[sl]), dec.tensor(nodes[sl], torch.long),
+                                  dec.tensor(tangents[sl])[None])[0]
+            out[sl] = jv.double().norm(dim=1).cpu().numpy()
     return out
 
 
 def own_speeds(dec: TokenDecoder, nodes: np.ndarray, tangents: np.ndarray,
-               chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+               chunk_elements: int = CHUNK_ELEMENTS, metrics: np.ndarray | None = None) -> np.ndarray:
     """‖J_n(z_n) t‖ for each row (n, t): node n's own point in its own context, one primal pass per node.
 
-    Uses the cached metric tensors `dec.metrics` when `node_metrics` has set them (no decoder call at all).
+    With the nodes' metric tensors `metrics` (N, d, d) from `node_metrics`, no decoder call at all.
     """
     out = np.empty(len(nodes))
     if len(nodes) == 0:
         return out
-    if dec.metrics is not None:
-        return metric_norms(dec.metrics[nodes], tangents)
+    if metrics is not None:
+        return metric_norms(metrics[nodes], tangents)
     # Rows grouped by node; nodes with many rows first, so that each chunk pads to a similar tangent count.
     by_node = np.argsort(nodes, kind="stable")
     uniq, first, count = np.unique(nodes[by_node], return_index=True, return_counts=True)
@@ -170,16 +180,16 @@ def own_speeds(dec: TokenDecoder, nodes: np.ndarray, tangents: np.ndarray,
             sorted_rows = first[chunk][local] + (np.arange(len(local)) - np.cumsum(count[chunk])[local]
                                                  + count[chunk][local])
             rows = by_node[sorted_rows]
-            node_t = torch.as_tensor(uniq[chunk])
-            z = torch.as_tensor(dec.points[uniq[chunk]], dtype=dec.dtype)
+            node_t = dec.tensor(uniq[chunk], torch.long)
+            z = dec.tensor(dec.points[uniq[chunk]])
             t = tangents[rows]
             if n_tangents == d:  # the node's Jacobian columns: G_n = J_nᵀJ_n gives every term at once
                 out[rows] = metric_norms(_metrics_at(dec, node_t, z)[local], t)
             else:  # fewer terms than d: push the node's own tangents, zero-padded to n_tangents
                 padded = np.zeros((n_tangents, len(chunk), d))
                 padded[rank[sorted_rows], local] = t
-                jv = dec.push_forward(z, node_t, torch.as_tensor(padded, dtype=dec.dtype))
-                norms = jv.double().norm(dim=2).numpy()  # (n_tangents, nodes)
+                jv = dec.push_forward(z, node_t, dec.tensor(padded))
+                norms = jv.double().norm(dim=2).cpu().numpy()  # (n_tangents, nodes)
                 out[rows] = norms[rank[sorted_rows], local]
     return out
 
@@ -187,18 +197,17 @@ def own_speeds(dec: TokenDecoder, nodes: np.ndarray, tangents: np.ndarray,
 def node_metrics(dec: TokenDecoder, chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
     """(N, d, d) pull-back metric G_n = J_nᵀJ_n at every node's own point, in its own context.
 
-    d tangent passes per node around one primal pass. The result is also cached as `dec.metrics`, which
-    `own_speeds` (endpoint terms) then reads instead of calling the decoder.
+    d tangent passes per node around one primal pass. Pass the result on as `metrics=` to `edge_lengths`,
+    `pair_lengths` or `own_speeds`, whose endpoint terms then need no decoder call.
     """
     d = dec.dim
     per_call = max(1, chunk_elements // (d * dec.out_dim))
     metrics = np.empty((dec.n_nodes, d, d))
     with torch.no_grad():
         for start in range(0, dec.n_nodes, per_call):
-            nodes = torch.arange(start, min(start + per_call, dec.n_nodes))
-            metrics[start:start + per_call] = _metrics_at(
-                dec, nodes, torch.as_tensor(dec.points[nodes.numpy()], dtype=dec.dtype))
-    dec.metrics = metrics
+            stop = min(start + per_call, dec.n_nodes)
+            metrics[start:stop] = _metrics_at(dec, torch.arange(start, stop, device=dec.device),
+                                              dec.tensor(dec.points[start:stop]))
     return metrics
 
 
@@ -211,9 +220,9 @@ def metric_norms(metrics: np.ndarray, tangents: np.ndarray) -> np.ndarray:
 def _metrics_at(dec: TokenDecoder, nodes: torch.Tensor, z: torch.Tensor) -> np.ndarray:
     """(B, d, d) J_nᵀJ_n at points z (B, d), from the d columns of J pushed around one primal pass."""
     d = dec.dim
-    basis = torch.eye(d, dtype=dec.dtype)[:, None, :].expand(d, len(nodes), d)
+    basis = torch.eye(d, dtype=dec.dtype, device=dec.device)[:, None, :].expand(d, len(nodes), d)
     jac = dec.push_forward(z, nodes, basis).double()  # (d, B, P)
-    return torch.einsum("inp,jnp->nij", jac, jac).numpy()
+    return torch.einsum("inp,jnp->nij", jac, jac).cpu().numpy()
 
 
 def _rows_per_call(dec: TokenDecoder, chunk_elements: int) -> int:

@@ -7,34 +7,15 @@ anywhere: Jacobians, codes and samples then never depend on batch statistics or 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geovq.config import TrunkConfig
 
-@dataclass
-class TrunkConfig:
-    in_channels: int = 1  # image channels
-    image_size: tuple[int, int] = (28, 28)  # (H, W) the nets see
-    hidden: int = 64  # conv width
-    latent_channels: int = 16  # C of the h×w×C latent grid
-    downsamples: int = 2  # stride-2 stages: grid = image_size / 2**downsamples
-    res_blocks: int = 2
-
-    def __post_init__(self) -> None:
-        self.image_size = tuple(int(s) for s in self.image_size)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        f = 2**self.downsamples
-        return self.image_size[0] // f, self.image_size[1] // f
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["image_size"] = list(self.image_size)
-        return d
+__all__ = ["Decoder", "Encoder", "JVP_RULES", "ResBlock", "TrunkConfig", "layer_jvp"]
 
 
 class ResBlock(nn.Module):
@@ -100,29 +81,61 @@ class Decoder(nn.Module):
         The same numbers as `torch.func.jvp` (the tests compare them), at about 2 forward passes per tangent
         instead of 3: torch's forward-mode rule for a convolution also convolves the primal input with the
         weight's tangent, a zero tensor here that is still convolved densely. The geometry engine uses this
-        when the decoder it is given has a `jvp` (see `geovq.pipeline.GridDecoder`). All m tangents share
+        when the decoder it is given has a `jvp` (see `geovq.stages.common.GridDecoder`). All m tangents share
         the one primal pass.
         """
-        x, dx = _layer_jvp(self.net, z, tangents.flatten(0, 1))
+        x, dx = layer_jvp(self.net, z, tangents.flatten(0, 1))
         y = torch.sigmoid(x)
         return y, dx.unflatten(0, (tangents.shape[0], -1)) * (y * (1 - y))
 
 
-def _layer_jvp(layer: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer(x), J_layer(x)·dx) for the trunk's layer types; dx holds m tangents per row of x, (m·B, ...)."""
-    if isinstance(layer, nn.Sequential):
-        for sub in layer:
-            x, dx = _layer_jvp(sub, x, dx)
-        return x, dx
-    if isinstance(layer, ResBlock):
-        y, dy = _layer_jvp(layer.body, x, dx)
-        return x + y, dx + dy
-    if isinstance(layer, nn.ReLU):
-        active = x > 0  # broadcast over the m tangents of each row
-        return x.clamp_min(0), (dx.unflatten(0, (-1, x.shape[0])) * active).flatten(0, 1)
-    if isinstance(layer, nn.Conv2d):  # linear in the input: the tangent is the convolution without bias
-        return layer(x), layer._conv_forward(dx, layer.weight, None)
-    if isinstance(layer, nn.ConvTranspose2d):
-        return layer(x), F.conv_transpose2d(dx, layer.weight, None, layer.stride, layer.padding,
-                                            layer.output_padding, layer.groups, layer.dilation)
-    raise TypeError(f"no JVP rule for {type(layer).__name__} in the trunk decoder")
+# -- forward-mode rules ---------------------------------------------------------------------------------
+# Each rule maps (layer, x, dx) -> (layer(x), J_layer(x)·dx), where x is a batch (B, ...) and dx holds m
+# tangents per row of x, flattened to (m·B, ...). Linear layers apply their linear part to dx (no bias);
+# ReLU masks each tangent by its row's active units; containers chain their children. A layer type not in
+# the table (or a subclass: rules are looked up by exact type) fails loudly rather than guess.
+JvpRule = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _sequential_jvp(layer: nn.Sequential, x: torch.Tensor, dx: torch.Tensor):
+    for sub in layer:
+        x, dx = layer_jvp(sub, x, dx)
+    return x, dx
+
+
+def _residual_jvp(layer: ResBlock, x: torch.Tensor, dx: torch.Tensor):
+    y, dy = layer_jvp(layer.body, x, dx)
+    return x + y, dx + dy
+
+
+def _relu_jvp(layer: nn.ReLU, x: torch.Tensor, dx: torch.Tensor):
+    active = x > 0  # broadcast over the m tangents of each row
+    return x.clamp_min(0), (dx.unflatten(0, (-1, x.shape[0])) * active).flatten(0, 1)
+
+
+def _conv_jvp(layer: nn.Conv2d, x: torch.Tensor, dx: torch.Tensor):
+    if layer.padding_mode != "zeros":  # F.conv2d pads with zeros only
+        raise TypeError(f"no JVP rule for Conv2d with padding_mode={layer.padding_mode!r}")
+    return layer(x), F.conv2d(dx, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _conv_transpose_jvp(layer: nn.ConvTranspose2d, x: torch.Tensor, dx: torch.Tensor):
+    return layer(x), F.conv_transpose2d(dx, layer.weight, None, layer.stride, layer.padding, layer.output_padding,
+                                        layer.groups, layer.dilation)
+
+
+JVP_RULES: dict[type[nn.Module], JvpRule] = {
+    nn.Sequential: _sequential_jvp,
+    ResBlock: _residual_jvp,
+    nn.ReLU: _relu_jvp,
+    nn.Conv2d: _conv_jvp,
+    nn.ConvTranspose2d: _conv_transpose_jvp,
+}
+
+
+def layer_jvp(layer: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(x), J_layer(x)·dx) by the rule for the layer's type in JVP_RULES."""
+    rule = JVP_RULES.get(type(layer))
+    if rule is None:
+        raise TypeError(f"no JVP rule for {type(layer).__name__} in the trunk decoder; add one to JVP_RULES")
+    return rule(layer, x, dx)

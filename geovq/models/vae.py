@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geovq.models.trunk import Decoder, Encoder, TrunkConfig
+from geovq.config import TrunkConfig
+from geovq.models.trunk import Decoder, Encoder
 
 
 def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:

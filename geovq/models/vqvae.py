@@ -8,47 +8,15 @@ scaling one as a sum and the other as a mean is what made earlier baselines coll
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geovq.config import TrunkConfig, VQConfig
 from geovq.latents import TokenLayout
-from geovq.models.trunk import Decoder, Encoder, TrunkConfig
+from geovq.models.trunk import Decoder, Encoder
 from geovq.models.vae import reconstruction_nll
-
-
-@dataclass
-class VQConfig:
-    n_codes: int = 256
-    token_dim: int = 16  # d; tokens of d channels, grouped as in the post-hoc methods
-    grouping: str = "contiguous"
-    decay: float = 0.99
-    commitment: float = 0.25
-    dead_code_threshold: float = 1.0  # EMA hits per step below which a code is restarted
-    kmeans_init_tokens: int = 20000  # encoder outputs collected for the k-means initialisation
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def tokens_of(z: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """(B, C, h, w) -> (B, T, d) in TokenLayout's order (row, column, group)."""
-    idx = torch.as_tensor(layout.group_channels(), device=z.device)
-    b = z.shape[0]
-    return z.permute(0, 2, 3, 1)[..., idx].reshape(b, layout.tokens_per_image, layout.token_dim)
-
-
-def grid_of(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """(B, T, d) -> (B, C, h, w): the inverse of `tokens_of`."""
-    b = tokens.shape[0]
-    idx = torch.as_tensor(layout.group_channels(), device=tokens.device).reshape(-1)
-    flat = tokens.reshape(b, layout.height, layout.width, layout.channels)  # channels in group order
-    grid = torch.empty_like(flat)
-    grid[..., idx] = flat
-    return grid.permute(0, 3, 1, 2)
 
 
 class EMACodebook(nn.Module):
@@ -98,33 +66,44 @@ class EMACodebook(nn.Module):
 
 
 class VQVAE(nn.Module):
-    def __init__(self, cfg: TrunkConfig, vq: VQConfig) -> None:
+    """Encoder -> tokens (cut by `layout`) -> nearest of K EMA codewords -> decoder."""
+
+    def __init__(self, cfg: TrunkConfig, layout: TokenLayout, n_codes: int, vq: VQConfig) -> None:
         super().__init__()
-        self.cfg, self.vq = cfg, vq
-        h, w = cfg.grid
-        self.layout = TokenLayout(h, w, cfg.latent_channels, vq.token_dim, vq.grouping)
+        self.cfg, self.layout, self.n_codes, self.vq = cfg, layout, n_codes, vq
         self.encoder = Encoder(cfg, cfg.latent_channels)
         self.decoder = Decoder(cfg)
-        self.codebook = EMACodebook(vq.n_codes, vq.token_dim, vq.decay, vq.dead_code_threshold)
+        self.codebook = EMACodebook(n_codes, layout.token_dim, vq.decay, vq.dead_code_threshold)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) encoder outputs of images, cut into tokens."""
+        return self.layout.grid_to_tokens(self.encoder(x).permute(0, 2, 3, 1))
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) int64 codes of images and the (B, T, d) encoder tokens they quantize."""
+        tokens = self.tokens(x)
+        return self.codebook.nearest(tokens.reshape(-1, self.layout.token_dim)).reshape(x.shape[0], -1), tokens
 
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 codes of images."""
-        tokens = tokens_of(self.encoder(x), self.layout)
-        return self.codebook.nearest(tokens.reshape(-1, self.layout.token_dim)).reshape(x.shape[0], -1)
+        return self.quantize(x)[0]
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, T) codes -> predicted images in [0, 1]."""
-        return self.decoder.mean(grid_of(self.codebook.embedding[codes], self.layout))
+        return self.decoder.mean(self._grid(self.codebook.embedding[codes]))
+
+    def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, C, h, w) decoder input."""
+        return self.layout.tokens_to_grid(tokens).permute(0, 3, 1, 2)
 
     def loss(self, x: torch.Tensor, recon: str) -> dict[str, torch.Tensor]:
-        z_e = self.encoder(x)
-        tokens = tokens_of(z_e, self.layout)
+        tokens = self.tokens(x)
         flat = tokens.reshape(-1, self.layout.token_dim)
         codes = self.codebook.nearest(flat.detach())
         quantized = self.codebook.embedding[codes].view_as(tokens)
         commit = F.mse_loss(tokens, quantized.detach())  # per-element mean
         straight_through = tokens + (quantized - tokens).detach()
-        logits = self.decoder(grid_of(straight_through, self.layout))
+        logits = self.decoder(self._grid(straight_through))
         nll = reconstruction_nll(logits, x, recon).mean()  # per-element mean, like the commitment term
         restarted = self.codebook.ema_update(flat.detach(), codes) if self.training else 0
         return {"loss": nll + self.vq.commitment * commit, "nll": nll, "commit": commit, "logits": logits,

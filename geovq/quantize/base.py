@@ -1,19 +1,36 @@
 """The one interface every post-hoc quantizer implements, and the registry that names them.
 
-Like a scikit-learn estimator: construct with hyper-parameters, `fit(train_latents) -> self`, then
-`encode(latents) -> (N, T) int codes` for any split and `decode(codes) -> (..., d) token vectors`.
-`save`/`load` round-trip through one .npz file (no pickle). A quantizer that needs the decoder receives it
-at construction (and again at `load`); `save` records which checkpoint it belongs to.
+Like a scikit-learn estimator:
+- hyperparameters are the keyword arguments of the constructor, each stored unchanged as an attribute of
+  the same name; `get_params()` reads them back through the signature, and `hyperparameters()` lists them
+  with their defaults and types. The CLI options (`--gq-beta`), the run configuration and search spaces are
+  all derived from that signature, so adding a setting touches only the quantizer's own file;
+- validation happens in one place, `_validate_params`, run by `validate()` (the CLI calls it before anything
+  is written) and again by `fit`;
+- `fit(train_latents) -> self`, then `encode(latents) -> (N, T) int codes` for any split and
+  `decode(codes) -> (..., d)` token vectors;
+- fitted state ends in `_` (`codebook_`, `layout_`, `fit_info_`, ...);
+- `save`/`load` round-trip through one .npz file (no pickle). A quantizer that needs the decoder receives it
+  at construction (and again at `load`): it is a runtime object, not a hyperparameter.
 
-Adding a method = adding one module in this package that defines a `Quantizer` subclass decorated with
-`@register("name")`; `geovq.quantize` imports every module of the package, so nothing else changes.
+Adding a method = one module defining a `Quantizer` subclass decorated with `@register("name")`. Methods in
+`geovq.quantize` register on import; one defined elsewhere is found by its import path
+(`quantizer_path`), which run units carry, so a Ray worker can import it too. Module-level imports of a
+quantizer file stay light (numpy, the base): the CLI imports every quantizer to derive its options.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import os
+import re
+import sys
+import time
+import typing
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -24,12 +41,27 @@ from geovq.latents import LatentSet, TokenLayout
 
 QUANTIZERS: dict[str, type["Quantizer"]] = {}
 Q = TypeVar("Q", bound="Quantizer")
+#: a method name: lower-case letters, digits, '_' and '-', starting with a letter or digit
+METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+#: constructor arguments that are not hyperparameters: the rate (K), the run seed, runtime objects
+NOT_HYPERPARAMETERS = frozenset({"self", "n_codes", "seed", "decoder"})
+FORMAT = "geovq-quantizer"
+
+
+def check_method_name(name: str) -> str:
+    if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
+        raise GeovqError(f"method name {name!r} is not valid; names match [a-z0-9][a-z0-9_-]* (e.g. w2-fast)")
+    return name
 
 
 def register(name: str):
+    """Class decorator: make a Quantizer subclass available as method `name`."""
+    check_method_name(name)
+
     def wrap(cls: type[Q]) -> type[Q]:
-        if name in QUANTIZERS:
-            raise RuntimeError(f"quantizer {name!r} registered twice")
+        if QUANTIZERS.get(name, cls) is not cls:
+            raise GeovqError(f"quantizer {name!r} registered twice ({quantizer_path(QUANTIZERS[name])} and "
+                             f"{quantizer_path(cls)})")
         cls.name = name
         QUANTIZERS[name] = cls
         return cls
@@ -37,41 +69,97 @@ def register(name: str):
     return wrap
 
 
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One constructor keyword of a quantizer: its default and its (scalar) type."""
+
+    name: str
+    default: Any
+    type: type  # int, float, str or bool
+    optional: bool  # None is allowed
+    help: str = ""  # the comment on its `self.name = name` line in the constructor
+
+
 class Quantizer(ABC):
-    """Base class. Subclasses implement `_fit`, `_encode_tokens`, and list extra saved arrays."""
+    """Base class. Subclasses declare hyperparameters in `__init__`, implement `_fit` and `_encode_tokens`,
+    and may add `_validate_params`, `_encode_info`, `state`/`set_state`."""
 
     name: ClassVar[str] = ""
     #: whether the constructor takes a `decoder=` argument (geometry-aware methods)
     needs_decoder: ClassVar[bool] = False
 
     def __init__(self, n_codes: int, seed: int = 0) -> None:
-        if int(n_codes) < 2:
-            raise GeovqError(f"codebook size K={n_codes} must be at least 2")
-        self.n_codes = int(n_codes)
-        self.seed = int(seed)
-        self.codebook: np.ndarray | None = None  # (K, d): what `decode` returns for each code
-        self.layout: TokenLayout | None = None
-        self.fit_info: dict[str, Any] = {}  # diagnostics of the fit (iterations, objective, …)
+        self.n_codes = n_codes
+        self.seed = seed
+
+    # -- hyperparameters ----------------------------------------------------------------------------
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Hyperparameter]:
+        """The constructor's keyword arguments that are hyperparameters, in signature order."""
+        namespace = vars(sys.modules[cls.__module__])
+        out = {}
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in NOT_HYPERPARAMETERS or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                continue
+            # one annotation at a time: runtime arguments may name types (torch) that are not imported
+            hint = eval(param.annotation, namespace) if isinstance(param.annotation, str) else param.annotation
+            kind, optional = _scalar_type(hint, f"{cls.__name__}.{name}")
+            out[name] = Hyperparameter(name, param.default, kind, optional, _comments(cls).get(name, ""))
+        return out
+
+    def get_params(self) -> dict[str, Any]:
+        """n_codes, seed and every hyperparameter, as set (JSON-serialisable); what `load` passes back."""
+        return {"n_codes": self.n_codes, "seed": self.seed,
+                **{name: getattr(self, name) for name in self.hyperparameters()}}
+
+    def validate(self: Q) -> Q:
+        """Check every parameter; raise GeovqError naming the bad value and what would be valid."""
+        if isinstance(self.n_codes, bool) or not isinstance(self.n_codes, (int, np.integer)) or self.n_codes < 2:
+            raise GeovqError(f"codebook size K={self.n_codes} must be an integer >= 2")
+        for name, hp in self.hyperparameters().items():
+            value = getattr(self, name)
+            if value is None and hp.optional:
+                continue
+            ok = isinstance(value, hp.type) and not (hp.type is not bool and isinstance(value, bool))
+            if hp.type is float and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise GeovqError(f"{self.name} {name}={value!r} must be {hp.type.__name__}"
+                                 + (" or None" if hp.optional else ""))
+        self._validate_params()
+        return self
+
+    def _validate_params(self) -> None:
+        """Method-specific checks of the hyperparameters (and of K); override in subclasses."""
 
     # -- the estimator interface ------------------------------------------------------------------
-    def fit(self: Q, latents: LatentSet) -> Q:
+    def fit(self: Q, latents: LatentSet, **fit_options: Any) -> Q:
+        self.validate()
         if self.n_codes > latents.n_tokens:
             raise GeovqError(
                 f"codebook size K={self.n_codes} exceeds the {latents.n_tokens} training tokens; "
                 f"choose K <= {latents.n_tokens}"
             )
-        self.layout = latents.layout
-        self._fit(latents)
-        assert self.codebook is not None and self.codebook.shape == (self.n_codes, latents.token_dim)
+        self.layout_ = latents.layout
+        self.fit_info_: dict[str, Any] = {}
+        self._fit(latents, **fit_options)
+        assert self.codebook_.shape == (self.n_codes, latents.token_dim)
         return self
 
     def encode(self, latents: LatentSet) -> np.ndarray:
         """(N_images, tokens_per_image) int64 codes in [0, K)."""
+        return self.encode_with_info(latents)[0]
+
+    def encode_with_info(self, latents: LatentSet) -> tuple[np.ndarray, dict[str, Any]]:
+        """The codes and a JSON-safe record of how they were made: `seconds` (the encode itself) plus
+        whatever the method adds (`_encode_info`, e.g. how an approximate rule agrees with the exact one)."""
         self._check_fitted()
-        if latents.layout.token_dim != self.layout.token_dim or latents.layout.grouping != self.layout.grouping:
-            raise GeovqError(f"latents have layout {latents.layout}, but this quantizer was fit on {self.layout}")
+        if latents.layout.token_dim != self.layout_.token_dim or latents.layout.grouping != self.layout_.grouping:
+            raise GeovqError(f"latents have layout {latents.layout}, but this quantizer was fit on {self.layout_}")
+        t0 = time.perf_counter()
         codes = self._encode_tokens(latents)
-        return codes.reshape(latents.n_images, latents.tokens_per_image).astype(np.int64)
+        info = {"seconds": time.perf_counter() - t0, **self._encode_info(latents, codes)}
+        return codes.reshape(latents.n_images, latents.tokens_per_image).astype(np.int64), info
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Token vectors of shape codes.shape + (d,)."""
@@ -79,25 +167,21 @@ class Quantizer(ABC):
         codes = np.asarray(codes)
         if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
             raise GeovqError(f"codes must lie in [0, {self.n_codes}); got [{codes.min()}, {codes.max()}]")
-        return self.codebook[codes]
+        return self.codebook_[codes]
 
     # -- persistence ------------------------------------------------------------------------------
-    def params(self) -> dict[str, Any]:
-        """Constructor arguments (JSON-serialisable) that `load` passes back."""
-        return {"n_codes": self.n_codes, "seed": self.seed}
-
     def state(self) -> dict[str, np.ndarray]:
         """Fitted arrays beyond the codebook; override to add more."""
         return {}
 
     def set_state(self, arrays: dict[str, np.ndarray]) -> None:
-        pass
+        """Restore what `state` returned (called by `load` after the codebook and layout are set)."""
 
     def save(self, path: str | os.PathLike) -> None:
         self._check_fitted()
-        header = {"format": "geovq-quantizer", "version": 1, "method": self.name, "params": self.params(),
-                  "layout": self.layout.as_dict(), "fit_info": self.fit_info}
-        save_npz(path, header=np.array(json.dumps(header)), codebook=self.codebook,
+        header = {"format": FORMAT, "version": 2, "method": self.name, "class": quantizer_path(type(self)),
+                  "params": self.get_params(), "layout": self.layout_.as_dict(), "fit_info": self.fit_info_}
+        save_npz(path, header=np.array(json.dumps(header)), codebook=self.codebook_,
                  **{f"state_{k}": v for k, v in self.state().items()})
 
     @staticmethod
@@ -106,53 +190,96 @@ class Quantizer(ABC):
             with np.load(path, allow_pickle=False) as f:
                 header = json.loads(str(f["header"]))
                 arrays = {k: f[k] for k in f.files}
-        except (OSError, KeyError, ValueError) as e:
-            raise GeovqError(f"{path} is not a geovq quantizer file ({e})") from e
-        if header.get("format") != "geovq-quantizer":
-            raise GeovqError(f"{path} is not a geovq quantizer file (format {header.get('format')!r})")
+        except FileNotFoundError:
+            raise GeovqError(f"quantizer file {path} does not exist") from None
+        except Exception as e:  # zip, JSON or array errors: corrupt or foreign. Never suggest allow_pickle.
+            raise GeovqError(f"{path} is not a readable geovq quantizer file ({type(e).__name__}); delete it "
+                             "and the unit is fitted again") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise GeovqError(f"{path} is not a geovq quantizer file (no '{FORMAT}' header)")
         return header, arrays
 
     @staticmethod
     def load_class(path: str | os.PathLike) -> type["Quantizer"]:
-        """The registered class a saved quantizer file belongs to (e.g. to see if it needs a decoder)."""
-        return get_quantizer_class(Quantizer._read(path)[0]["method"])
+        """The class a saved quantizer file belongs to (e.g. to see if it needs a decoder)."""
+        header = Quantizer._read(path)[0]
+        return get_quantizer_class(header["method"], header.get("class"))
 
     @classmethod
     def load(cls, path: str | os.PathLike, **runtime: Any) -> "Quantizer":
         """Load any registered quantizer; `runtime` passes what is not stored (e.g. `decoder=`)."""
         header, arrays = cls._read(path)
-        qcls = get_quantizer_class(header["method"])
+        qcls = get_quantizer_class(header["method"], header.get("class"))
         if cls is not Quantizer and qcls is not cls:
             raise GeovqError(f"{path} holds a {header['method']!r} quantizer, not {cls.name!r}")
         q = qcls(**header["params"], **runtime)
-        q.layout = TokenLayout(**header["layout"])
-        q.fit_info = header["fit_info"]
-        q.codebook = arrays["codebook"]
+        q.layout_ = TokenLayout(**header["layout"])
+        q.fit_info_ = header["fit_info"]
+        q.codebook_ = arrays["codebook"]
         q.set_state({k[len("state_"):]: v for k, v in arrays.items() if k.startswith("state_")})
         return q
 
     # -- for subclasses ---------------------------------------------------------------------------
     @abstractmethod
     def _fit(self, latents: LatentSet) -> None:
-        """Set `self.codebook` (K, d) and anything `_encode_tokens` needs."""
+        """Set `self.codebook_` (K, d), `self.fit_info_`, and anything `_encode_tokens` needs."""
 
     @abstractmethod
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
         """(N·T,) codes for the tokens of `latents`, in token order."""
 
+    def _encode_info(self, latents: LatentSet, codes: np.ndarray) -> dict[str, Any]:
+        """Method-specific figures of an encode (JSON-safe); none by default."""
+        return {}
+
     def _check_fitted(self) -> None:
-        if self.codebook is None:
+        if getattr(self, "codebook_", None) is None:
             raise GeovqError(f"{self.name} quantizer is not fitted: call fit(train_latents) first")
 
 
-def get_quantizer_class(name: str) -> type[Quantizer]:
+def _scalar_type(hint: Any, where: str) -> tuple[type, bool]:
+    """(int/float/str/bool, whether None is allowed) of a hyperparameter's annotation."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)] if args else [hint]
+    if len(kinds) != 1 or kinds[0] not in (int, float, str, bool):
+        raise TypeError(f"hyperparameter {where} must be annotated int, float, str or bool (optionally | None); "
+                        f"got {hint!r}")
+    return kinds[0], optional
+
+
+def _comments(cls: type[Quantizer]) -> dict[str, str]:
+    """{name: comment} of the constructor's `self.name = name  # comment` lines (help texts, said once)."""
+    try:
+        source = inspect.getsource(cls.__init__)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"self\.(\w+) = \w+\s*#\s*(.+)", source)
+    return {name: text.strip() for name, text in found}
+
+
+def quantizer_path(cls: type[Quantizer]) -> str:
+    """'module:QualName': where a worker process imports the class from."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def get_quantizer_class(name: str, path: str | None = None) -> type[Quantizer]:
+    """The class registered as `name`; `path` ('module:Class') imports it first where it lives outside
+    geovq (a worker process has not imported the user's module)."""
     from geovq import quantize  # noqa: F401  (imports every method module, filling the registry)
 
+    if name not in QUANTIZERS and path:
+        module = path.partition(":")[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise GeovqError(f"quantizer {name!r} lives in module {module!r}, which cannot be imported here ({e}); "
+                             "install it (or put it on PYTHONPATH) on every node") from None
     if name not in QUANTIZERS:
         raise GeovqError(f"unknown quantizer {name!r}; valid: {', '.join(sorted(QUANTIZERS))}")
     return QUANTIZERS[name]
 
 
 def make_quantizer(name: str, n_codes: int, seed: int = 0, **kwargs: Any) -> Quantizer:
-    """Construct a registered quantizer by name, e.g. `make_quantizer("kmeans", 256)`."""
-    return get_quantizer_class(name)(n_codes=n_codes, seed=seed, **kwargs)
+    """Construct (and validate) a registered quantizer by name, e.g. `make_quantizer("kmeans", 256)`."""
+    return get_quantizer_class(name)(n_codes=n_codes, seed=seed, **kwargs).validate()

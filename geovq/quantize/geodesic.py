@@ -24,8 +24,7 @@ under a minute on MNIST) and otherwise `approx_rule`, an approximation without a
   The landmark searches use inverted lists (see landmark_index); 490k MNIST tokens take under a minute.
 - `nearest_landmark`: the Euclidean-nearest landmark's code (86% agreement with 20k landmarks, 80% with 10k).
 Every approximately encoded split is measured against the exact rule on a stratified sample of its tokens
-(`check_approximation`), and the figures are kept in `encode_info`, which the pipeline copies into its
-results row. `encode_tokens(..., rule=...)` runs any rule on any subset of tokens.
+(`check_approximation`); `encode_with_info` returns the figures, and the unit's row keeps them. `encode_tokens(..., rule=...)` runs any rule on any subset of tokens.
 
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
@@ -33,26 +32,23 @@ The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import faiss
 import numpy as np
-import torch
 
 from geovq.errors import GeovqError
-from geovq.geometry.decoders import GridTokenDecoder, token_channels
-from geovq.geometry.lengths import CHUNK_ELEMENTS, QUADRATURES, metric_norms, node_metrics, pair_lengths
-from geovq.geometry.graph import METRIC_VALUES, NEIGHBOURS, build_geodesic_graph
-from geovq.geometry.medoids import kmedoids
-from geovq.geometry.knn import nearest_by_metric
-from geovq.geometry.landmarks import landmark_coverage, stratified_tokens
-from geovq.geometry.paths import GraphSpace
 from geovq.latents import LatentSet
 from geovq.quantize.base import Quantizer, register
 
+if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
+    import torch
+
+    from geovq.geometry.decoders import GridTokenDecoder
+
 ENCODE_RULES = ("graph", "landmark_metric", "nearest_landmark")
 APPROX_RULES = ENCODE_RULES[1:]
+NEIGHBOUR_RULES = ("metric", "latent")
 #: fewest tokens an approximate encode is checked on against the exact rule (all, in smaller splits)
 MIN_CHECK_TOKENS = 2000
 #: non-landmark training tokens sampled to measure coverage at fit time
@@ -75,89 +71,98 @@ DECODE_BATCH = 256
 MSE_FLOOR = 1e-12
 
 
-@dataclass
-class GeodesicConfig:
-    k: int = 10  # graph neighbours per node
-    quadrature: str = "endpoint"  # edge-length rule: endpoint (no decoder call beyond the metric tensors),
-    # midpoint, simpson or adaptive
-    neighbours: str = "metric"  # choose neighbours under the pull-back metric, or "latent" (Euclidean)
-    max_landmarks: int = 20_000  # graph nodes; more training tokens are subsampled, stratified by image
-    index: str = "auto"  # k-NN search: exact, ivf, auto
-    exact_encode_limit: int = 10_000  # splits with at most this many tokens: exact rule; larger: approx_rule
-    approx_rule: str = "landmark_metric"  # landmark_metric or nearest_landmark (no decoder call)
-    check_tokens: int = MIN_CHECK_TOKENS  # tokens of an approximately encoded split re-encoded exactly
-    exact_limit: int = 2000  # k-medoids: full distance matrix + FasterPAM up to this many nodes
-    n_blocks: int = 0  # k-medoids: CLARA-style FasterPAM blocks after alternate iterations, at scale
-    chunk_elements: int = CHUNK_ELEMENTS  # decoder output values per JVP call (memory bound)
-
-    def __post_init__(self) -> None:
-        if self.quadrature not in QUADRATURES:
-            raise GeovqError(f"quadrature {self.quadrature!r} is unknown; valid: {', '.join(QUADRATURES)}")
-        if self.neighbours not in NEIGHBOURS:
-            raise GeovqError(f"neighbours {self.neighbours!r} is unknown; valid: {', '.join(NEIGHBOURS)}")
-        if self.approx_rule not in APPROX_RULES:
-            raise GeovqError(f"approx_rule {self.approx_rule!r} is unknown; valid: {', '.join(APPROX_RULES)}")
-        if self.k < 1 or self.max_landmarks < 2:
-            raise GeovqError(f"need k >= 1 and max_landmarks >= 2; got k={self.k}, "
-                             f"max_landmarks={self.max_landmarks}")
-        if self.exact_encode_limit < 0 or self.check_tokens < MIN_CHECK_TOKENS:
-            raise GeovqError(f"need exact_encode_limit >= 0 and check_tokens >= {MIN_CHECK_TOKENS}; got "
-                             f"exact_encode_limit={self.exact_encode_limit}, check_tokens={self.check_tokens}")
-
-
 @register("geodesic")
 class GeodesicQuantizer(Quantizer):
     needs_decoder = True
 
     def __init__(self, n_codes: int, seed: int = 0, decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 **config: Any) -> None:
+                 k: int = 10, quadrature: str = "endpoint", neighbours: str = "metric", max_landmarks: int = 20_000,
+                 index: str = "auto", exact_encode_limit: int = 10_000, approx_rule: str = "landmark_metric",
+                 check_tokens: int = MIN_CHECK_TOKENS, exact_limit: int = 2000, n_blocks: int = 0,
+                 chunk_elements: int | None = None) -> None:
         super().__init__(n_codes, seed)
-        if decoder is None:
-            raise GeovqError("the geodesic quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to images")
-        self.decoder = decoder
-        self.config = GeodesicConfig(**config)
-        # fitted state (what encode needs): the landmark tokens in their images, each landmark's graph
-        # distance D(j) to its nearest medoid and that medoid's code, the medoids' landmark ids, and each
-        # landmark's own k graph neighbours (-1: none)
-        self.landmarks: GridTokenDecoder | None = None
-        self.landmark_distance: np.ndarray | None = None
-        self.landmark_code: np.ndarray | None = None
-        self.medoid_landmarks: np.ndarray | None = None
-        self.landmark_neighbours: np.ndarray | None = None
-        #: how the last `encode` call encoded its split, and how its approximation (if any) compares with
-        #: the exact rule; JSON-safe (see `_encode_tokens` and `check_approximation`)
-        self.encode_info: dict[str, Any] = {}
+        self.decoder = decoder  # a callable from μ-grids (B, h, w, C) to images, in eval mode
+        self.k = k  # graph neighbours per node
+        self.quadrature = quadrature  # edge length: endpoint (no decoder call), midpoint, simpson, adaptive
+        self.neighbours = neighbours  # choose neighbours under the pull-back metric, or "latent" (Euclidean)
+        self.max_landmarks = max_landmarks  # graph nodes; more training tokens are subsampled, by image
+        self.index = index  # k-NN search: exact, ivf, auto
+        self.exact_encode_limit = exact_encode_limit  # splits of at most this many tokens: the exact rule
+        self.approx_rule = approx_rule  # larger splits: landmark_metric or nearest_landmark (no decoder call)
+        self.check_tokens = check_tokens  # tokens of an approximately encoded split re-encoded exactly
+        self.exact_limit = exact_limit  # k-medoids: full distance matrix + FasterPAM up to this many nodes
+        self.n_blocks = n_blocks  # k-medoids: CLARA-style FasterPAM blocks after alternate iterations
+        self.chunk_elements = chunk_elements  # decoder output values per JVP call (None: the engine's default)
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), **asdict(self.config)}
+    def _validate_params(self) -> None:
+        from geovq.geometry.knn import INDEXES
+        from geovq.geometry.lengths import check_quadrature
+
+        check_quadrature(self.quadrature)
+        for name, value, valid in (("neighbours", self.neighbours, NEIGHBOUR_RULES),
+                                   ("approx_rule", self.approx_rule, APPROX_RULES), ("index", self.index, INDEXES)):
+            if value not in valid:
+                raise GeovqError(f"geodesic {name} {value!r} is unknown; valid: {', '.join(valid)}")
+        if self.k < 1 or self.max_landmarks < 2:
+            raise GeovqError(f"geodesic needs k >= 1 and max_landmarks >= 2; got k={self.k}, "
+                             f"max_landmarks={self.max_landmarks}")
+        if self.exact_encode_limit < 0 or self.check_tokens < MIN_CHECK_TOKENS:
+            raise GeovqError(f"geodesic needs exact_encode_limit >= 0 and check_tokens >= {MIN_CHECK_TOKENS}; got "
+                             f"exact_encode_limit={self.exact_encode_limit}, check_tokens={self.check_tokens}")
+        if self.chunk_elements is not None and self.chunk_elements < 1:
+            raise GeovqError(f"geodesic chunk_elements={self.chunk_elements} must be >= 1 (or None)")
+
+    def _check_decoder(self) -> None:
+        if self.decoder is None:  # a runtime argument, not a hyperparameter: checked where it is used
+            raise GeovqError("the geodesic quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to images")
+
+    @property
+    def _chunking(self) -> dict[str, int]:
+        return {} if self.chunk_elements is None else {"chunk_elements": self.chunk_elements}
 
     # -- fit ----------------------------------------------------------------------------------------
-    def _fit(self, latents: LatentSet) -> None:
-        cfg = self.config
+    def _fit(self, latents: LatentSet, edge_lengths: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+             ) -> None:
+        """`edge_lengths(landmark_tokens, edges) -> lengths`: measures the graph's undirected edges (E, 2)
+        between landmarks, given as ids into `landmark_tokens` (token ids of `latents`), instead of this
+        process (e.g. `geovq.stages.edges` on Ray Data workers). Endpoint lengths from metric neighbours'
+        tensors need no decoder call, so they are never handed out."""
+        from geovq.geometry.decoders import GridTokenDecoder
+        from geovq.geometry.graph import build_geodesic_graph
+        from geovq.geometry.landmarks import landmark_coverage, stratified_tokens
+        from geovq.geometry.medoids import kmedoids
+        from geovq.geometry.paths import GraphSpace
+
+        self._check_decoder()
         rng = np.random.default_rng(self.seed)
-        n_landmarks = min(cfg.max_landmarks, latents.n_tokens)
+        n_landmarks = min(self.max_landmarks, latents.n_tokens)
         if self.n_codes > n_landmarks:
             raise GeovqError(f"K={self.n_codes} codes exceeds the {n_landmarks} landmarks; raise max_landmarks")
-        if cfg.k >= n_landmarks:
-            raise GeovqError(f"k={cfg.k} neighbours needs k < the {n_landmarks} landmarks")
+        if self.k >= n_landmarks:
+            raise GeovqError(f"k={self.k} neighbours needs k < the {n_landmarks} landmarks")
         start = time.perf_counter()
         tokens = stratified_tokens(latents.n_images, latents.tokens_per_image, n_landmarks, rng)
-        self.landmarks = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
-        graph = build_geodesic_graph(self.landmarks, cfg.k, cfg.quadrature, cfg.index, self._neighbour_rule(),
-                                     chunk_elements=cfg.chunk_elements)
+        self.landmarks_ = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
+        delegate = None if edge_lengths is None else (lambda edges: edge_lengths(tokens, edges))
+        graph = build_geodesic_graph(self.landmarks_, self.k, self.quadrature, self.index, self._neighbour_rule(),
+                                     edge_lengths_fn=delegate, **self._chunking)
         t0 = time.perf_counter()
         space = GraphSpace(graph.graph)
-        result = kmedoids(space, self.n_codes, self.seed, exact_limit=cfg.exact_limit, n_blocks=cfg.n_blocks)
+        result = kmedoids(space, self.n_codes, self.seed, exact_limit=self.exact_limit, n_blocks=self.n_blocks)
         t1 = time.perf_counter()
-        self.codebook = self.landmarks.points[result.medoids].astype(np.float32)
-        self.landmark_distance, self.landmark_code = result.distances, result.labels
-        self.medoid_landmarks, self.landmark_neighbours = result.medoids, graph.knn.neighbours
+        self.codebook_ = self.landmarks_.points[result.medoids].astype(np.float32)
+        # what encode needs: each landmark's graph distance D(j) to its nearest medoid and that medoid's
+        # code, the medoids' landmark ids, each landmark's own k graph neighbours (-1: none), and the
+        # landmarks' metric tensors (None until needed when the graph did not use them)
+        self.landmark_distance_, self.landmark_code_ = result.distances, result.labels
+        self.medoid_landmarks_, self.landmark_neighbours_ = result.medoids, graph.knn.neighbours
+        self.landmark_metrics_ = graph.metrics
         radius = float(np.median(graph.knn.euclidean))
         others = np.setdiff1d(np.arange(latents.n_tokens), tokens)
         sample = rng.choice(others, size=min(len(others), COVERAGE_SAMPLE), replace=False)
-        coverage = (landmark_coverage(self.landmarks.points, latents.token_mu[sample], radius)
+        coverage = (landmark_coverage(self.landmarks_.points, latents.token_mu[sample], radius)
                     if len(sample) else None)  # None: every training token is a landmark
-        self.fit_info = {
+        self.fit_info_ = {
             "landmarks": int(n_landmarks), "images": int(latents.n_images), "graph": graph.knn.summary(),
             "quotas": result.quotas.tolist(), "objective": result.objective, "converged": bool(result.converged),
             "trace": result.trace, "median_knn_edge": radius,
@@ -174,31 +179,29 @@ class GeodesicQuantizer(Quantizer):
 
     def coverage(self, latents: LatentSet) -> float:
         """Fraction of `latents`' tokens whose nearest landmark lies within the median k-NN edge length."""
+        from geovq.geometry.landmarks import landmark_coverage
+
         self._check_fitted()
-        return landmark_coverage(self.landmarks.points, latents.token_mu, self.fit_info["median_knn_edge"])
+        return landmark_coverage(self.landmarks_.points, latents.token_mu, self.fit_info_["median_knn_edge"])
 
     # -- encode -------------------------------------------------------------------------------------
-    def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
-        """The exact rule for a split of at most `exact_encode_limit` tokens, else `approx_rule`, checked.
+    def rule_for(self, latents: LatentSet) -> str:
+        """The exact rule "graph" for a split of at most `exact_encode_limit` tokens, else `approx_rule`."""
+        return "graph" if latents.n_tokens <= self.exact_encode_limit else self.approx_rule
 
-        Sets `encode_info`: rule, tokens, exact_encode_limit, seconds (the encode itself), landmark_coverage
-        (the split's tokens whose nearest landmark lies within the median k-NN edge), and for an
-        approximation the figures of `check_approximation` (their own time in check_seconds).
-        """
-        cfg = self.config
-        exact = latents.n_tokens <= cfg.exact_encode_limit
-        rule = "graph" if exact else cfg.approx_rule
-        t0 = time.perf_counter()
-        codes = self.encode_tokens(latents, rule=rule)
-        info = {"rule": rule, "tokens": int(latents.n_tokens), "exact_encode_limit": cfg.exact_encode_limit,
-                "seconds": time.perf_counter() - t0,
-                # how well the landmarks cover this split: a split far from every landmark is encoded by
-                # extrapolating the graph, whatever the rule
+    def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
+        return self.encode_tokens(latents, rule=self.rule_for(latents))
+
+    def _encode_info(self, latents: LatentSet, codes: np.ndarray) -> dict[str, Any]:
+        """rule, tokens, exact_encode_limit, landmark_coverage (the split's tokens whose nearest landmark lies
+        within the median k-NN edge: a split far from every landmark is encoded by extrapolating the graph,
+        whatever the rule), and for an approximation the figures of `check_approximation`."""
+        rule = self.rule_for(latents)
+        info = {"rule": rule, "tokens": int(latents.n_tokens), "exact_encode_limit": self.exact_encode_limit,
                 "landmark_coverage": self.coverage(latents)}
-        if not exact:
+        if rule != "graph":
             info.update(self.check_approximation(latents, codes))
-        self.encode_info = info
-        return codes
+        return info
 
     def encode_tokens(self, latents: LatentSet, tokens: np.ndarray | None = None, rule: str = "graph",
                       ) -> np.ndarray:
@@ -207,11 +210,11 @@ class GeodesicQuantizer(Quantizer):
         if rule not in ENCODE_RULES:
             raise GeovqError(f"encode rule {rule!r} is unknown; valid: {', '.join(ENCODE_RULES)}")
         tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
-        land = self.landmarks
+        land = self.landmarks_
         index = landmark_index(land.points, exact=rule == "graph")  # the exact rule searches exactly
         if rule == "nearest_landmark":
             _, nearest = index.search(np.ascontiguousarray(latents.token_mu[tokens], dtype=np.float32), 1)
-            return self.landmark_code[nearest[:, 0]]
+            return self.landmark_code_[nearest[:, 0]]
         similar = None
         if rule == "landmark_metric":  # landmarks by context, to borrow metric tensors from
             features = context_features(land.grids, land.image, land.channels)
@@ -223,21 +226,26 @@ class GeodesicQuantizer(Quantizer):
     def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index, rule: str,
                 similar: faiss.Index | None) -> np.ndarray:
         """label[argmin_j (L_qj + D(j))] over each query's k graph neighbours, for one chunk of tokens."""
-        cfg, land = self.config, self.landmarks
-        k = min(cfg.k, land.n_nodes)
+        from geovq.geometry.decoders import GridTokenDecoder
+        from geovq.geometry.knn import nearest_by_metric
+        from geovq.geometry.lengths import metric_norms, node_metrics, pair_lengths
+
+        land = self.landmarks_
+        k = min(self.k, land.n_nodes)
+        metric_rule = self._neighbour_rule() == "metric"
         if rule == "graph":  # the query's own metric, in its own image
             queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
             points = queries.points
-            query_metrics = node_metrics(queries, cfg.chunk_elements) if self._neighbour_rule() == "metric" else None
+            query_metrics = node_metrics(queries, **self._chunking) if metric_rule else None
         else:  # landmark_metric: no decoder call; the mean metric of the landmarks most like the query
             points = latents.token_mu[tokens].astype(np.float64)
             image, slot = np.divmod(tokens, latents.tokens_per_image)
-            _, alike = similar.search(context_features(latents.mu, image, token_channels(latents.layout, slot)),
+            _, alike = similar.search(context_features(latents.mu, image, latents.layout.flat_positions(slot)),
                                       min(BORROWED, land.n_nodes))
             query_metrics = self._landmark_metrics()[alike].mean(axis=1)
         _, near = index.search(np.ascontiguousarray(points, dtype=np.float32), k)
-        if self._neighbour_rule() == "metric":  # as in the graph: metric-nearest among near ∪ their neighbours
-            known = np.where(self.landmark_neighbours[near] >= 0, self.landmark_neighbours[near], near[:, :, None])
+        if metric_rule:  # as in the graph: metric-nearest among near ∪ their neighbours
+            known = np.where(self.landmark_neighbours_[near] >= 0, self.landmark_neighbours_[near], near[:, :, None])
             candidates = np.concatenate([near, known.reshape(len(near), -1)], axis=1)
             near = nearest_by_metric(points, query_metrics, candidates, land.points, k)
         q = np.repeat(np.arange(len(tokens)), k)
@@ -245,14 +253,15 @@ class GeodesicQuantizer(Quantizer):
         found = j >= 0
         q, j = q[found], j[found]
         if rule == "graph":
-            length = pair_lengths(queries, q, land, j, cfg.quadrature, chunk_elements=cfg.chunk_elements)
+            length = pair_lengths(queries, q, land, j, self.quadrature, metrics_a=query_metrics,
+                                  metrics_b=self._landmark_metrics() if metric_rule else None, **self._chunking)
         else:  # the endpoint rule, the query's end with its borrowed metric tensor
             delta = land.points[j] - points[q]
             length = 0.5 * (metric_norms(query_metrics[q], delta) + metric_norms(self._landmark_metrics()[j], delta))
         cost = np.full(len(found), np.inf)
-        cost[found] = length + self.landmark_distance[j]
+        cost[found] = length + self.landmark_distance_[j]
         best = np.argmin(cost.reshape(len(tokens), k), axis=1)
-        return self.landmark_code[near[np.arange(len(tokens)), best]]
+        return self.landmark_code_[near[np.arange(len(tokens)), best]]
 
     def check_approximation(self, latents: LatentSet, codes: np.ndarray) -> dict[str, Any]:
         """Figures of approximate `codes` (all of latents' tokens) against the exact rule, on a sample.
@@ -274,21 +283,23 @@ class GeodesicQuantizer(Quantizer):
           With one sampled token per image, these are the effects of single tokens, not of a whole split.
         - check_seconds: time taken by this check.
         """
+        from geovq.geometry.landmarks import stratified_tokens
+
         t0 = time.perf_counter()
         per_image = latents.tokens_per_image
-        n_check = min(self.config.check_tokens, latents.n_tokens)
+        n_check = min(self.check_tokens, latents.n_tokens)
         sample = stratified_tokens(latents.n_images, per_image, n_check, np.random.default_rng(self.seed))
         exact = self.encode_tokens(latents, sample, rule="graph")
         approx = np.asarray(codes).reshape(-1)[sample]
         differs = approx != exact
         images, local = np.unique(sample // per_image, return_inverse=True)
-        channels = token_channels(latents.layout, sample % per_image)
+        channels = latents.layout.flat_positions(sample % per_image)
         grids = latents.mu[images].reshape(len(images), -1)
         reference = self._decode(grids)
         decoded = {}
         for name, chosen in (("exact", exact), ("approx", approx)):
             replaced = grids.copy()
-            replaced[local[:, None], channels] = self.codebook[chosen]
+            replaced[local[:, None], channels] = self.codebook_[chosen]
             decoded[name] = self._decode(replaced)
         psnr_exact, psnr_approx = _psnr(decoded["exact"], reference), _psnr(decoded["approx"], reference)
         image_differs = np.bincount(local, weights=differs, minlength=len(images)) > 0
@@ -296,9 +307,9 @@ class GeodesicQuantizer(Quantizer):
         mu = latents.token_mu[sample].astype(np.float64)
         return {
             "check_tokens": int(n_check), "check_images": int(len(images)), "agreement": float(1 - differs.mean()),
-            "latent_sq_diff": float(((self.codebook[approx] - self.codebook[exact]).astype(np.float64) ** 2)
+            "latent_sq_diff": float(((self.codebook_[approx] - self.codebook_[exact]).astype(np.float64) ** 2)
                                     .sum(1).mean()),
-            "latent_sq_error_exact": float(((self.codebook[exact] - mu) ** 2).sum(1).mean()),
+            "latent_sq_error_exact": float(((self.codebook_[exact] - mu) ** 2).sum(1).mean()),
             "psnr_exact_db": float(psnr_exact.mean()), "psnr_approx_db": float(psnr_approx.mean()),
             "delta_psnr_db": float((psnr_approx - psnr_exact).mean()),
             "differing_images": int(image_differs.sum()),
@@ -308,34 +319,46 @@ class GeodesicQuantizer(Quantizer):
 
     def _decode(self, grids: np.ndarray) -> np.ndarray:
         """(n, h·w·C) flattened μ-grids -> (n, P) float64 decoder outputs, in batches, without gradients."""
-        land = self.landmarks
+        import torch
+
+        land = self.landmarks_
         out = []
         with torch.no_grad():
             for s in range(0, len(grids), DECODE_BATCH):
-                batch = torch.as_tensor(grids[s:s + DECODE_BATCH], dtype=land.dtype).reshape(-1, *land.grid_shape)
-                out.append(self.decoder(batch).reshape(len(batch), -1).double().numpy())
+                batch = land.tensor(grids[s:s + DECODE_BATCH]).reshape(-1, *land.grid_shape)
+                out.append(self.decoder(batch).reshape(len(batch), -1).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, land.out_dim))
 
     def _landmark_metrics(self) -> np.ndarray:
-        """The landmarks' metric tensors: kept from the fit, or computed once after `load`."""
-        land = self.landmarks
-        return land.metrics if land.metrics is not None else node_metrics(land, self.config.chunk_elements)
+        """The landmarks' metric tensors: kept from the fit, or computed on first use after `load`."""
+        from geovq.geometry.lengths import node_metrics
+
+        if self.landmark_metrics_ is None:
+            self.landmark_metrics_ = node_metrics(self.landmarks_, **self._chunking)
+        return self.landmark_metrics_
 
     def _neighbour_rule(self) -> str:
         """Metric neighbours unless the landmarks' metric tensors would not fit (as build_geodesic_graph)."""
-        n, d = self.landmarks.n_nodes, self.landmarks.dim
-        return "metric" if self.config.neighbours == "metric" and n * d * d <= METRIC_VALUES else "latent"
+        from geovq.geometry.graph import METRIC_VALUES
+
+        n, d = self.landmarks_.n_nodes, self.landmarks_.dim
+        return "metric" if self.neighbours == "metric" and n * d * d <= METRIC_VALUES else "latent"
 
     # -- persistence --------------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
-        land = self.landmarks
-        return {"grids": land.grids, "image": land.image, "channels": land.channels, "distance": self.landmark_distance,
-                "label": self.landmark_code, "medoids": self.medoid_landmarks, "neighbours": self.landmark_neighbours}
+        land = self.landmarks_
+        return {"grids": land.grids, "image": land.image, "channels": land.channels,
+                "distance": self.landmark_distance_, "label": self.landmark_code_,
+                "medoids": self.medoid_landmarks_, "neighbours": self.landmark_neighbours_}
 
     def set_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self.landmarks = GridTokenDecoder(self.decoder, arrays["grids"], arrays["image"], arrays["channels"])
-        self.landmark_distance, self.landmark_code = arrays["distance"], arrays["label"]
-        self.medoid_landmarks, self.landmark_neighbours = arrays["medoids"], arrays["neighbours"]
+        from geovq.geometry.decoders import GridTokenDecoder
+
+        self._check_decoder()
+        self.landmarks_ = GridTokenDecoder(self.decoder, arrays["grids"], arrays["image"], arrays["channels"])
+        self.landmark_distance_, self.landmark_code_ = arrays["distance"], arrays["label"]
+        self.medoid_landmarks_, self.landmark_neighbours_ = arrays["medoids"], arrays["neighbours"]
+        self.landmark_metrics_ = None
 
 
 def context_features(grids: np.ndarray, image: np.ndarray, channels: np.ndarray) -> np.ndarray:

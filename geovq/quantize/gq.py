@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import ndtri
-from scipy.stats import qmc
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
@@ -60,6 +58,9 @@ def check_beta(beta: float) -> float:
 
 def sobol_gaussian_codebook(n_codes: int, dim: int, seed: int) -> np.ndarray:
     """(K, d) float64 codebook: the first K scrambled Sobol points in [0, 1)^d through the inverse normal CDF."""
+    from scipy.special import ndtri
+    from scipy.stats import qmc
+
     m = check_power_of_two(n_codes)
     if dim < 1:
         raise GeovqError(f"codeword dimension d={dim} must be at least 1")
@@ -102,20 +103,20 @@ class GaussianQuant(Quantizer):
 
     def __init__(self, n_codes: int, seed: int = 0, beta: float = 1.0) -> None:
         super().__init__(n_codes, seed)
-        check_power_of_two(self.n_codes)
-        self.beta = check_beta(beta)
+        self.beta = beta  # 1: importance weights q/p; 0: σ-weighted nearest neighbour
 
-    def params(self) -> dict:
-        return {**super().params(), "beta": self.beta}
+    def _validate_params(self) -> None:
+        check_power_of_two(self.n_codes)
+        check_beta(self.beta)
 
     def _fit(self, latents: LatentSet) -> None:
         # Nothing is learned: the training latents only fix the layout and give the rate diagnostics.
-        self.codebook = self._regenerate(latents.token_dim)
+        self.codebook_ = self._regenerate(latents.token_dim)
         kl_bits = latents.token_kl_bits()
         log2_k = math.log2(self.n_codes)
         # σ² >= 1/β  <=>  log σ² >= −ln β: where the rule's c² coefficient is <= 0 (see module docstring).
         flipped = float((latents.token_logvar >= -math.log(self.beta)).mean()) if self.beta > 0 else 0.0
-        self.fit_info = {
+        self.fit_info_ = {
             "log2_codes": log2_k,
             "mean_token_kl_bits": float(kl_bits.mean()),
             "rate_gap_bits": log2_k - float(kl_bits.mean()),
@@ -123,18 +124,18 @@ class GaussianQuant(Quantizer):
         }
 
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
-        return gq_select(self.codebook, latents.token_mu, latents.token_logvar, self.beta)
+        return gq_select(self.codebook_, latents.token_mu, latents.token_logvar, self.beta)
 
     def set_state(self, arrays: dict[str, np.ndarray]) -> None:
         # Called by `load` after it restored the saved codebook: regenerate it and insist they agree, since a
         # different scipy could scramble Sobol points differently and silently change every code.
-        regenerated = self._regenerate(self.layout.token_dim)
-        if not np.array_equal(regenerated, self.codebook):
+        regenerated = self._regenerate(self.layout_.token_dim)
+        if not np.array_equal(regenerated, self.codebook_):
             raise GeovqError(
-                f"the saved gq codebook (K={self.n_codes}, d={self.layout.token_dim}, seed={self.seed}) differs "
+                f"the saved gq codebook (K={self.n_codes}, d={self.layout_.token_dim}, seed={self.seed}) differs "
                 f"from the one this scipy regenerates; re-fit the quantizer with this environment"
             )
-        self.codebook = regenerated
+        self.codebook_ = regenerated
 
     def _regenerate(self, dim: int) -> np.ndarray:
         # Stored and decoded as float32 like the latents; encode scores the same float32 values.

@@ -9,31 +9,14 @@ with alternate iterations plus CLARA-style FasterPAM blocks (geovq.geometry.medo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
 from geovq.errors import GeovqError
-from geovq.geometry.medoids import EuclideanSpace, kmedoids
-from geovq.geometry.landmarks import stratified_tokens
 from geovq.latents import LatentSet
+from geovq.nearest import exact_nearest
 from geovq.quantize.base import Quantizer, register
-
-
-@dataclass
-class WassersteinConfig:
-    max_points: int = 50_000  # tokens the medoids are fitted on (stratified across images)
-    exact_limit: int = 2000  # full distance matrix + FasterPAM up to this many points
-    n_blocks: int = 2  # CLARA-style FasterPAM blocks after alternate iterations, at scale
-    block_size: int = 2000
-    max_iter: int = 100
-
-    def __post_init__(self) -> None:
-        if self.max_points < 2 or self.block_size < 2 or self.max_iter < 1 or self.n_blocks < 0:
-            raise GeovqError(f"invalid wasserstein settings {self}: need max_points, block_size >= 2, "
-                             f"max_iter >= 1, n_blocks >= 0")
 
 
 def w2_points(latents: LatentSet, tokens: np.ndarray | None = None) -> np.ndarray:
@@ -46,39 +29,44 @@ def w2_points(latents: LatentSet, tokens: np.ndarray | None = None) -> np.ndarra
 
 @register("wasserstein")
 class WassersteinQuantizer(Quantizer):
-    def __init__(self, n_codes: int, seed: int = 0, **config: Any) -> None:
+    def __init__(self, n_codes: int, seed: int = 0, max_points: int = 50_000, exact_limit: int = 2000,
+                 n_blocks: int = 2, block_size: int = 2000, max_iter: int = 100) -> None:
         super().__init__(n_codes, seed)
-        self.config = WassersteinConfig(**config)
-        self.sigma: np.ndarray | None = None  # (K, d) the medoids' σ
+        self.max_points = max_points  # tokens the medoids are fitted on (stratified across images)
+        self.exact_limit = exact_limit  # full distance matrix + FasterPAM up to this many points
+        self.n_blocks = n_blocks  # CLARA-style FasterPAM blocks after alternate iterations, at scale
+        self.block_size = block_size  # points per FasterPAM block (current medoids + a random sample)
+        self.max_iter = max_iter  # alternate (Voronoi) iterations at most
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), **asdict(self.config)}
+    def _validate_params(self) -> None:
+        if self.max_points < 2 or self.block_size < 2 or self.max_iter < 1 or self.n_blocks < 0:
+            raise GeovqError(f"invalid wasserstein settings {self.get_params()}: need max_points, block_size "
+                             ">= 2, max_iter >= 1, n_blocks >= 0")
 
     def _fit(self, latents: LatentSet) -> None:
-        cfg = self.config
+        from geovq.geometry.landmarks import stratified_tokens
+        from geovq.geometry.medoids import EuclideanSpace, kmedoids
+
         rng = np.random.default_rng(self.seed)
-        n_points = min(cfg.max_points, latents.n_tokens)
+        n_points = min(self.max_points, latents.n_tokens)
         if self.n_codes > n_points:
             raise GeovqError(f"K={self.n_codes} codes exceeds the {n_points} fitted tokens; raise max_points")
         tokens = stratified_tokens(latents.n_images, latents.tokens_per_image, n_points, rng)
         points = w2_points(latents, tokens)
-        result = kmedoids(EuclideanSpace(points), self.n_codes, self.seed, exact_limit=cfg.exact_limit,
-                          max_iter=cfg.max_iter, n_blocks=cfg.n_blocks, block_size=cfg.block_size)
+        result = kmedoids(EuclideanSpace(points), self.n_codes, self.seed, exact_limit=self.exact_limit,
+                          max_iter=self.max_iter, n_blocks=self.n_blocks, block_size=self.block_size)
         d = latents.token_dim
-        self.codebook = points[result.medoids, :d].astype(np.float32)
-        self.sigma = points[result.medoids, d:].astype(np.float32)
-        self.fit_info = {"points": int(n_points), "objective": result.objective,
-                         "mean_w2": result.objective / n_points, "converged": bool(result.converged),
-                         "trace": result.trace, "seconds": result.seconds}
+        self.codebook_ = points[result.medoids, :d].astype(np.float32)
+        self.sigma_ = points[result.medoids, d:].astype(np.float32)  # (K, d) the medoids' σ
+        self.fit_info_ = {"points": int(n_points), "objective": result.objective,
+                          "mean_w2": result.objective / n_points, "converged": bool(result.converged),
+                          "trace": result.trace, "seconds": result.seconds}
 
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
-        index = faiss.IndexFlatL2(2 * self.codebook.shape[1])
-        index.add(np.ascontiguousarray(np.concatenate([self.codebook, self.sigma], axis=1), dtype=np.float32))
-        _, nearest = index.search(np.ascontiguousarray(w2_points(latents), dtype=np.float32), 1)
-        return nearest[:, 0].astype(np.int64)
+        return exact_nearest(np.concatenate([self.codebook_, self.sigma_], axis=1), w2_points(latents))[1][:, 0]
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"sigma": self.sigma}
+        return {"sigma": self.sigma_}
 
-    def set_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self.sigma = arrays["sigma"]
+    def set_state(self, arrays: dict[str, Any]) -> None:
+        self.sigma_ = arrays["sigma"]

@@ -8,7 +8,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from geovq.config import TDC_TOLERANCE_BITS
 from geovq.io import atomic_path
 from geovq.latents import LatentSet
 from geovq.report.tables import mean_ci
@@ -68,9 +67,10 @@ def write_figures(run_dir: Path, rows: list[dict[str, Any]], ceilings: list[dict
             ax.grid(alpha=0.3, axis="x")
         _save(fig, run_dir / "figures" / f"compare_{bits:g}bits.png")
 
-    for done in sorted((run_dir / "vae").glob("*/seed*/ceiling.json")):  # redrawn: older runs get the map too
-        token_kl_figure(done.parent, LatentSet.load(done.parent / "latents_test.npz"),
-                        json.loads(done.read_text())["tdc_target_bits"], TDC_TOLERANCE_BITS)
+    for done in sorted((run_dir / "vae").glob("*/ceiling.json")):
+        ceiling = json.loads(done.read_text())
+        token_kl_figure(done.parent, LatentSet.load(done.parent / "latents_test.npz"), ceiling["tdc_target_bits"],
+                        ceiling["tdc_tolerance"], title=done.parent.name)
 
 
 def _stat(rows: list[dict[str, Any]], metric: str) -> tuple[float, float]:
@@ -97,7 +97,8 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def token_kl_figure(vae_dir: Path, test: LatentSet, target_bits: float | None, tolerance: float) -> None:
+def token_kl_figure(vae_dir: Path, test: LatentSet, target_bits: float | None, tolerance: float,
+                    title: str) -> None:
     """vae_dir/kl_histogram.png from the VAE's test latents: the per-token KL histogram (TDC band shaded)
     beside a map of the mean KL at each grid cell, where each cell also shows the share of its tokens in the band.
 
@@ -117,7 +118,7 @@ def token_kl_figure(vae_dir: Path, test: LatentSet, target_bits: float | None, t
         hist.axvspan(target_bits - tolerance, target_bits + tolerance, color="C1", alpha=0.25, label="T ± τ")
         hist.axvline(target_bits, color="C1")
         hist.legend()
-    hist.set(xlabel="per-token KL (bits)", ylabel="test tokens", title=f"{vae_dir.parent.name}/{vae_dir.name}")
+    hist.set(xlabel="per-token KL (bits)", ylabel="test tokens", title=title)
     cell_means = kl.mean(axis=(0, 3))
     image = cells.imshow(cell_means, cmap="viridis")
     fig.colorbar(image, ax=cells, label="mean KL (bits)")

@@ -87,10 +87,11 @@ def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], 
 
 def write_results(run_dir: Path) -> list[dict[str, Any]]:
     rows = collect_rows(run_dir)
-    ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("*/seed*/ceiling.json"))]
+    ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("*/ceiling.json"))]
     write_json(run_dir / "results.json", rows)
     buf = io.StringIO()
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"fit_info", "finetune", "encode_info"})
+    # nested records (fit_info, encode_info, params, finetune) stay in results.json
+    extra = sorted({k for r in rows for k, v in r.items() if not isinstance(v, dict)} - set(COLUMNS))
     writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

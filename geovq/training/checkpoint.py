@@ -16,7 +16,7 @@ from geovq.errors import GeovqError
 from geovq.io import atomic_path
 
 FORMAT = "geovq-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: VQ-VAE checkpoints carry their layout and K beside the VQConfig
 
 
 def save_checkpoint(path: str | os.PathLike, kind: str, model: torch.nn.Module, config: dict[str, Any],
@@ -34,7 +34,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
     except FileNotFoundError as e:
         raise GeovqError(f"checkpoint {path} does not exist") from e
     except Exception as e:  # unpickling errors of many kinds: corrupt, truncated, or unsafe content
-        raise GeovqError(f"{path} is not a readable geovq checkpoint ({type(e).__name__}: {e})") from e
+        # torch's own message may advise weights_only=False: never pass that on for an untrusted file
+        raise GeovqError(f"{path} is not a readable geovq checkpoint ({type(e).__name__}); delete it and the "
+                         "stage that wrote it runs again") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise GeovqError(f"{path} is not a geovq checkpoint (no '{FORMAT}' header)")
     if payload.get("version") != VERSION:
@@ -44,22 +46,25 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
     return payload
 
 
-def load_model(path: str | os.PathLike, kind: str | None = None) -> torch.nn.Module:
-    """Rebuild a VAE or VQ-VAE from its checkpoint alone, in eval mode."""
-    from geovq.models.trunk import TrunkConfig
+def load_model(path: str | os.PathLike, kind: str | None = None,
+               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild a VAE or VQ-VAE from its checkpoint alone, on `device`, in eval mode."""
+    from geovq.config import TrunkConfig, VQConfig
+    from geovq.latents import TokenLayout
     from geovq.models.vae import GaussianVAE
-    from geovq.models.vqvae import VQVAE, VQConfig
+    from geovq.models.vqvae import VQVAE
 
     payload = load_checkpoint(path, kind)
-    trunk = TrunkConfig(**payload["config"]["trunk"])
+    config = payload["config"]
+    trunk = TrunkConfig(**config["trunk"])
     if payload["kind"] == "vae":
         model = GaussianVAE(trunk)
     elif payload["kind"] == "vqvae":
-        model = VQVAE(trunk, VQConfig(**payload["config"]["vq"]))
+        model = VQVAE(trunk, TokenLayout(**config["layout"]), config["n_codes"], VQConfig(**config["vq"]))
     else:
         raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, vqvae")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
         raise GeovqError(f"{path}: weights do not match the stored config ({e})") from e
-    return model.eval()
+    return model.to(device).eval()

@@ -7,9 +7,10 @@ last finished epoch, written atomically.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,59 +18,51 @@ import numpy as np
 import torch
 from torch import nn
 
+from geovq.config import TDCConfig, TrainConfig, TrunkConfig, VQConfig
 from geovq.errors import GeovqError
 from geovq.io import atomic_path
 from geovq.latents import TokenLayout
-from geovq.models.trunk import TrunkConfig
 from geovq.models.vae import GaussianVAE
-from geovq.models.vqvae import VQVAE, VQConfig, tokens_of
+from geovq.models.vqvae import VQVAE
 from geovq.training.checkpoint import save_checkpoint
 from geovq.training.tdc import TDCController, token_kl_bits
 
-RECON_LOSSES = ("bce", "mse")
+log = logging.getLogger("geovq")
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-3
-    recon: str = "bce"  # reconstruction likelihood: Bernoulli (bce) or Gaussian (mse)
-    beta: float = 1.0  # KL weight of the Gaussian VAE
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise GeovqError(f"epochs={self.epochs} must be >= 0")
-        if self.recon not in RECON_LOSSES:
-            raise GeovqError(f"reconstruction loss {self.recon!r} is unknown; valid: {', '.join(RECON_LOSSES)}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _batches(images: np.ndarray, batch_size: int, rng: np.random.Generator | None):
+def _batches(images: np.ndarray, batch_size: int, rng: np.random.Generator | None, device: torch.device):
+    """Batches on `device`: pinned host memory and a non-blocking copy where the device is a GPU."""
     order = rng.permutation(len(images)) if rng is not None else np.arange(len(images))
     for start in range(0, len(images), batch_size):
-        yield torch.from_numpy(images[order[start:start + batch_size]])
+        yield to_device(images[order[start:start + batch_size]], device)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A numpy batch as a tensor on `device` (no copy on the CPU; pinned + non-blocking to a GPU)."""
+    batch = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def _log_images(writer, tag: str, originals: torch.Tensor, recons: torch.Tensor, step: int) -> None:
     from torchvision.utils import make_grid
 
-    pairs = torch.cat([originals[:16], recons[:16]])
+    pairs = torch.cat([originals[:16], recons[:16]]).cpu()
     writer.add_image(tag, make_grid(pairs, nrow=16, pad_value=0.5), step)
 
 
 def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, torch.Tensor]],
                 train_images: np.ndarray, val_images: np.ndarray, cfg: TrainConfig, out_dir: Path,
-                progress: Callable[..., Any], desc: str, stateful: dict[str, Any] | None = None) -> dict[str, float]:
+                progress: Callable[..., Any], desc: str, device: torch.device,
+                stateful: dict[str, Any] | None = None) -> dict[str, float]:
     """Optimise `model` with Adam (cosine decay) on `step_loss`; log to TensorBoard in out_dir/tb.
 
     `step_loss` returns scalars (logged; "loss" is minimised), "logits" (for image grids) and optional
     "hist_*" tensors (logged as histograms). `stateful` objects with state_dict()/load_state_dict() (e.g. the
     TDC controller) are saved with every epoch's resume point. Returns the final validation losses.
-    Resumes from out_dir/state.pt when present.
+    Resumes from out_dir/state.pt when present (written device-independent: CPU tensors), logging the epoch
+    it resumes from. `model` must already be on `device`.
     """
     stateful = stateful or {}
     from torch.utils.tensorboard import SummaryWriter
@@ -82,14 +75,17 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
     start_epoch = 0
     state_path = out_dir / "state.pt"
     if state_path.exists():  # resume an interrupted training
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_state(state_path)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
         torch.set_rng_state(state["torch_rng"])  # the VAE's sampling noise continues where it stopped
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         for name, obj in stateful.items():
             obj.load_state_dict(state[name])
+        log.info("%s: resuming from epoch %d of %d (%s)", desc, start_epoch, cfg.epochs, state_path)
     writer = SummaryWriter(str(out_dir / "tb"))
     rng = np.random.default_rng(cfg.seed)
     for _ in range(start_epoch):  # replay the shuffles so a resumed run sees the same batches
@@ -101,7 +97,7 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.time()
-        for batch in _batches(train_images, cfg.batch_size, rng):
+        for batch in _batches(train_images, cfg.batch_size, rng, device):
             losses = step_loss(batch)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -115,19 +111,20 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
                         writer.add_scalar(f"train/{k}", float(v.detach()), step)
                     elif k.startswith("hist_"):
                         writer.add_histogram(f"train/{k[5:]}", v.detach().flatten(), step)
-        val_losses = evaluate_losses(model, step_loss, val_images, cfg.batch_size)
+        val_losses = evaluate_losses(model, step_loss, val_images, cfg.batch_size, device)
         for k, v in val_losses.items():
             writer.add_scalar(f"val/{k}", v, epoch + 1)
         writer.add_scalar("time/epoch_seconds", time.time() - t0, epoch + 1)
         with torch.no_grad():
-            first = torch.from_numpy(val_images[:16])
+            first = to_device(val_images[:16], device)
             _log_images(writer, "val/originals_top_recons_bottom", first,
                         torch.sigmoid(step_loss(first)["logits"]), epoch + 1)
         with atomic_path(state_path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                        "torch_rng": torch.get_rng_state(),
-                        **{name: obj.state_dict() for name, obj in stateful.items()}}, tmp)
+            torch.save(_to_cpu({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                                "torch_rng": torch.get_rng_state(),
+                                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                                **{name: obj.state_dict() for name, obj in stateful.items()}}), tmp)
         bar.set_description(f"{desc} epoch {epoch + 1}/{cfg.epochs} val loss {val_losses['loss']:.4g}")
     bar.close()
     writer.close()
@@ -135,11 +132,32 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
     return val_losses
 
 
+def load_state(path: Path) -> dict[str, Any]:
+    """A training's resume point, refused clearly when it is not one (it is then simply deleted and redone)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign: never suggest weights_only=False
+        raise GeovqError(f"{path} is not a readable training resume point ({type(e).__name__}); delete it and "
+                         "the training restarts from epoch 0") from None
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors of a nested state moved to the CPU, so that a resume point written on a GPU loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 @torch.no_grad()
-def evaluate_losses(model: nn.Module, step_loss, images: np.ndarray, batch_size: int) -> dict[str, float]:
+def evaluate_losses(model: nn.Module, step_loss, images: np.ndarray, batch_size: int,
+                    device: torch.device) -> dict[str, float]:
     model.eval()
     totals: dict[str, float] = {}
-    for batch in _batches(images, batch_size, None):
+    for batch in _batches(images, batch_size, None, device):
         for k, v in step_loss(batch).items():
             if v.ndim == 0:
                 totals[k] = totals.get(k, 0.0) + float(v) * len(batch)
@@ -147,19 +165,20 @@ def evaluate_losses(model: nn.Module, step_loss, images: np.ndarray, batch_size:
 
 
 def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, val_images: np.ndarray,
-              out_dir: Path, progress: Callable[..., Any], layout: TokenLayout | None = None,
-              tdc_target_bits: float | None = None) -> GaussianVAE:
-    """Train the Gaussian VAE; writes out_dir/model.pt (weights + config, and the TDC state if any).
+              out_dir: Path, progress: Callable[..., Any], device: torch.device, layout: TokenLayout | None = None,
+              tdc_target_bits: float | None = None, tdc: TDCConfig | None = None) -> GaussianVAE:
+    """Train the Gaussian VAE on `device`; writes out_dir/model.pt (weights + config, and the TDC state if any).
 
     Plain: reconstruction NLL + β·KL, both summed per image. With `tdc_target_bits` T, the KL term is the
-    Target Divergence Constraint of DESIGN.md §3.6 on per-token KL (grouped by `layout`), steering every
-    token's KL to T = log2 K bits. Per-token KL (mean, min, max, histogram) is logged either way.
-    `layout` defaults to one token per grid cell (d = C).
+    Target Divergence Constraint of DESIGN.md §3.6 (settings `tdc`) on per-token KL (grouped by `layout`),
+    steering every token's KL to T = log2 K bits. Per-token KL (mean, min, max, histogram) is logged either
+    way. `layout` defaults to one token per grid cell (d = C).
     """
     layout = layout or TokenLayout(*trunk.grid, trunk.latent_channels, trunk.latent_channels)
     torch.manual_seed(cfg.seed)
-    model = GaussianVAE(trunk)
-    tdc = TDCController(tdc_target_bits) if tdc_target_bits is not None else None
+    model = GaussianVAE(trunk).to(device)
+    controller = (TDCController.from_config(tdc_target_bits, tdc or TDCConfig())
+                  if tdc_target_bits is not None else None)
 
     def step_loss(x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = model.loss(x, cfg.recon, cfg.beta)
@@ -167,49 +186,52 @@ def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, va
         losses = {k: out[k] for k in ("loss", "nll", "kl", "logits")}
         losses.update(kl_bits_mean=kl_bits.mean(), kl_bits_min=kl_bits.min(), kl_bits_max=kl_bits.max(),
                       hist_token_kl_bits=kl_bits)
-        if tdc is not None:
-            losses["loss"] = out["nll"] + tdc.loss(kl_bits)
-            losses.update(tdc_lambda=torch.tensor(tdc.lam), tdc_lambda_min=torch.tensor(tdc.lam_min),
-                          tdc_lambda_max=torch.tensor(tdc.lam_max))
+        if controller is not None:
+            losses["loss"] = out["nll"] + controller.loss(kl_bits)
+            losses.update(tdc_lambda=torch.tensor(controller.lam), tdc_lambda_min=torch.tensor(controller.lam_min),
+                          tdc_lambda_max=torch.tensor(controller.lam_max))
             if model.training:  # λ's move after each training step, never on validation batches
-                tdc.update(kl_bits.detach())
+                controller.update(kl_bits.detach())
         return losses
 
     val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress,
-                      "vae" if tdc is None else f"vae tdc T={tdc_target_bits:g}",
-                      stateful={"tdc": tdc} if tdc is not None else None)
+                      "vae" if controller is None else f"vae tdc T={tdc_target_bits:g}", device,
+                      stateful={"tdc": controller} if controller is not None else None)
     save_checkpoint(out_dir / "model.pt", "vae", model, {"trunk": trunk.as_dict(), "train": cfg.as_dict()},
-                    {"val_losses": val, "tdc": tdc.state_dict() if tdc is not None else None})
+                    {"val_losses": val, "tdc": controller.state_dict() if controller is not None else None})
     return model
 
 
-def train_vqvae(trunk: TrunkConfig, vq: VQConfig, cfg: TrainConfig, train_images: np.ndarray,
-                val_images: np.ndarray, out_dir: Path, progress: Callable[..., Any]) -> VQVAE:
-    """Train the VQ-VAE (k-means init of the codebook first); writes out_dir/model.pt."""
+def train_vqvae(trunk: TrunkConfig, layout: TokenLayout, n_codes: int, vq: VQConfig, cfg: TrainConfig,
+                train_images: np.ndarray, val_images: np.ndarray, out_dir: Path, progress: Callable[..., Any],
+                device: torch.device) -> VQVAE:
+    """Train the VQ-VAE on `device` (k-means init of the codebook first); writes out_dir/model.pt."""
     torch.manual_seed(cfg.seed)
-    model = VQVAE(trunk, vq)
+    model = VQVAE(trunk, layout, n_codes, vq).to(device)
     if not (out_dir / "state.pt").exists():
-        _kmeans_init(model, train_images, cfg)
+        _kmeans_init(model, train_images, cfg, device)
 
     def step_loss(x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = model.loss(x, cfg.recon)
         return {k: out[k] for k in ("loss", "nll", "commit", "restarted", "logits")}
 
-    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, f"vqvae K={vq.n_codes}")
+    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, f"vqvae K={n_codes}",
+                      device)
     save_checkpoint(out_dir / "model.pt", "vqvae", model,
-                    {"trunk": trunk.as_dict(), "vq": vq.as_dict(), "train": cfg.as_dict()}, {"val_losses": val})
+                    {"trunk": trunk.as_dict(), "layout": layout.as_dict(), "n_codes": n_codes,
+                     "vq": asdict(vq), "train": cfg.as_dict()}, {"val_losses": val})
     return model
 
 
 @torch.no_grad()
-def _kmeans_init(model: VQVAE, train_images: np.ndarray, cfg: TrainConfig) -> None:
+def _kmeans_init(model: VQVAE, train_images: np.ndarray, cfg: TrainConfig, device: torch.device) -> None:
     """Initialise the codebook by k-means on the untrained encoder's outputs of a random image sample."""
     rng = np.random.default_rng(cfg.seed)
     per_image = model.layout.tokens_per_image
     n_images = min(len(train_images), max(1, -(-model.vq.kmeans_init_tokens // per_image)))
-    sample = torch.from_numpy(train_images[rng.choice(len(train_images), n_images, replace=False)])
-    flat = tokens_of(model.encoder(sample), model.layout).reshape(-1, model.layout.token_dim)
-    if flat.shape[0] < model.vq.n_codes:
-        raise GeovqError(f"codebook size K={model.vq.n_codes} exceeds the {flat.shape[0]} tokens available "
+    sample = to_device(train_images[rng.choice(len(train_images), n_images, replace=False)], device)
+    flat = model.tokens(sample).reshape(-1, model.layout.token_dim)
+    if flat.shape[0] < model.n_codes:
+        raise GeovqError(f"codebook size K={model.n_codes} exceeds the {flat.shape[0]} tokens available "
                          "for its k-means initialisation")
-    model.codebook.init_from(flat.numpy(), cfg.seed)
+    model.codebook.init_from(flat.cpu().numpy(), cfg.seed)

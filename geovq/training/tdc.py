@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from geovq.config import TDCConfig
 from geovq.errors import GeovqError
 from geovq.latents import TokenLayout
 
-#: Clipping ranges of the tail multipliers (DESIGN.md §3.6); λ itself is unclipped.
-LAMBDA_MAX_RANGE = (1.0, 1e3)
-LAMBDA_MIN_RANGE = (1e-3, 1.0)
 #: The TDC term's fixed scale beside a reconstruction NLL summed per image.
 LOSS_SCALE = 0.1
+_DEFAULTS = TDCConfig()
 
 
 def token_kl_bits(mu: torch.Tensor, logvar: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -44,21 +43,24 @@ def token_kl_bits(mu: torch.Tensor, logvar: torch.Tensor, layout: TokenLayout) -
         raise GeovqError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must both be (B, C, h, w) = "
                          f"(B, {', '.join(map(str, expected))}) for the token layout")
     kl_per_channel = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)  # (B, C, h, w) nats
-    groups = torch.as_tensor(layout.group_channels(), device=mu.device)  # (G, d) channel indices
-    per_group = kl_per_channel.permute(0, 2, 3, 1)[..., groups].sum(-1)  # (B, h, w, G)
-    return per_group.reshape(mu.shape[0], layout.tokens_per_image) / math.log(2.0)
+    return layout.grid_to_tokens(kl_per_channel.permute(0, 2, 3, 1)).sum(-1) / math.log(2.0)  # (B, T)
 
 
 @dataclass
 class TDCController:
-    """The TDC loss and its multiplier state; `state_dict` holds plain floats for weights_only checkpoints."""
+    """The TDC loss and its multiplier state; `state_dict` holds plain floats for weights_only checkpoints.
+
+    Defaults are `geovq.config.TDCConfig`'s; `from_config` builds one from a run's settings.
+    """
 
     target_bits: float
-    tolerance: float = 0.5
-    factor: float = 1.01
-    lam: float = 1.0
+    tolerance: float = _DEFAULTS.tolerance
+    factor: float = _DEFAULTS.factor
+    lam: float = _DEFAULTS.initial_lambda
     lam_min: float = 1.0
     lam_max: float = 1.0
+    lambda_max_limit: float = _DEFAULTS.lambda_max_limit
+    lambda_min_limit: float = _DEFAULTS.lambda_min_limit
 
     def __post_init__(self) -> None:
         if not self.target_bits > 0:
@@ -67,6 +69,16 @@ class TDCController:
             raise GeovqError(f"TDC tolerance τ={self.tolerance} bits must be >= 0")
         if not self.factor > 1:
             raise GeovqError(f"TDC factor f={self.factor} must be > 1 (1.01 is the default)")
+        if not self.lam > 0:
+            raise GeovqError(f"TDC initial λ={self.lam} must be > 0")
+        if not (self.lambda_max_limit >= 1 and 0 < self.lambda_min_limit <= 1):
+            raise GeovqError(f"TDC λ limits must satisfy lambda_max_limit >= 1 and 0 < lambda_min_limit <= 1; got "
+                             f"{self.lambda_max_limit}, {self.lambda_min_limit}")
+
+    @classmethod
+    def from_config(cls, target_bits: float, cfg: TDCConfig) -> TDCController:
+        return cls(target_bits, cfg.tolerance, cfg.factor, cfg.initial_lambda,
+                   lambda_max_limit=cfg.lambda_max_limit, lambda_min_limit=cfg.lambda_min_limit)
 
     @property
     def upper(self) -> float:
@@ -97,8 +109,8 @@ class TDCController:
         f = self.factor
         mean, low, high = kl_bits.mean().item(), kl_bits.min().item(), kl_bits.max().item()
         self.lam = self.lam * f if mean > self.target_bits else self.lam / f
-        self.lam_max = _clip(self.lam_max * f if high > self.upper else self.lam_max / f, *LAMBDA_MAX_RANGE)
-        self.lam_min = _clip(self.lam_min / f if low < self.lower else self.lam_min * f, *LAMBDA_MIN_RANGE)
+        self.lam_max = _clip(self.lam_max * f if high > self.upper else self.lam_max / f, 1.0, self.lambda_max_limit)
+        self.lam_min = _clip(self.lam_min / f if low < self.lower else self.lam_min * f, self.lambda_min_limit, 1.0)
 
     def state_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}

@@ -1,0 +1,85 @@
+"""The two composite stages a sweep schedules: a whole VAE and a whole unit, each resumable stage by stage.
+
+    run_vae:  train_vae -> extract latents (train, val, test) -> score the continuous VAE
+    run_unit (post-hoc):   fit -> encode (train, val, test) -> score -> [fine-tune the decoder]
+    run_unit (end to end): train the VQ-VAE -> encode (train, val, test) -> score
+
+Each step skips work whose output exists, so an interrupted unit resumes at its first missing file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from geovq.config import SweepConfig
+from geovq.data import ImageSplits
+from geovq.metrics.latent import quantization_error
+from geovq.stages.common import Progress, decode_grids, load_splits, settings
+from geovq.stages.encode import encode_stage
+from geovq.stages.extract import extract_stage
+from geovq.stages.finetune import finetune_stage
+from geovq.stages.fit import EdgeLengths, fit_stage, load_latents, load_vae
+from geovq.stages.rundir import RunDir
+from geovq.stages.score import rate_diagnostics, score_unit_stage, score_vae_stage
+from geovq.stages.train_vae import train_vae_stage
+from geovq.stages.units import Unit, VaeSpec
+from geovq.stages.vqvae import encode_vqvae_stage, train_vqvae_stage, vqvae_reconstruct
+from geovq.training.checkpoint import load_model
+
+
+def run_vae(run: RunDir, cfg: SweepConfig, spec: VaeSpec, device: torch.device, progress: Progress,
+            data: ImageSplits | None = None) -> dict[str, Any]:
+    """Train, extract and score one Gaussian VAE; returns its ceiling.json."""
+    if run.vae_done(spec):
+        return json.loads((run.vae(spec) / "ceiling.json").read_text())
+    data = data or load_splits(cfg)
+    t0 = time.time()
+    checkpoint = train_vae_stage(run, cfg, spec, data, device, progress)
+    train_seconds = time.time() - t0
+    model = load_model(checkpoint, "vae", device)
+    extract_stage(run, cfg, spec, data, device, model)
+    return score_vae_stage(run, cfg, spec, data, device, model, train_seconds)
+
+
+def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, progress: Progress,
+             data: ImageSplits | None = None, edge_lengths: EdgeLengths | None = None) -> dict[str, Any]:
+    """Fit (or train), encode and score one unit, then fine-tune its decoder when the sweep asks; returns
+    its row (the fine-tuned row's twin without fine-tuning)."""
+    out = run.unit(unit)
+    if run.unit_done(unit, cfg.finetune_decoder):
+        return json.loads((out / "row.json").read_text())
+    data = data or load_splits(cfg)
+    t0 = time.time()
+    if unit.end_to_end:
+        model = train_vqvae_stage(run, cfg, unit, data, device, progress)
+        info = encode_vqvae_stage(run, unit, model, data, device)
+        fit = json.loads((out / "fit.json").read_text())
+        extra = {**fit, "latent_error": info["test"]["latent_error"], "seconds": time.time() - t0}
+        return score_unit_stage(run, cfg, unit, data, device, vqvae_reconstruct(model, device), extra)
+    vae = load_vae(run, unit, device)
+    quantizer = fit_stage(run, cfg, unit, device, vae, edge_lengths)
+    info = encode_stage(run, unit, quantizer)
+    if (out / "row.json").exists():
+        row = json.loads((out / "row.json").read_text())
+    else:
+        test = load_latents(run, unit, "test")
+        tokens_hat = quantizer.decode(np.load(run.codes(unit, "test")))
+        ceiling = json.loads((run.vae(unit.vae) / "ceiling.json").read_text())
+        _, tdc, _ = settings(cfg, unit.vae.overrides, unit.seed)
+        extra = {"fit_seconds": quantizer.fit_info_.get("fit_seconds"), "encode_seconds": info["test"]["seconds"],
+                 "vae_psnr": ceiling["psnr"], **rate_diagnostics(test, unit.n_codes, tdc.tolerance),
+                 **quantization_error(tokens_hat.reshape(-1, test.token_dim), test.token_mu, test.token_sigma),
+                 "fit_info": quantizer.fit_info_, "encode_info": info["test"], "seconds": time.time() - t0}
+
+        def reconstruct(codes):
+            return decode_grids(vae.decoder, test.layout.tokens_to_grid(quantizer.decode(codes)), device)
+
+        row = score_unit_stage(run, cfg, unit, data, device, reconstruct, extra)
+    if cfg.finetune_decoder:
+        finetune_stage(run, cfg, unit, data, device, vae, quantizer, row, progress)
+    return row

@@ -1,0 +1,63 @@
+"""The run-directory layout: where every stage reads and writes. One place, so no stage builds a path.
+
+    config.yaml                          the resolved SweepConfig (with run_format)
+    sweep.log                            what the driver did, with timings
+    vae/{spec.key}/                      one Gaussian VAE (see `RunDir.vae`)
+        spec.json                        the VaeSpec it was trained for
+        model.pt, state.pt               weights + config + TDC state; the resume point of its training
+        latents_{train,val,test}.npz     posterior μ, log σ² grids (any token dim d cuts them)
+        ceiling.json                     its own test metrics and per-token KL: the VAE is finished
+        kl_histogram.png, tb/
+    units/{unit.key}/                    one unit (see `RunDir.unit`)
+        unit.json                        the Unit
+        quantizer.npz | model.pt         the fitted quantizer (post-hoc) or the trained VQ-VAE (end to end)
+        codes_{train,val,test}.npy       int codes, images × tokens
+        encode.json                      how each split was encoded (seconds, rules, agreement checks)
+        row.json                         the scored test row: the unit is finished
+        decoder_finetuned.pt, row_finetuned.json   with --finetune-decoder
+    results.json, results.csv, report.md, figures/
+    ray/                                 Ray Tune's own records
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from geovq.stages.units import Unit, VaeSpec
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "sweep.log"
+
+    def vae(self, spec: VaeSpec) -> Path:
+        return self.root / "vae" / spec.key
+
+    def vae_done(self, spec: VaeSpec) -> bool:
+        return (self.vae(spec) / "ceiling.json").exists()
+
+    def latents(self, spec: VaeSpec, split: str) -> Path:
+        return self.vae(spec) / f"latents_{split}.npz"
+
+    def unit(self, unit: Unit) -> Path:
+        return self.root / "units" / unit.key
+
+    def codes(self, unit: Unit, split: str) -> Path:
+        return self.unit(unit) / f"codes_{split}.npy"
+
+    def unit_done(self, unit: Unit, finetune: bool) -> bool:
+        """Finished: its row exists, and when fine-tuning is asked of a post-hoc unit, its fine-tuned row too."""
+        out = self.unit(unit)
+        return (out / "row.json").exists() and (unit.end_to_end or not finetune or
+                                                (out / "row_finetuned.json").exists())
