@@ -1,7 +1,7 @@
 """Edge-length throughput of each quadrature against the decoder's own forward throughput, on a real model.
 
-    python bench/edge_lengths.py --checkpoint runs/mnist/vae/plain/seed0/model.pt \
-        --latents runs/mnist/vae/plain/seed0/latents_train.npz          # 5000 nodes, k=20, 1 thread
+    python bench/edge_lengths.py --checkpoint runs/mnist/vae/plain-seed0-*/model.pt \
+        --latents runs/mnist/vae/plain-seed0-*/latents_train.npz          # 5000 nodes, k=20, 1 thread
 
 Nodes are training tokens stratified across images, each in its own image's μ-grid (DESIGN.md §3.3b); the
 k-NN graph is built as the geodesic quantizer builds it (neighbours under the pull-back metric). An edge is
@@ -35,7 +35,7 @@ import torch
 from geovq.geometry import GridTokenDecoder, QUADRATURES, edge_lengths, knn_graph, node_metrics, stratified_tokens
 from geovq.geometry.lengths import CHUNK_ELEMENTS
 from geovq.latents import LatentSet
-from geovq.pipeline import GridDecoder
+from geovq.stages.common import GridDecoder
 from geovq.training.checkpoint import load_model
 
 from _memory import peak_rss_mib, reset_peak_rss
@@ -105,11 +105,10 @@ def main() -> None:
     subset = np.sort(rng.choice(len(edges), size=min(args.adaptive_edges, len(edges)), replace=False))
     for quadrature in QUADRATURES:
         timed = edges[subset] if quadrature == "adaptive" else edges
-        dec.metrics = None  # every quadrature pays for its own Jacobians
         cpu_before, wall_before, _ = forward_cost(decoder, images, (batch,))
         reset_peak_rss()
         cpu, wall = time.process_time(), time.perf_counter()
-        edge_lengths(dec, timed, quadrature)
+        edge_lengths(dec, timed, quadrature)  # no metric tensors given: every quadrature pays its own Jacobians
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         peak = peak_rss_mib()
         cpu_after, wall_after, _ = forward_cost(decoder, images, (batch,))
@@ -121,9 +120,8 @@ def main() -> None:
         print(f"{quadrature:<11}{len(timed):>7}{wall:>8.1f}{rate:>9,.0f}{forward_rate:>10,.0f}{ratio:>15.2f}"
               f"{forward_rate / rate:>8.2f}{verdict:>15}{peak:>13,.0f}", flush=True)
     # the fit's case: metric tensors already there (computed for metric neighbours), endpoint terms only
-    dec.metrics = metrics
     cpu = time.process_time()
-    edge_lengths(dec, edges, "endpoint")
+    edge_lengths(dec, edges, "endpoint", metrics=metrics)
     cpu = time.process_time() - cpu
     print(f"endpoint with the metric tensors already computed (as in the fit): "
           f"{cpu / len(edges) / forward_cpu:.4f} forward-equivalents per edge")

@@ -1,7 +1,7 @@
 """End-to-end geodesic fit at growing landmark counts, split by stage, on a real model.
 
-    python bench/geodesic_fit.py --checkpoint runs/mnist/vae/plain/seed0/model.pt \
-        --latents runs/mnist/vae/plain/seed0/latents_train.npz       # 10k, 30k, 60k landmarks, K=256, k=20
+    python bench/geodesic_fit.py --checkpoint runs/mnist/vae/plain-seed0-*/model.pt \
+        --latents runs/mnist/vae/plain-seed0-*/latents_train.npz       # 10k, 30k, 60k landmarks, K=256, k=20
 
 Each size is one `GeodesicQuantizer.fit` (quadrature="endpoint", metric neighbours, the quantizer's
 defaults otherwise) on landmark tokens stratified across the training images, timed by the fit itself:
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from geovq.latents import LatentSet
-from geovq.pipeline import GridDecoder
+from geovq.stages.common import GridDecoder
 from geovq.quantize import make_quantizer
 from geovq.training.checkpoint import load_model
 
@@ -68,10 +68,10 @@ def main() -> None:
         q = make_quantizer("geodesic", args.codes, seed=args.seed, decoder=decoder, k=args.k, max_landmarks=size,
                            quadrature="endpoint").fit(latents)
         total, cpu = time.perf_counter() - t0, time.process_time() - cpu
-        seconds = q.fit_info["seconds"]
+        seconds = q.fit_info_["seconds"]
         stages = [seconds[s] for s in STAGES]
-        iterations = sum(1 for t in q.fit_info["trace"] if t["stage"] == "alternate")
-        rows.append((size, stages, total, q.fit_info["graph"]["undirected_edges"], iterations, peak_rss_mib(), load))
+        iterations = sum(1 for t in q.fit_info_["trace"] if t["stage"] == "alternate")
+        rows.append((size, stages, total, q.fit_info_["graph"]["undirected_edges"], iterations, peak_rss_mib(), load))
         if len(rows) == 1:
             print(header)
         print(f"{size:>10}" + "".join(f"{s:>9.1f}" for s in stages) + f"{total - sum(stages):>8.1f}{total:>9.1f}"

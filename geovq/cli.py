@@ -84,7 +84,7 @@ def _sweep(
     Each quantizer's hyperparameters are options of their own (--METHOD-PARAM), derived from its constructor.
     """
     t_start = time.time()
-    from geovq.config import END_TO_END, SweepConfig, resolve_config
+    from geovq.config import END_TO_END, SweepConfig, changed_options, resolve_config
     from geovq.data import DATASETS, load_dataset, resolve_data_root
     from geovq.quantize import QUANTIZERS
 
@@ -123,10 +123,9 @@ def _sweep(
 
     run = RunDir(out or Path("runs") / (dataset + ("-quick" if quick else "")))
     if run.config.exists():
-        previous = SweepConfig.load(run.config)
-        if previous.identity() != cfg.identity():
-            changed = sorted(k for k, v in cfg.identity().items() if previous.identity().get(k) != v)
-            raise GeovqError(f"{run.root} holds a run with a different configuration ({', '.join(changed)}); "
+        changed = changed_options(SweepConfig.load(run.config), cfg)
+        if changed:
+            raise GeovqError(f"{run.root} holds a run with a different configuration ({'; '.join(changed)}); "
                              "resume it with the same options, or choose a new --out")
         resumed = True
     else:

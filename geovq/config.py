@@ -201,6 +201,23 @@ class SweepConfig:
         return cls.from_dict(raw)
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_options(old: SweepConfig, new: SweepConfig) -> list[str]:
+    """The options (or keys) whose values differ between two runs' identities, e.g. ['--epochs 20 -> 3']."""
+    before, after = _flatten(old.identity()), _flatten(new.identity())
+    return [f"{option_name(k)} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+
+
 def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],
                    codebook_sizes: list[int] | None, seeds: int | None, epochs: int | None, quick: bool,
                    method_params: dict[str, dict[str, Any]] | None = None, **options: Any) -> SweepConfig:

@@ -1,5 +1,6 @@
 """Bad input: a short error naming the bad value, exit code 2, no traceback, no run directory."""
 
+import os
 import subprocess
 import sys
 import time
@@ -40,8 +41,6 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, args, message)
 
 def test_unreadable_data_root(tmp_path):
     fifo = tmp_path / "fifo"
-    import os
-
     os.mkfifo(fifo)  # exists but is neither a readable folder nor a file (root can read any folder)
     result = runner.invoke(app, ["sweep", "digits", "--data-root", str(fifo), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "not a readable folder" in result.output
@@ -56,6 +55,17 @@ def test_console_script_help_is_fast_and_lazy():
     proc = subprocess.run([sys.executable, "-m", "geovq.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "sweep" in proc.stdout
     assert time.time() - t0 < 10  # generous for a loaded CI box; bench-free sanity bound
+
+
+def test_sweep_help_lists_options_derived_from_quantizer_signatures():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "geovq.cli", "sweep", "--help"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    for option, text in [("--gq-beta", "importance weights"), ("--geodesic-k", "graph neighbours per node"),
+                         ("--kmeans-max-iter", "Lloyd sweeps at most"), ("--wasserstein-max-points", "")]:
+        assert option in proc.stdout and text in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "ray" not in imported  # what keeps --help under two seconds
 
 
 def test_real_console_script_bad_input_has_no_traceback(tmp_path):

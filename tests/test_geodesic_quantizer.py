@@ -14,7 +14,6 @@ from torch import nn
 
 from geovq.errors import GeovqError
 from geovq.geometry import geodesic_distances, stratified_tokens
-from geovq.geometry.decoders import token_channels
 from geovq.latents import LatentSet
 from geovq.quantize import Quantizer, make_quantizer
 from geovq.quantize.geodesic import CONTEXT_WEIGHT, POSITION_WEIGHT, context_features
@@ -57,14 +56,14 @@ def test_geodesic_quantizer_runs_on_the_same_engine_as_geodesic_distances():
     flat = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 5)).double()
     latents = flat_latents(np.random.default_rng(0).standard_normal((400, 3)))
     q = make_quantizer("geodesic", 8, decoder=FlatGrid(flat), k=6, max_landmarks=400).fit(latents)
-    assert q.config.quadrature == "endpoint"  # the quantizer's default; geodesic_distances' is midpoint
+    assert q.quadrature == "endpoint"  # the quantizer's default; geodesic_distances' is midpoint
     points = latents.token_mu.astype(np.float64)
-    dist = geodesic_distances(points, flat, q.medoid_landmarks, k=6, quadrature="endpoint")  # (K, N)
-    np.testing.assert_allclose(q.landmark_distance, dist.min(0), rtol=1e-9, atol=1e-12)
-    assert (q.landmark_code == dist.argmin(0)).mean() > 0.99  # exact ties aside
-    np.testing.assert_array_equal(q.codebook, latents.token_mu[q.medoid_landmarks])
+    dist = geodesic_distances(points, flat, q.medoid_landmarks_, k=6, quadrature="endpoint")  # (K, N)
+    np.testing.assert_allclose(q.landmark_distance_, dist.min(0), rtol=1e-9, atol=1e-12)
+    assert (q.landmark_code_ == dist.argmin(0)).mean() > 0.99  # exact ties aside
+    np.testing.assert_array_equal(q.codebook_, latents.token_mu[q.medoid_landmarks_])
     # a training token that is a landmark is encoded to its own landmark's code
-    np.testing.assert_array_equal(q.encode(latents).ravel(), q.landmark_code)
+    np.testing.assert_array_equal(q.encode(latents).ravel(), q.landmark_code_)
 
 
 class Cylinder(nn.Module):
@@ -81,18 +80,18 @@ def test_graph_insertion_rule_matches_brute_force():
     train = flat_latents(rng.uniform(0, 3, (600, 2)))
     test = flat_latents(rng.uniform(0, 3, (300, 2)))
     q = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, max_landmarks=600).fit(train)
-    landmarks = q.landmarks.points
+    landmarks = q.landmarks_.points
     queries = test.token_mu.astype(np.float64)
     dist = np.linalg.norm(queries[:, None] - landmarks[None], axis=-1)
     near = np.argsort(dist, axis=1)[:, :8]
-    cost = np.take_along_axis(dist, near, 1) + q.landmark_distance[near]
-    want = q.landmark_code[near[np.arange(300), cost.argmin(1)]]
+    cost = np.take_along_axis(dist, near, 1) + q.landmark_distance_[near]
+    want = q.landmark_code_[near[np.arange(300), cost.argmin(1)]]
     codes = q.encode(test).ravel()
     assert (codes == want).mean() >= 0.99  # float32 ties at the k-th neighbour aside
     # with a constant metric, borrowing the nearest landmark's metric tensor changes nothing
     assert (q.encode_tokens(test, rule="landmark_metric") == want).mean() >= 0.99
     approx = q.encode_tokens(test, rule="nearest_landmark")
-    assert (approx == q.landmark_code[dist.argmin(1)]).all() and (approx != codes).any()
+    assert (approx == q.landmark_code_[dist.argmin(1)]).all() and (approx != codes).any()
 
 
 def test_grid_quantizer_fits_encodes_and_round_trips(tmp_path):
@@ -103,15 +102,15 @@ def test_grid_quantizer_fits_encodes_and_round_trips(tmp_path):
     train = LatentSet.from_grids(mu[:60], np.full_like(mu[:60], -1.0), token_dim=2)
     test = LatentSet.from_grids(mu[60:], np.full_like(mu[60:], -1.0), token_dim=2)
     q = make_quantizer("geodesic", 12, decoder=decoder, k=6, max_landmarks=600, quadrature="endpoint").fit(train)
-    info = q.fit_info
+    info = q.fit_info_
     assert info["landmarks"] == 600 and info["graph"]["undirected_edges"] >= 600 * 6 // 2
-    assert np.bincount(q.landmarks.image).tolist() == [10] * 60  # stratified: 10 tokens from every image
+    assert np.bincount(q.landmarks_.image).tolist() == [10] * 60  # stratified: 10 tokens from every image
     assert 0 <= info["coverage"] <= 1 and info["coverage_tokens"] == 60 * 32 - 600
     assert sum(info["quotas"]) == 12 and info["converged"]
     objective = [t["objective"] for t in info["trace"] if t["start"] == "k-means++"]
     assert np.all(np.diff(objective) <= 1e-9)
     tokens = {tuple(row) for row in train.token_mu.tolist()}
-    assert all(tuple(row) in tokens for row in q.codebook.tolist())  # medoids are training μ
+    assert all(tuple(row) in tokens for row in q.codebook_.tolist())  # medoids are training μ
     codes = q.encode(test)
     assert codes.shape == (20, 32) and codes.min() >= 0 and codes.max() < 12
     assert q.decode(codes).shape == (20, 32, 2)
@@ -119,7 +118,7 @@ def test_grid_quantizer_fits_encodes_and_round_trips(tmp_path):
     q.save(tmp_path / "geodesic.npz")
     loaded = Quantizer.load(tmp_path / "geodesic.npz", decoder=decoder)
     np.testing.assert_array_equal(loaded.encode(test), codes)
-    assert loaded.params() == q.params() and loaded.fit_info == q.fit_info
+    assert loaded.get_params() == q.get_params() and loaded.fit_info_ == q.fit_info_
 
 
 def grid_quantizer_and_test(n_test: int, **config):
@@ -142,13 +141,12 @@ def psnr_db(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("rule", ["landmark_metric", "nearest_landmark"])
 def test_large_splits_are_encoded_approximately_and_checked_against_the_exact_rule(rule):
     q, decoder, test = grid_quantizer_and_test(20, exact_encode_limit=639, approx_rule=rule)  # 640 test tokens
-    codes = q.encode(test)
-    info = q.encode_info
+    codes, info = q.encode_with_info(test)
     json.dumps(info, allow_nan=False)  # the pipeline copies it into a results row
     assert info["rule"] == rule and info["tokens"] == 640
     # coverage of the test split, by brute force: nearest landmark within the median k-NN edge
-    nearest = cdist(test.token_mu.astype(np.float64), q.landmarks.points).min(1)
-    assert info["landmark_coverage"] == pytest.approx((nearest <= q.fit_info["median_knn_edge"]).mean(), abs=1e-9)
+    nearest = cdist(test.token_mu.astype(np.float64), q.landmarks_.points).min(1)
+    assert info["landmark_coverage"] == pytest.approx((nearest <= q.fit_info_["median_knn_edge"]).mean(), abs=1e-9)
     assert 0 < info["landmark_coverage"] < 1
     # a split smaller than check_tokens is checked on all of its tokens
     assert info["check_tokens"] == 640 and info["check_images"] == 20
@@ -174,12 +172,11 @@ def test_large_splits_are_encoded_approximately_and_checked_against_the_exact_ru
 
 def test_small_splits_get_the_exact_rule_and_large_samples_are_stratified():
     q, _, test = grid_quantizer_and_test(100, exact_encode_limit=3200)  # 3200 test tokens
-    codes = q.encode(test)
-    assert q.encode_info["rule"] == "graph" and "agreement" not in q.encode_info
+    codes, info = q.encode_with_info(test)
+    assert info["rule"] == "graph" and "agreement" not in info
     np.testing.assert_array_equal(codes.ravel(), q.encode_tokens(test, rule="graph"))
-    q.config.exact_encode_limit = 3199
-    approx = q.encode(test)
-    info = q.encode_info
+    q.exact_encode_limit = 3199
+    approx, info = q.encode_with_info(test)
     assert info["rule"] == "landmark_metric" and info["check_tokens"] == 2000 and info["check_images"] == 100
     np.testing.assert_array_equal(approx.ravel(), q.encode_tokens(test, rule="landmark_metric"))
     # the documented sample: 20 tokens of each image, drawn with the quantizer's seed
@@ -193,13 +190,13 @@ def test_context_features_are_the_token_its_3x3_neighbourhood_and_its_place():
     latents = LatentSet.from_grids(mu, np.zeros_like(mu), token_dim=2)  # 18 tokens per image
     token = 18 + 2 * 0 + 1  # image 1, cell (0, 0), second group: channels 2, 3
     image, slot = np.divmod(np.array([token]), latents.tokens_per_image)
-    got = context_features(latents.mu, image, token_channels(latents.layout, slot))[0]
+    got = context_features(latents.mu, image, latents.layout.flat_positions(slot))[0]
     window = np.zeros((3, 3, 4), dtype=np.float32)
     window[1:, 1:] = mu[1, :2, :2]  # cells (-1, ·) and (·, -1) lie outside the grid
     want = np.concatenate([mu[1, 0, 0, 2:], CONTEXT_WEIGHT * window.ravel(), POSITION_WEIGHT * np.array([0.0, 0.0])])
     np.testing.assert_allclose(got, want)
     centre = 18 + 2 * 4  # image 1, cell (1, 1), first group
-    got = context_features(latents.mu, np.array([1]), token_channels(latents.layout, np.array([8])))[0]
+    got = context_features(latents.mu, np.array([1]), latents.layout.flat_positions(np.array([8])))[0]
     want = np.concatenate([mu[1, 1, 1, :2], CONTEXT_WEIGHT * mu[1].ravel(), POSITION_WEIGHT * np.array([1.0, 1.0])])
     np.testing.assert_allclose(got, want)
     assert latents.token_mu[centre].tolist() == mu[1, 1, 1, :2].tolist()
@@ -208,7 +205,7 @@ def test_context_features_are_the_token_its_3x3_neighbourhood_and_its_place():
 def test_geodesic_quantizer_bad_inputs():
     latents = flat_latents(np.random.default_rng(3).standard_normal((50, 2)))
     with pytest.raises(GeovqError, match="decoder"):
-        make_quantizer("geodesic", 4)
+        make_quantizer("geodesic", 4).fit(latents)
     with pytest.raises(GeovqError, match="quadrature"):
         make_quantizer("geodesic", 4, decoder=Cylinder(), quadrature="trapezium")
     with pytest.raises(GeovqError, match="landmarks"):
@@ -248,10 +245,10 @@ def test_wasserstein_medoids_are_swap_optimal_and_encode_to_the_nearest(tmp_path
     q = make_quantizer("wasserstein", 4).fit(train)
     points = w2_points(train)
     dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
-    medoids = [int(np.flatnonzero((points[:, :3] == q.codebook[c]).all(1) & (points[:, 3:] == q.sigma[c]).all(1))[0])
+    medoids = [int(np.flatnonzero((points[:, :3] == q.codebook_[c]).all(1) & (points[:, 3:] == q.sigma_[c]).all(1))[0])
                for c in range(4)]
     objective = dist[:, medoids].min(1).sum()
-    assert q.fit_info["objective"] == pytest.approx(objective, rel=1e-9)
+    assert q.fit_info_["objective"] == pytest.approx(objective, rel=1e-9)
     for i in range(4):  # no single medoid/non-medoid swap improves: real swap iterations, not one assignment
         for x in set(range(120)) - set(medoids):
             swapped = medoids[:i] + [x] + medoids[i + 1:]
@@ -260,16 +257,16 @@ def test_wasserstein_medoids_are_swap_optimal_and_encode_to_the_nearest(tmp_path
     want = np.linalg.norm(test_points[:, None] - points[medoids][None], axis=-1).argmin(1)
     codes = q.encode(test)
     assert (codes.ravel() == want).mean() >= 0.99  # float32 faiss ties aside
-    np.testing.assert_array_equal(q.decode(codes), q.codebook[codes])
+    np.testing.assert_array_equal(q.decode(codes), q.codebook_[codes])
     q.save(tmp_path / "w2.npz")
     loaded = Quantizer.load(tmp_path / "w2.npz")
-    np.testing.assert_array_equal(loaded.sigma, q.sigma)
+    np.testing.assert_array_equal(loaded.sigma_, q.sigma_)
     np.testing.assert_array_equal(loaded.encode(test), codes)
 
 
 def test_wasserstein_at_scale_never_increases_its_objective():
     latents = gaussian_latents(300, seed=7)  # 1200 tokens
     q = make_quantizer("wasserstein", 16, exact_limit=200, block_size=400, max_points=1000).fit(latents)
-    objective = [t["objective"] for t in q.fit_info["trace"]]
-    assert q.fit_info["points"] == 1000 and q.fit_info["converged"]
+    objective = [t["objective"] for t in q.fit_info_["trace"]]
+    assert q.fit_info_["points"] == 1000 and q.fit_info_["converged"]
     assert np.all(np.diff(objective) < 0) and len(objective) > 2

@@ -19,9 +19,10 @@ from geovq.geometry import (QUADRATURES, FlatTokenDecoder, GraphSpace, GridToken
                             component_quotas, edge_lengths, geodesic_distances, kmedoids, knn_graph, node_metrics,
                             own_speeds, pair_lengths, shortest_paths, weighted_graph)
 from geovq.latents import LatentSet
-from geovq.models.trunk import TrunkConfig
+from geovq.config import TrunkConfig
+from geovq.models.trunk import ResBlock
 from geovq.models.vae import GaussianVAE
-from geovq.pipeline import GridDecoder
+from geovq.stages.common import GridDecoder
 
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
@@ -64,8 +65,8 @@ def test_node_sharing_paths_agree_with_one_jvp_per_row():
         torch.as_tensor(points[nodes]))
     truth = np.linalg.norm(np.einsum("rpd,rd->rp", jac.numpy(), tangents), axis=1)
     np.testing.assert_allclose(own_speeds(dec, nodes, tangents), truth, rtol=1e-10)
-    node_metrics(dec)  # cached G: the endpoint terms then need no decoder call
-    np.testing.assert_allclose(own_speeds(dec, nodes, tangents), truth, rtol=1e-10)
+    metrics = node_metrics(dec)  # known G: the endpoint terms then need no decoder call
+    np.testing.assert_allclose(own_speeds(dec, nodes, tangents, metrics=metrics), truth, rtol=1e-10)
 
 
 def cylinder(z: torch.Tensor) -> torch.Tensor:
@@ -282,6 +283,24 @@ def test_trunk_decoders_own_jvp_equals_torch_func_and_gives_the_same_lengths():
 
     with pytest.raises(GeovqError, match="disagrees with torch.func.jvp"):
         GridTokenDecoder.from_latents(WrongJvp(), latents)
+
+
+def test_trunk_jvp_rule_table_refuses_layers_it_has_no_rule_for():
+    from geovq.models.trunk import JVP_RULES, layer_jvp
+
+    x, dx = torch.randn(2, 3), torch.randn(4, 3)  # 2 tangents per row
+    with pytest.raises(TypeError, match="no JVP rule for Tanh"):
+        layer_jvp(nn.Sequential(nn.ReLU(), nn.Tanh()), x, dx)
+
+    class LeakyReLU(nn.ReLU):  # a subclass may compute something else: rules match exact types only
+        def forward(self, x):
+            return torch.where(x > 0, x, 0.1 * x)
+
+    with pytest.raises(TypeError, match="no JVP rule for LeakyReLU"):
+        layer_jvp(LeakyReLU(), x, dx)
+    assert set(JVP_RULES) == {nn.Sequential, nn.ReLU, nn.Conv2d, nn.ConvTranspose2d, ResBlock}
+    y, dy = layer_jvp(nn.ReLU(), x, dx)
+    torch.testing.assert_close(dy, dx * (x > 0).repeat(2, 1))
 
 
 def test_pair_lengths_across_two_token_sets_match_one_set():

@@ -55,12 +55,12 @@ def test_selection_matches_scipy_log_density_argmax(beta, token_dim):
     q = GaussianQuant(64, seed=1, beta=beta).fit(latents)
     codes = q.encode(latents)
     # The rule as a log-density ratio: argmax_k Σ log N(c_k; μ, σ²) − β Σ log N(c_k; 0, 1).
-    c = q.codebook.astype(np.float64)[None]  # (1, K, d)
+    c = q.codebook_.astype(np.float64)[None]  # (1, K, d)
     mu, sigma = latents.token_mu[:, None], latents.token_sigma.astype(np.float64)[:, None]  # (N, 1, d)
     score = norm.logpdf(c, mu, sigma).sum(-1) - beta * norm.logpdf(c).sum(-1)
     expected = score.argmax(1).reshape(latents.n_images, latents.tokens_per_image)
     np.testing.assert_array_equal(codes, expected)
-    np.testing.assert_array_equal(q.decode(codes), q.codebook[expected])
+    np.testing.assert_array_equal(q.decode(codes), q.codebook_[expected])
 
 
 def test_beta_changes_the_choice():
@@ -84,24 +84,24 @@ def test_fit_info_rate_diagnostics():
     latents = random_latents(100, channels=4, token_dim=2)
     q = GaussianQuant(256, beta=0.5).fit(latents)
     kl_bits = 0.5 * (latents.token_mu**2 + np.exp(latents.token_logvar) - 1 - latents.token_logvar).sum(1) / np.log(2)
-    assert q.fit_info["log2_codes"] == 8.0
-    assert q.fit_info["mean_token_kl_bits"] == pytest.approx(kl_bits.mean(), rel=1e-6)
-    assert q.fit_info["rate_gap_bits"] == pytest.approx(8.0 - kl_bits.mean(), rel=1e-6)
+    assert q.fit_info_["log2_codes"] == 8.0
+    assert q.fit_info_["mean_token_kl_bits"] == pytest.approx(kl_bits.mean(), rel=1e-6)
+    assert q.fit_info_["rate_gap_bits"] == pytest.approx(8.0 - kl_bits.mean(), rel=1e-6)
     frac = (np.exp(latents.token_logvar.astype(np.float64)) >= 2.0).mean()  # σ² >= 1/β
-    assert 0 < frac < 1 and q.fit_info["frac_scalars_sigma2_ge_1_over_beta"] == pytest.approx(frac)
-    assert GaussianQuant(256, beta=0.0).fit(latents).fit_info["frac_scalars_sigma2_ge_1_over_beta"] == 0.0
+    assert 0 < frac < 1 and q.fit_info_["frac_scalars_sigma2_ge_1_over_beta"] == pytest.approx(frac)
+    assert GaussianQuant(256, beta=0.0).fit(latents).fit_info_["frac_scalars_sigma2_ge_1_over_beta"] == 0.0
 
 
 @pytest.mark.parametrize("bad_k, valid", [(100, "64 or 128"), (3, "2 or 4"), (1000, "512 or 1024")])
 def test_k_not_power_of_two_is_rejected(bad_k, valid):
     with pytest.raises(GeovqError, match=f"K={bad_k}.*{valid}"):
-        GaussianQuant(bad_k)
+        GaussianQuant(bad_k).validate()  # scikit-learn style: the constructor only stores its arguments
 
 
 @pytest.mark.parametrize("beta", [-0.1, float("nan")])
 def test_negative_beta_is_rejected(beta):
     with pytest.raises(GeovqError, match="beta"):
-        GaussianQuant(64, beta=beta)
+        GaussianQuant(64, beta=beta).validate()
     with pytest.raises(GeovqError, match="beta"):
         gq_select(np.zeros((4, 1)), np.zeros((2, 1)), np.zeros((2, 1)), beta=beta)
 
@@ -112,15 +112,15 @@ def test_save_load_round_trip(tmp_path):
     q.save(tmp_path / "gq.npz")
     loaded = Quantizer.load(tmp_path / "gq.npz")
     assert isinstance(loaded, GaussianQuant) and loaded.beta == 0.5 and loaded.seed == 3
-    assert loaded.fit_info == q.fit_info and loaded.layout == q.layout
-    np.testing.assert_array_equal(loaded.codebook, q.codebook)
+    assert loaded.fit_info_ == q.fit_info_ and loaded.layout_ == q.layout_
+    np.testing.assert_array_equal(loaded.codebook_, q.codebook_)
     np.testing.assert_array_equal(loaded.encode(latents), q.encode(latents))
 
 
 def test_load_rejects_a_codebook_that_does_not_regenerate(tmp_path):
     latents = random_latents(50, channels=4, token_dim=2)
     q = GaussianQuant(128, seed=3).fit(latents)
-    q.codebook = q.codebook + np.float32(1e-3)  # what another Sobol scrambling would look like
+    q.codebook_ = q.codebook_ + np.float32(1e-3)  # what another Sobol scrambling would look like
     q.save(tmp_path / "gq.npz")
     with pytest.raises(GeovqError, match="regenerates"):
         Quantizer.load(tmp_path / "gq.npz")

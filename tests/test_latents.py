@@ -4,7 +4,6 @@ import torch
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet, TokenLayout
-from geovq.models.vqvae import grid_of, tokens_of
 
 
 @pytest.mark.parametrize("grouping", ["contiguous", "interleaved"])
@@ -24,10 +23,17 @@ def test_token_layout_round_trip_and_channel_groups(grouping):
 @pytest.mark.parametrize("grouping", ["contiguous", "interleaved"])
 def test_torch_token_order_matches_numpy_layout(grouping):
     lay = TokenLayout(2, 2, 6, 3, grouping)
-    z = torch.randn(4, 6, 2, 2)  # channels-first, as the conv encoder emits
-    t = tokens_of(z, lay)
-    np.testing.assert_allclose(t.numpy(), lay.grid_to_tokens(z.permute(0, 2, 3, 1).numpy()))
-    torch.testing.assert_close(grid_of(t, lay), z)
+    z = torch.randn(4, 6, 2, 2, requires_grad=True)  # channels-first, as the conv encoder emits
+    t = lay.grid_to_tokens(z.permute(0, 2, 3, 1))
+    np.testing.assert_allclose(t.detach().numpy(), lay.grid_to_tokens(z.detach().permute(0, 2, 3, 1).numpy()))
+    torch.testing.assert_close(lay.tokens_to_grid(t).permute(0, 3, 1, 2), z)
+    # a permutation: each output value has exactly one source, so the gradient of a sum is all ones
+    lay.tokens_to_grid(t).sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+    # flat positions address the same channels in a grid flattened to h·w·C
+    flat = z.detach().permute(0, 2, 3, 1).reshape(4, -1).numpy()
+    positions = lay.flat_positions(np.arange(lay.tokens_per_image))
+    np.testing.assert_array_equal(flat[:, positions], t.detach().numpy())
 
 
 def test_latent_set_token_metadata_and_kl():

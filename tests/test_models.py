@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from geovq.errors import GeovqError
-from geovq.models.trunk import TrunkConfig
+from geovq.config import TrunkConfig, VQConfig
+from geovq.latents import TokenLayout
 from geovq.models.vae import GaussianVAE
-from geovq.models.vqvae import VQVAE, EMACodebook, VQConfig
+from geovq.models.vqvae import VQVAE, EMACodebook
 from geovq.training.checkpoint import load_model, save_checkpoint
 
 TRUNK = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
@@ -60,7 +61,7 @@ def test_ema_update_matches_hand_computation_and_restarts_dead_codes():
 
 def test_vqvae_loss_scales_are_per_element_means():
     torch.manual_seed(0)
-    model = VQVAE(TRUNK, VQConfig(n_codes=8, token_dim=4)).eval()
+    model = VQVAE(TRUNK, TokenLayout(4, 4, 4, 4), 8, VQConfig()).eval()
     x = torch.rand(2, 1, 16, 16)
     out = model.loss(x, "mse")
     recon = model.decode_codes(model.encode_codes(x))
@@ -70,8 +71,9 @@ def test_vqvae_loss_scales_are_per_element_means():
 
 def test_checkpoint_round_trip_and_rejection(tmp_path):
     torch.manual_seed(0)
-    model = VQVAE(TRUNK, VQConfig(n_codes=8, token_dim=2)).eval()
-    save_checkpoint(tmp_path / "m.pt", "vqvae", model, {"trunk": TRUNK.as_dict(), "vq": model.vq.as_dict()})
+    model = VQVAE(TRUNK, TokenLayout(4, 4, 4, 2), 8, VQConfig()).eval()
+    save_checkpoint(tmp_path / "m.pt", "vqvae", model, {"trunk": TRUNK.as_dict(), "layout": model.layout.as_dict(),
+                                                         "n_codes": 8, "vq": vars(model.vq)})
     back = load_model(tmp_path / "m.pt")
     x = torch.rand(2, 1, 16, 16)
     torch.testing.assert_close(back.decode_codes(back.encode_codes(x)), model.decode_codes(model.encode_codes(x)))

@@ -29,8 +29,8 @@ class KMeansQuantizer(Quantizer):
         self.seed_sample = seed_sample  # tokens the k-means++ seeding draws from
 
     def _validate_params(self) -> None:
-        if self.max_iter < 1 or self.tol < 0 or self.seed_sample < self.n_codes:
-            raise GeovqError(f"kmeans needs max_iter >= 1, tol >= 0 and seed_sample >= K={self.n_codes}; got "
+        if self.max_iter < 1 or self.tol < 0 or self.seed_sample < 1:
+            raise GeovqError(f"kmeans needs max_iter >= 1, tol >= 0 and seed_sample >= 1; got "
                              f"max_iter={self.max_iter}, tol={self.tol}, seed_sample={self.seed_sample}")
 
     def _fit(self, latents: LatentSet) -> None:
@@ -40,6 +40,8 @@ class KMeansQuantizer(Quantizer):
         rng = np.random.default_rng(self.seed)
         sample = points if len(points) <= self.seed_sample else points[
             rng.choice(len(points), self.seed_sample, replace=False)]
+        if len(sample) < self.n_codes:
+            raise GeovqError(f"kmeans seed_sample={self.seed_sample} draws fewer tokens than K={self.n_codes}")
         seeds, _ = kmeans_plusplus(sample, self.n_codes, random_state=self.seed)
         km = KMeans(self.n_codes, init=seeds, n_init=1, max_iter=self.max_iter, tol=self.tol,
                     random_state=self.seed).fit(points)
