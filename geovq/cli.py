@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import typer
 
-from geovq.errors import GeovqError
+from geovq.errors import GeovqError, RunFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Post-hoc discrete codes for Gaussian VAEs vs VQ-VAE at matched bit rate, on Ray.")
@@ -41,16 +41,33 @@ def user_errors(fn):
     return wrapper
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def comma_list(text: str, option: str, kind: type = str) -> list:
+    """A comma list option's values, each given once (a duplicate would schedule the same units twice)."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise GeovqError(f"{option} {text!r} must be a comma list of integers, e.g. 16,64,256") from None
+        noun = {int: "integers", str: "names"}[kind]
+        raise GeovqError(f"{option} {text!r} must be a comma list of {noun}, e.g. 16,64,256") from None
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise GeovqError(f"{option} lists {value} twice; give each value once")
+    return values
+
+
+def _quiet_ray(verbose: bool) -> None:
+    """Without --verbose, Ray Tune's own per-trial tracebacks stay in the run directory's errors/ (geovq prints
+    one line per failure); with it, everything Ray logs reaches the console."""
+    if not verbose:
+        for name in ("ray.tune", "ray.train", "ray.air"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _setup_logging(log_path: Path) -> None:
     log = logging.getLogger("geovq")
     log.setLevel(logging.INFO)
+    for old in list(log.handlers):  # a second command in one process (tests, notebooks) logs afresh
+        log.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -77,6 +94,7 @@ def _sweep(
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="max epochs of the decoder fine-tune (early-stopped on val)"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Ray's own logs and tracebacks on the console"),
     **method_options: Any,
 ) -> None:
     """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory.
@@ -84,14 +102,14 @@ def _sweep(
     Each quantizer's hyperparameters are options of their own (--METHOD-PARAM), derived from its constructor.
     """
     t_start = time.time()
-    from geovq.config import END_TO_END, SweepConfig, changed_options, resolve_config
+    from geovq.config import END_TO_END, SweepConfig, changed_options, resolve_config, union_config
     from geovq.data import DATASETS, load_dataset, resolve_data_root
     from geovq.quantize import QUANTIZERS
 
     if dataset not in DATASETS:
         raise GeovqError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     known = list(END_TO_END) + sorted(QUANTIZERS)
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else known
+    chosen = comma_list(methods, "--methods") if methods else known
     for m in chosen:
         if m not in known:
             raise GeovqError(f"unknown method {m!r}; valid: {', '.join(known)}")
@@ -104,13 +122,15 @@ def _sweep(
             if method not in chosen:
                 raise GeovqError(f"--{method}-{name.replace('_', '-')} is given, but {method} is not among --methods")
             params.setdefault(method, {})[name] = value
-    sizes = _int_list(codebook_sizes, "--codebook-sizes") if codebook_sizes else None
+    sizes = comma_list(codebook_sizes, "--codebook-sizes", int) if codebook_sizes else None
+    if dataset not in READS_DATA_ROOT and data_root is not None:
+        raise GeovqError(f"--data-root {data_root}: {dataset} is embedded and reads no data root; "
+                         f"drop --data-root (datasets that read one: {', '.join(READS_DATA_ROOT)})")
     root = resolve_data_root(data_root)
     data = load_dataset(dataset, root, download=download)  # fails early, before any run directory exists
     cfg = resolve_config(dataset, data.image_shape, chosen, sizes, seeds, epochs, quick, params,
                          data_root=str(root) if dataset in READS_DATA_ROOT else None, download=download,
-                         token_dim=token_dim, grouping=grouping,
-                         vaes=[v.strip() for v in vae.split(",") if v.strip()], tdc_bits=tdc_bits,
+                         token_dim=token_dim, grouping=grouping, vaes=comma_list(vae, "--vae"), tdc_bits=tdc_bits,
                          finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
                          cpus_per_trial=cpus_per_trial)
     n_train = min(len(data.train), cfg.max_train_images or len(data.train))
@@ -122,30 +142,56 @@ def _sweep(
     from geovq.stages.rundir import RunDir
 
     run = RunDir(out or Path("runs") / (dataset + ("-quick" if quick else "")))
+    if run.root.exists() and not run.root.is_dir():
+        raise GeovqError(f"--out {run.root} is an existing file; give a folder for the run directory")
+    tracked = cfg
     if run.config.exists():
-        changed = changed_options(SweepConfig.load(run.config), cfg)
+        previous = SweepConfig.load(run.config)
+        changed = changed_options(previous, cfg)
         if changed:
             raise GeovqError(f"{run.root} holds a run with a different configuration ({'; '.join(changed)}); "
                              "resume it with the same options, or choose a new --out")
-        resumed = True
-    else:
-        resumed = False
+        tracked = union_config(previous, cfg)  # the run directory's record covers every unit it holds
+    from geovq.distributed.tune import run_sweep, start_ray
+
+    _quiet_ray(verbose)
+    start_ray(address)  # an unreachable cluster fails here, before anything is written
     from geovq.io import write_text
 
     run.root.mkdir(parents=True, exist_ok=True)
-    write_text(run.config, cfg.to_yaml())
+    write_text(run.config, tracked.to_yaml())
     _setup_logging(run.log)
     log = logging.getLogger("geovq")
-    log.info("%s run %s: %s (%s)", "resuming" if resumed else "starting", run.root, dataset, data.description)
+    log.info("%s run %s: %s (%s)", "resuming" if tracked is not cfg else "starting", run.root, dataset,
+             data.description)
     log.info("methods %s, K %s, seeds %d, epochs %d, %d tokens/image of d=%d", ",".join(cfg.methods),
              cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
+    from geovq.stages.units import plan_units
 
-    from geovq.distributed.tune import run_sweep
+    planned = plan_units(cfg)
+    try:
+        run_sweep(run, cfg, address)
+    except KeyboardInterrupt:
+        done = sum(run.unit_done(u, cfg.finetune_decoder) for u in planned)
+        log.error("interrupted: %d of %d units finished and are kept; re-run the same command to resume", done,
+                  len(planned))
+        raise typer.Exit(130) from None
+    except RunFailed as e:
+        for line in e.lines:
+            log.error("%s", line)
+        done = sum(run.unit_done(u, cfg.finetune_decoder) for u in planned)
+        log.error("%d of %d units failed (%d finished and are kept); no report was written: fix the cause and "
+                  "re-run the same command (`geovq report %s` summarises the finished units, marked partial)",
+                  len(e.lines), len(planned), done, run.root)
+        raise typer.Exit(1) from None
     from geovq.report.tables import write_results
 
-    run_sweep(run, cfg, address)
     rows = write_results(run.root)
     _print_summary(rows)
+    from geovq.metrics.image import lpips_weights_hint
+
+    if any(r["lpips"] is None for r in rows) and lpips_weights_hint():
+        log.info("%s", lpips_weights_hint())
     log.info("done in %.1f s: %s", time.time() - t_start, run.root / "report.md")
 
 
@@ -194,11 +240,16 @@ _register_sweep()
 @user_errors
 def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory")) -> None:
     """Rewrite results.json/.csv, report.md and the figures from a run directory's finished units."""
-    from geovq.report.tables import write_results
+    from geovq.report.tables import progress, write_results
 
     if not (run_dir / "config.yaml").exists():
         raise GeovqError(f"{run_dir} is not a geovq run directory (no config.yaml)")
-    _print_summary(write_results(run_dir))
+    rows = write_results(run_dir)
+    _print_summary(rows)
+    finished, planned = progress(run_dir)
+    if finished < planned:
+        typer.secho(f"PARTIAL report: {finished} of {planned} units finished; re-run the sweep to finish the rest",
+                    err=True, fg=typer.colors.YELLOW)
 
 
 def _print_summary(rows: list[dict]) -> None:

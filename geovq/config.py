@@ -218,6 +218,18 @@ def changed_options(old: SweepConfig, new: SweepConfig) -> list[str]:
             if before.get(k) != after.get(k)]
 
 
+def union_config(previous: SweepConfig, current: SweepConfig) -> SweepConfig:
+    """What a run directory holds after `current` ran in it: every method, K and VAE variant either run asked
+    for, the larger seed count, and fine-tuning if either asked for it (the rest is the same: `identity`)."""
+    def union(a: list, b: list) -> list:
+        return a + [v for v in b if v not in a]
+
+    return replace(current, methods=union(previous.methods, current.methods),
+                   codebook_sizes=sorted(union(previous.codebook_sizes, current.codebook_sizes)),
+                   vaes=union(previous.vaes, current.vaes), seeds=max(previous.seeds, current.seeds),
+                   finetune_decoder=previous.finetune_decoder or current.finetune_decoder)
+
+
 def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],
                    codebook_sizes: list[int] | None, seeds: int | None, epochs: int | None, quick: bool,
                    method_params: dict[str, dict[str, Any]] | None = None, **options: Any) -> SweepConfig:

@@ -8,3 +8,11 @@ traceback.
 
 class GeovqError(ValueError):
     """A bad input: the message names the bad value and what would be valid."""
+
+
+class RunFailed(Exception):
+    """Units failed during a run (exit code 1): one line per failed unit, each naming its full traceback."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines

@@ -29,6 +29,13 @@ runner = CliRunner()
     (["sweep", "digits", "--epochs", "-3"], "--epochs -3 must be >= 0"),
     (["sweep", "digits", "--token-dim", "3"], "--token-dim 3 must divide the latent channels C=8"),
     (["sweep", "mnist", "--data-root", "__missing__"], "__missing__"),
+    (["sweep", "digits", "--codebook-sizes", "16,64,16"], "--codebook-sizes lists 16 twice; give each value once"),
+    (["sweep", "digits", "--methods", "kmeans,gq,kmeans"], "--methods lists kmeans twice"),
+    (["sweep", "digits", "--vae", "plain,tdc,plain"], "--vae lists plain twice"),
+    (["sweep", "digits", "--data-root", "/tmp"], "digits is embedded and reads no data root"),
+    (["sweep", "digits", "--methods", "kmeans", "--gq-beta", "0.5"], "--gq-beta is given, but gq is not among"),
+    (["sweep", "digits", "--geodesic-quadrature", "trapezium"], "quadrature 'trapezium' is unknown"),
+    (["sweep", "digits", "--address", "nowhere"], "--address 'nowhere' is not a Ray cluster address"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, args, message):
     out = tmp_path / "run"
@@ -39,10 +46,18 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, args, message)
     assert not out.exists()
 
 
+def test_out_naming_an_existing_file_is_refused(tmp_path):
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me\n")
+    result = runner.invoke(app, ["sweep", "digits", "--out", str(existing)])
+    assert result.exit_code == 2 and f"--out {existing} is an existing file" in result.output
+    assert existing.read_text() == "keep me\n" and "Traceback" not in result.output
+
+
 def test_unreadable_data_root(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # exists but is neither a readable folder nor a file (root can read any folder)
-    result = runner.invoke(app, ["sweep", "digits", "--data-root", str(fifo), "--out", str(tmp_path / "run")])
+    result = runner.invoke(app, ["sweep", "mnist", "--data-root", str(fifo), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "not a readable folder" in result.output
     assert not (tmp_path / "run").exists()
 

@@ -88,5 +88,6 @@ def test_checkpoint_round_trip_and_rejection(tmp_path):
         load_model(tmp_path / "foreign.pt")
     # a pickle that would run code is refused by weights_only loading
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(np.random.default_rng))
-    with pytest.raises(GeovqError, match="not a readable geovq checkpoint"):
+    with pytest.raises(GeovqError, match="not a readable geovq checkpoint") as refused:
         load_model(tmp_path / "evil.pt")
+    assert "weights_only" not in str(refused.value)  # never advise loading an untrusted file unsafely

@@ -75,14 +75,17 @@ def _read_archive(path: Path) -> dict[str, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)  # never unpickle a user's file
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise GeovqError(f"cannot read {path} as a .npz archive of arrays ({err})") from err
+        # numpy's own message may advise allow_pickle=True: never pass that on for a user's file
+        raise GeovqError(f"cannot read {path} as a .npz archive of plain arrays ({type(err).__name__}); save it "
+                         "with np.savez(path, x_train=..., ...)") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise GeovqError(f"{path} holds one unnamed array, not a .npz archive; save it with np.savez(path, x_train=...)")
     try:
         with archive:
             return {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise GeovqError(f"cannot read the arrays in {path} ({err})") from err
+        raise GeovqError(f"cannot read the arrays in {path} ({type(err).__name__}): they must be plain numeric "
+                         "arrays (object arrays are refused, never unpickled)") from None
 
 
 def _arrays_by_split(arrays: dict[str, np.ndarray], path: Path) -> tuple[dict, dict]:

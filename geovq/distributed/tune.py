@@ -13,18 +13,41 @@ interrupted sweep re-run with the same command loses no finished trial.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from geovq.config import SweepConfig
-from geovq.errors import GeovqError
+from geovq.errors import GeovqError, RunFailed
+from geovq.io import write_json, write_text
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit, VaeSpec, plan_units, work_from_dict
 
 log = logging.getLogger("geovq")
 CPU_RESERVE_FRACTION = 0.8
+#: seconds to wait for a cluster address to answer before calling it unreachable
+ADDRESS_TIMEOUT_S = 10
+
+
+def check_address(address: str) -> None:
+    """Fail within seconds on a cluster address nothing listens at (Ray itself retries for minutes)."""
+    if address == "auto":  # ray.init finds a local `ray start` cluster, or fails at once
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise GeovqError(f"--address {address!r} is not a Ray cluster address; valid: auto, HOST:PORT, "
+                         "ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        raise GeovqError(f"cannot reach the Ray cluster at --address {address} ({e.strerror or e}); start it "
+                         "with `ray start --head` or `ray up cluster.yaml`, or omit --address to run locally") from None
 
 
 def start_ray(address: str | None) -> None:
@@ -32,6 +55,8 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    if address is not None:
+        check_address(address)
     # Local Ray on a laptop or CI box: no dashboard (it is reached by port-forwarding on clusters), and
     # a modest object store, since stages exchange files, not objects.
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
@@ -39,8 +64,9 @@ def start_ray(address: str | None) -> None:
         kwargs["object_store_memory"] = 512 * 1024**2
     try:
         ray.init(address=address, **kwargs)
-    except ConnectionError as e:
-        raise GeovqError(f"cannot connect to the Ray cluster at --address {address!r} ({e})") from e
+    except (ConnectionError, RuntimeError) as e:
+        raise GeovqError(f"cannot connect to the Ray cluster at --address {address} "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def trial_device():
@@ -76,12 +102,16 @@ def _trial(config: dict[str, Any]) -> None:
     run = RunDir(Path(config["run_dir"]))
     cfg = SweepConfig.from_dict(config["config"])
     work = work_from_dict(config["work"])
-    device = trial_device()
-    with threadpool_limits(threads):
-        if isinstance(work, VaeSpec):
-            result = run_vae(run, cfg, work, device, tqdm)
-        else:
-            result = run_unit(run, cfg, work, device, tqdm)
+    try:
+        device = trial_device()
+        with threadpool_limits(threads):
+            if isinstance(work, VaeSpec):
+                result = run_vae(run, cfg, work, device, tqdm)
+            else:
+                result = run_unit(run, cfg, work, device, tqdm)
+    except Exception as e:  # the driver reports it in one line; the full traceback goes to the run directory
+        record_failure(run, work, e)
+        raise
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
@@ -89,8 +119,35 @@ def _label(work: dict[str, Any]) -> str:
     return work_from_dict(work).key
 
 
+def failure_paths(run: RunDir, work: VaeSpec | Unit) -> tuple[Path, Path]:
+    """(full traceback, one-line message) of a failed VAE or unit: errors/{key}.txt and .json."""
+    return run.root / "errors" / f"{work.key}.txt", run.root / "errors" / f"{work.key}.json"
+
+
+def record_failure(run: RunDir, work: VaeSpec | Unit, error: BaseException) -> None:
+    trace, message = failure_paths(run, work)
+    write_text(trace, "".join(traceback.format_exception(error)))
+    text = str(error) if isinstance(error, GeovqError) else f"{type(error).__name__}: {error}"
+    write_json(message, {"message": text.splitlines()[0] if text else type(error).__name__})
+
+
+def describe_failure(run: RunDir, work: VaeSpec | Unit, result: Any) -> str:
+    """One line: the unit, what went wrong, and where its full traceback is (copied into the run directory)."""
+    trace, message = failure_paths(run, work)
+    if message.exists():  # the trial caught it: geovq's own message
+        text = json.loads(message.read_text())["message"]
+    else:  # the worker died (killed, out of memory): only Tune saw it
+        text = f"its worker process died ({type(result.error).__name__}); it is retried when you re-run"
+        tune_trace = Path(result.path) / "error.txt" if result.path else None
+        if tune_trace is not None and tune_trace.exists():
+            write_text(trace, tune_trace.read_text())
+        else:
+            write_text(trace, "".join(traceback.format_exception(result.error)))
+    return f"{work.key} failed: {text} (full traceback: {trace})"
+
+
 def _unit_logger(total: int):
-    """A Tune callback that logs one line per finished or failed trial (Tune itself runs with verbose=0)."""
+    """A Tune callback that logs one line per finished trial (failures are reported once, by run_sweep)."""
     from ray.tune import Callback
 
     class UnitLogger(Callback):
@@ -103,19 +160,16 @@ def _unit_logger(total: int):
             self.done += 1
             log.info("[%d/%d] %s finished%s%s", self.done, total, _label(trial.config["work"]), psnr, usage)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            log.error("%s failed; its traceback is in %s", _label(trial.config["work"]), trial.local_path)
-
     return UnitLogger()
 
 
-def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase: str) -> None:
-    """Run the VAEs and units as one Tune experiment; raise if any trial failed."""
+def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase: str) -> dict[str, str]:
+    """Run the VAEs and units as one Tune experiment; returns {key: one-line report} of the failed ones."""
     import ray
     from ray import tune
 
     if not works:
-        return
+        return {}
     cpus = ray.cluster_resources().get("CPU", 1)
     threads = cfg.cpus_per_trial
     if threads > cpus:
@@ -132,11 +186,23 @@ def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase
                                   callbacks=[_unit_logger(len(works))],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
+    # Ctrl-C must reach the driver as KeyboardInterrupt (the CLI reports it and exits 130), not be turned by
+    # Tune into a normal return with a hint to Tuner.restore: re-running the same command is how geovq resumes.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune's console output (a box per phase, a TensorBoard hint on its own temporary folder, error-file paths)
+    # repeats or contradicts geovq's: the legacy reporter at verbose=0 prints none of it. geovq logs one line
+    # per finished or failed unit instead.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for work in works:  # a retried unit's old failure record would describe the wrong attempt
+        for path in failure_paths(run, work):
+            path.unlink(missing_ok=True)
     results = tuner.fit()
-    failed = [r for r in results if r.error is not None]
-    if failed:
-        detail = "; ".join(f"{_label(r.config['work'])}: {type(r.error).__name__}: {r.error}"[:500] for r in failed)
-        raise RuntimeError(f"{len(failed)} trial(s) failed in phase {phase}: {detail}")
+    failures = {}
+    for result in results:
+        if result.error is not None:
+            work = work_from_dict(result.config["work"])
+            failures[work.key] = describe_failure(run, work, result)
+    return failures
 
 
 def run_sweep(run: RunDir, cfg: SweepConfig, address: str | None) -> None:
@@ -152,7 +218,13 @@ def run_sweep(run: RunDir, cfg: SweepConfig, address: str | None) -> None:
     phase2 = [u for u in pending if not u.end_to_end and not ready[u.vae]]
     log.info("units: %d planned, %d pending; %d VAE(s) to train", len(units), len(pending),
              sum(not r for r in ready.values()))
+    failures: dict[str, str] = {}
     for phase, works in (("train", phase1), ("posthoc", phase2)):
+        blocked = [w for w in works if isinstance(w, Unit) and w.vae is not None and w.vae.key in failures]
+        for unit in blocked:  # its VAE failed in phase 1: nothing to fit on
+            failures[unit.key] = f"{unit.key} was not run: its VAE {unit.vae.key} failed"
         t0 = time.time()
-        run_trials(run, cfg, works, phase)
-        log.info("phase %s: %d trials in %.1f s", phase, len(works), time.time() - t0)
+        failures.update(run_trials(run, cfg, [w for w in works if w not in blocked], phase))
+        log.info("phase %s: %d trials in %.1f s", phase, len(works) - len(blocked), time.time() - t0)
+    if failures:
+        raise RunFailed(list(failures.values()))

@@ -16,6 +16,7 @@ parameters', or a wrapper's `device` attribute); numbers come back to the caller
 from __future__ import annotations
 
 import logging
+import warnings
 from functools import partial
 from typing import Callable
 
@@ -27,6 +28,13 @@ from geovq.errors import GeovqError
 from geovq.latents import LatentSet
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+# torch.func.jvp's first call imports torch's forward-mode decompositions, which call the deprecated
+# torch.jit.script inside torch itself (torch 2.14): a FutureWarning in every worker that is torch's to fix,
+# not ours. Import that module once here with exactly that warning silenced; any other warning stays.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 log = logging.getLogger(__name__)
 

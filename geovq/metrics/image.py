@@ -122,12 +122,19 @@ def _alexnet_weights_path() -> Path:
 def lpips_status() -> tuple[bool, str]:
     """(available, reason): LPIPS is reported only with the real pretrained AlexNet in the torch hub cache."""
     path = _alexnet_weights_path()
+    # No path in the reason: it goes into shared results; `lpips_weights_hint` says where, on the console.
     if path.is_file():
-        return True, f"LPIPS(alex) with the ImageNet AlexNet weights at {path}"
+        return True, f"LPIPS(alex) with the ImageNet AlexNet weights ({path.name}) from the torch hub cache"
     return False, (
-        f"LPIPS not computed: the ImageNet AlexNet weights are not at {path} (geovq never downloads them "
-        "and never uses random weights; copy alexnet-owt-7be5be79.pth there or set TORCH_HOME)"
+        f"LPIPS not computed: the ImageNet AlexNet weights ({path.name}) are not in the torch hub cache "
+        "(geovq never downloads them and never uses random weights)"
     )
+
+
+def lpips_weights_hint() -> str | None:
+    """Where to put the AlexNet weights, for the console (None when they are there)."""
+    path = _alexnet_weights_path()
+    return None if path.is_file() else f"LPIPS is null: copy {path.name} to {path.parent} (or set TORCH_HOME) to get it"
 
 
 @lru_cache(maxsize=1)

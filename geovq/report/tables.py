@@ -45,11 +45,14 @@ def _fmt(mean: float, half: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str) -> str:
+def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str,
+                    finished: int, planned: int) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"), r["finetuned"])].append(r)
-    lines = ["# geovq results", "",
+    title = "# geovq results" if finished >= planned else \
+        f"# geovq results (PARTIAL: {finished} of {planned} units finished)"
+    lines = [title, "",
              "Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
              "Rows are comparable only within one bits-per-image group.", ""]
     by_vae: dict[tuple, list[dict]] = defaultdict(list)
@@ -59,7 +62,7 @@ def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], 
         m, h = mean_ci([c["psnr"] for c in cs])
         label = "plain" if target is None else f"tdc, T = {target:g} bits"
         band = (f", {100 * sum(c['frac_tokens_in_band'] for c in cs) / len(cs):.1f}% of test tokens within "
-                f"±0.5 bit of T" if target is not None else "")
+                f"±{cs[0]['tdc_tolerance']:g} bit of T" if target is not None else "")
         lines += [f"- Continuous Gaussian VAE ({label}), no quantization (the ceiling): PSNR {_fmt(m, h, 2)} dB, "
                   f"mean token KL {sum(c['mean_token_kl_bits'] for c in cs) / len(cs):.2f} bits{band} "
                   f"(n = {len(cs)})."]
@@ -85,7 +88,19 @@ def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], 
     return "\n".join(lines)
 
 
+def progress(run_dir: Path) -> tuple[int, int]:
+    """(finished, planned) units of a run directory, planned by its config.yaml (every unit it has held)."""
+    from geovq.config import SweepConfig
+    from geovq.stages.rundir import RunDir
+    from geovq.stages.units import plan_units
+
+    cfg = SweepConfig.load(run_dir / "config.yaml")
+    planned = plan_units(cfg)
+    return sum(RunDir(run_dir).unit_done(u, cfg.finetune_decoder) for u in planned), len(planned)
+
+
 def write_results(run_dir: Path) -> list[dict[str, Any]]:
+    """results.json/.csv, report.md (titled partial while units are missing) and figures; returns the rows."""
     rows = collect_rows(run_dir)
     ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("*/ceiling.json"))]
     write_json(run_dir / "results.json", rows)
@@ -96,7 +111,9 @@ def write_results(run_dir: Path) -> list[dict[str, Any]]:
     writer.writeheader()
     writer.writerows(rows)
     write_text(run_dir / "results.csv", buf.getvalue())
-    write_text(run_dir / "report.md", markdown_report(rows, ceilings, (run_dir / "config.yaml").read_text()))
+    # shared results carry no home directory (the data root of a dataset read from disk lives there)
+    config_yaml = (run_dir / "config.yaml").read_text().replace(str(Path.home()), "~")
+    write_text(run_dir / "report.md", markdown_report(rows, ceilings, config_yaml, *progress(run_dir)))
     from geovq.report.figures import write_figures
 
     write_figures(run_dir, rows, ceilings)

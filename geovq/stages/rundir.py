@@ -45,7 +45,8 @@ class RunDir:
         return self.root / "vae" / spec.key
 
     def vae_done(self, spec: VaeSpec) -> bool:
-        return (self.vae(spec) / "ceiling.json").exists()
+        """Scored, and its checkpoint still there (a deleted checkpoint is rebuilt from its resume point)."""
+        return (self.vae(spec) / "ceiling.json").exists() and (self.vae(spec) / "model.pt").exists()
 
     def latents(self, spec: VaeSpec, split: str) -> Path:
         return self.vae(spec) / f"latents_{split}.npz"

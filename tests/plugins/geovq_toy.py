@@ -33,3 +33,14 @@ class RandomTokens(Quantizer):
 
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
         return exact_nearest(self.codebook_, latents.token_mu)[1][:, 0]
+
+
+@register("crash-q")
+class CrashingQuantizer(RandomTokens):
+    """Kills its own worker process while fitting, as the OOM killer or a lost node would."""
+
+    def _fit(self, latents: LatentSet) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

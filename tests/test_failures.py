@@ -1,0 +1,178 @@
+"""What a user sees when things go wrong: exit codes a script can trust, one clear line, nothing misleading."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from geovq.cli import app
+
+runner = CliRunner()
+SMALL = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--epochs", "4"]
+
+
+def geovq(*args: str, **kwargs) -> subprocess.Popen:
+    """The real console script in its own process group, as a terminal runs it (Ctrl-C reaches the group)."""
+    return subprocess.Popen(["geovq", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def finished_units(run: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in run.glob("units/*/row.json")}
+
+
+def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_repeating(tmp_path):
+    run = tmp_path / "run"
+    proc = geovq(*SMALL, "--out", str(run))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "sweep.log"
+        if log.exists() and "finished" in log.read_text():  # some units done, others still running
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    lines = [line for line in output.splitlines() if "interrupted:" in line]
+    assert len(lines) == 1 and "re-run the same command to resume" in lines[0], output
+    done, planned = map(int, re.search(r"(\d+) of (\d+) units finished", lines[0]).groups())
+    assert 1 <= done < planned == 6
+    assert "Traceback" not in output and "Tuner.restore" not in output
+    assert not (run / "report.md").exists() and not (run / "results.json").exists()  # no report posing as whole
+    kept = finished_units(run)
+    assert len(kept) == done
+
+    proc = geovq(*SMALL, "--out", str(run))
+    output = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 0, output
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # no finished unit repeated
+    assert len(finished_units(run)) == planned and (run / "report.md").exists()
+    assert "PARTIAL" not in (run / "report.md").read_text()
+
+
+def test_unreachable_address_fails_fast_before_writing_anything(tmp_path):
+    t0 = time.time()
+    proc = subprocess.run(["geovq", *SMALL, "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=60)
+    assert time.time() - t0 < 30
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot reach the Ray cluster at --address 127.0.0.1:1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    result = runner.invoke(app, SMALL + ["--out", str(run)])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def broken_copy(finished_run: Path, tmp_path: Path, method: str) -> tuple[Path, Path]:
+    """A copy of the finished run with one unit of `method` unscored, so that re-running must reload files."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    unit = next(p for p in run.glob(f"units/{method}-*"))
+    (unit / "row.json").unlink()
+    return run, unit
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign pickle", "random bytes"])
+def test_a_corrupt_checkpoint_gives_one_line_naming_the_file(finished_run, tmp_path, damage):
+    run, _ = broken_copy(finished_run, tmp_path, "kmeans")
+    (vae,) = run.glob("vae/*")
+    model = vae / "model.pt"
+    if damage == "truncated":
+        model.write_bytes(model.read_bytes()[:1000])
+    elif damage == "foreign pickle":
+        import pickle
+
+        model.write_bytes(pickle.dumps(os.system))  # would run code if unpickled unsafely
+    else:
+        model.write_bytes(np.random.default_rng(0).bytes(4096))
+    result = runner.invoke(app, SMALL + ["--out", str(run)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "weights_only=False" not in result.output
+    (line,) = [line for line in result.output.splitlines() if "failed:" in line]
+    assert f"{model} is not a readable geovq checkpoint" in line and "delete it" in line
+    trace = Path(re.search(r"full traceback: (\S+)\)", line).group(1))
+    assert trace.parent == run / "errors" and "Traceback" in trace.read_text()  # copied into the run directory
+    assert "1 of 6 units failed (5 finished and are kept)" in result.output
+
+
+def test_a_corrupt_quantizer_file_names_the_file_and_no_unsafe_hint(finished_run, tmp_path):
+    run, unit = broken_copy(finished_run, tmp_path, "kmeans")
+    (unit / "quantizer.npz").write_bytes(np.random.default_rng(1).bytes(2048))
+    (unit / "codes_test.npy").unlink()  # the encode stage must load the quantizer
+    result = runner.invoke(app, SMALL + ["--out", str(run)])
+    assert result.exit_code == 1, result.output
+    assert f"{unit / 'quantizer.npz'} is not a readable geovq quantizer file" in result.output
+    assert "pickle" not in result.output and "Traceback" not in result.output
+    (unit / "quantizer.npz").unlink()  # as the message says: delete it, and the unit is fitted again
+    result = runner.invoke(app, SMALL + ["--out", str(run)])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(ray_local, tmp_path):
+    import geovq_toy  # noqa: F401  (registers crash-q, whose fit kills its own worker process)
+
+    from geovq.config import resolve_config
+    from geovq.distributed.tune import run_sweep
+    from geovq.errors import RunFailed
+    from geovq.report.tables import markdown_report, progress
+    from geovq.stages.rundir import RunDir
+
+    cfg = resolve_config("digits", (1, 16, 16), ["kmeans", "crash-q"], [16], 1, 1, False)
+    cfg.max_train_images = 200
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(cfg.to_yaml())
+    with pytest.raises(RunFailed) as failed:
+        run_sweep(run, cfg, None)
+    (line,) = failed.value.lines
+    assert line.startswith("crash-q-plain-K16-d8-seed0-") and "its worker process died" in line
+    assert (run.root / "errors" / f"{line.split(' ')[0]}.txt").exists()
+    assert progress(run.root) == (1, 2)
+    assert markdown_report([], [], "", 1, 2).startswith("# geovq results (PARTIAL: 1 of 2 units finished)")
+
+
+def test_shared_results_carry_no_home_directory(finished_run):
+    home = str(Path.home())
+    for name in ("results.json", "results.csv", "report.md"):
+        assert home not in (finished_run / name).read_text(), name
+    rows = json.loads((finished_run / "results.json").read_text())
+    assert all(r["lpips"] is not None or "hub cache" in r["lpips_reason"] for r in rows)
+    assert "data_root: null" in (finished_run / "config.yaml").read_text()  # digits reads none
+
+
+def test_rerun_with_a_subset_keeps_the_whole_run_in_its_configuration(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = runner.invoke(app, ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "kmeans",
+                                 "--codebook-sizes", "16", "--epochs", "4", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["methods"] == ["vqvae", "kmeans", "gq"] and cfg["codebook_sizes"] == [16, 64]
+
+
+def test_npz_data_root_that_is_not_an_archive_gets_no_unsafe_hint(tmp_path):
+    text = tmp_path / "data.npz"
+    text.write_text("not an archive\n")
+    result = runner.invoke(app, ["sweep", "npz", "--data-root", str(text), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "cannot read" in result.output
+    assert "pickle" not in result.output and "Traceback" not in result.output
