@@ -25,7 +25,8 @@ def test_markdown_groups_by_bits_and_summarises_seeds():
     rows = [row("kmeans", "plain", 16, s, p) for s, p in enumerate([20.0, 21.0, 22.0])]
     rows += [row("kmeans", "plain", 16, 0, 25.0, finetuned=True), row("vqvae", None, 64, 0, 30.0)]
     ceilings = [{"vae": "plain", "tdc_target_bits": None, "psnr": 30.0, "mean_token_kl_bits": 2.0}]
-    text = markdown_report(rows, ceilings, yaml.safe_dump({"dataset": "digits"}))
+    text = markdown_report(rows, ceilings, yaml.safe_dump({"dataset": "digits"}), 5, 5)
+    assert text.startswith("# geovq results\n")  # every planned unit finished: not partial
     assert text.index("## 64 bits per image") < text.index("## 96 bits per image")
     kmeans_line = next(l for l in text.splitlines() if l.startswith("| kmeans | plain | VAE's |"))
     assert "| 3 | 21.00 ± 2.48 |" in kmeans_line  # 4.3027 * 1 / sqrt(3)
