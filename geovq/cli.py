@@ -54,6 +54,16 @@ def comma_list(text: str, option: str, kind: type = str) -> list:
     return values
 
 
+def _gpus(text: str) -> float | None:
+    """--gpus-per-trial: None for auto, else a number (its range is checked with the rest of the config)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise GeovqError(f"--gpus-per-trial {text!r} must be auto or a number, e.g. 1 or 0.25") from None
+
+
 def _quiet_ray(verbose: bool) -> None:
     """Without --verbose, Ray Tune's own per-trial tracebacks stay in the run directory's errors/ (geovq prints
     one line per failure); with it, everything Ray logs reaches the console."""
@@ -93,6 +103,8 @@ def _sweep(
     finetune_decoder: bool = typer.Option(False, "--finetune-decoder", help="also report each post-hoc method with its decoder fine-tuned on the codebook"),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="max epochs of the decoder fine-tune (early-stopped on val)"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
+    gpus_per_trial: str = typer.Option("auto", "--gpus-per-trial", help="GPUs per trial: auto (1 where the cluster has GPUs, else 0), or a number; fractions share a GPU"),
+    max_failures: int = typer.Option(2, "--max-failures", help="retries of a crashed trial (killed worker, lost node); geovq errors are not retried"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
     verbose: bool = typer.Option(False, "--verbose", help="show Ray's own logs and tracebacks on the console"),
     **method_options: Any,
@@ -132,7 +144,8 @@ def _sweep(
                          data_root=str(root) if dataset in READS_DATA_ROOT else None, download=download,
                          token_dim=token_dim, grouping=grouping, vaes=comma_list(vae, "--vae"), tdc_bits=tdc_bits,
                          finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
-                         cpus_per_trial=cpus_per_trial)
+                         cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
+                         max_failures=max_failures)
     n_train = min(len(data.train), cfg.max_train_images or len(data.train))
     for k in cfg.codebook_sizes:
         if k > n_train * cfg.tokens_per_image:
@@ -152,10 +165,11 @@ def _sweep(
             raise GeovqError(f"{run.root} holds a run with a different configuration ({'; '.join(changed)}); "
                              "resume it with the same options, or choose a new --out")
         tracked = union_config(previous, cfg)  # the run directory's record covers every unit it holds
-    from geovq.distributed.tune import run_sweep, start_ray
+    from geovq.distributed.tune import resolve_gpus_per_trial, run_sweep, start_ray
 
     _quiet_ray(verbose)
     start_ray(address)  # an unreachable cluster fails here, before anything is written
+    cfg.gpus_per_trial = tracked.gpus_per_trial = resolve_gpus_per_trial(cfg.gpus_per_trial)
     from geovq.io import write_text
 
     run.root.mkdir(parents=True, exist_ok=True)

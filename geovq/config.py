@@ -110,7 +110,8 @@ QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_t
 OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--codebook-sizes", "seeds": "--seeds",
            "data_root": "--data-root", "token_dim": "--token-dim", "grouping": "--grouping", "vaes": "--vae",
            "tdc_bits": "--tdc-bits", "train.epochs": "--epochs", "max_train_images": "--quick",
-           "finetune_epochs": "--finetune-epochs", "cpus_per_trial": "--cpus-per-trial"}
+           "finetune_epochs": "--finetune-epochs", "cpus_per_trial": "--cpus-per-trial",
+           "gpus_per_trial": "--gpus-per-trial", "max_failures": "--max-failures"}
 
 
 def option_name(key: str) -> str:
@@ -145,6 +146,8 @@ class SweepConfig:
     finetune_epochs: int = 10
     finetune_max_images: int = 10_000  # training images the decoder fine-tune sees (a fixed random subset)
     cpus_per_trial: int = 1
+    max_failures: int = 2  # retries of a crashed trial (killed worker, lost node); geovq errors are not retried
+    gpus_per_trial: float | None = None  # None: auto (1 where the cluster has GPUs, else 0); fractions share one
     quick: bool = False
     run_format: int = RUN_FORMAT
 
@@ -169,10 +172,11 @@ class SweepConfig:
     def identity(self) -> dict[str, Any]:
         """What must match for a run directory to be resumed or extended: everything that shapes a model
         or a split. Methods, VAE variants, codebook sizes and seed count may grow (new units join the run),
-        and --finetune-decoder may be switched on (finished units gain their fine-tuned rows). Threads per
-        trial are a matter of the machine, not of the run."""
+        and --finetune-decoder may be switched on (finished units gain their fine-tuned rows). Threads and
+        GPUs per trial are a matter of the machine, not of the run."""
         out = self.as_dict()
-        for key in ("methods", "codebook_sizes", "seeds", "vaes", "finetune_decoder", "cpus_per_trial"):
+        for key in ("methods", "codebook_sizes", "seeds", "vaes", "finetune_decoder", "cpus_per_trial",
+                    "gpus_per_trial", "max_failures"):
             out.pop(key)
         return out
 
@@ -311,4 +315,10 @@ def validate(cfg: SweepConfig) -> None:
         raise GeovqError(f"--finetune-epochs {cfg.finetune_epochs} must be >= 1")
     if cfg.cpus_per_trial < 1:
         raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")
+    if cfg.max_failures < 0:
+        raise GeovqError(f"--max-failures {cfg.max_failures} must be >= 0")
+    g = cfg.gpus_per_trial
+    if g is not None and not (g >= 0 and (g <= 1 or float(g).is_integer())):
+        raise GeovqError(f"--gpus-per-trial {g:g} must be auto, a fraction in [0, 1] (trials share a GPU) or a "
+                         "whole number")
 

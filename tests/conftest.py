@@ -22,11 +22,37 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PLUGINS, os.environ.get
 torch.set_num_threads(1)
 
 
+LOCAL_RAY = dict(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=256 * 1024**2,
+                 log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=256 * 1024**2,
-             log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`), connected to.
+
+    The test adds nodes (`cluster.add_node(num_cpus=..., num_gpus=...)`); a GPU node here declares fake GPUs.
+    The session's local Ray, if it was running, is started again afterwards.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    restore = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
+                                                            "object_store_memory": 128 * 1024**2})
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    if restore:
+        ray.init(**LOCAL_RAY)

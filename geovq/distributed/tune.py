@@ -30,6 +30,8 @@ from geovq.stages.units import Unit, VaeSpec, plan_units, work_from_dict
 
 log = logging.getLogger("geovq")
 CPU_RESERVE_FRACTION = 0.8
+#: the metric a trial reports when a GeovqError ended it (not retried: a retry cannot fix its cause)
+GEOVQ_ERROR = "geovq_error"
 #: seconds to wait for a cluster address to answer before calling it unreachable
 ADDRESS_TIMEOUT_S = 10
 
@@ -69,6 +71,43 @@ def start_ray(address: str | None) -> None:
                          f"({str(e).splitlines()[0]})") from None
 
 
+def autoscaler_gpu_types(config_path: str | None = None) -> dict[str, float]:
+    """GPUs per node of each node type the autoscaler may start ({type: GPUs}, types with max_workers > 0).
+
+    On a `ray up` cluster the head holds its autoscaling config at ~/ray_bootstrap_config.yaml;
+    $GEOVQ_AUTOSCALER_CONFIG points elsewhere. No config (a laptop, a fixed cluster): no such types.
+    """
+    import yaml
+
+    path = Path(os.path.expanduser(config_path or os.environ.get("GEOVQ_AUTOSCALER_CONFIG",
+                                                                  "~/ray_bootstrap_config.yaml")))
+    if not path.is_file():
+        return {}
+    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
+    return {name: float(spec.get("resources", {}).get("GPU", 0)) for name, spec in types.items()
+            if spec.get("max_workers", 0) > 0}
+
+
+def resolve_gpus_per_trial(requested: float | None) -> float:
+    """The GPUs each trial asks for: `requested`, or for None (auto) 1 when a node has a GPU or the autoscaler
+    can start one that has, else 0. A request no node can ever satisfy fails here, at once: Ray would
+    otherwise keep the trial pending forever."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest_node = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
+    types = autoscaler_gpu_types()
+    largest = max([largest_node, *types.values()])
+    if requested is None:
+        return 1.0 if largest >= 1 else 0.0
+    if requested > largest:
+        scalable = ", ".join(f"{name}: {gpus:g}" for name, gpus in types.items()) or "none"
+        raise GeovqError(f"--gpus-per-trial {requested:g} asks more GPUs per trial than any node has: the largest "
+                         f"of {len(nodes)} node(s) has {largest_node:g} GPU(s); node types the autoscaler can start: "
+                         f"{scalable}. Use --gpus-per-trial {largest:g} (0: CPU only), or add GPU nodes")
+    return requested
+
+
 def trial_device():
     """The torch device of this trial: the GPU Ray assigned it, else the CPU."""
     import ray
@@ -78,15 +117,16 @@ def trial_device():
     if not gpus:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise GeovqError(f"this trial was assigned GPU {gpus} by Ray, but torch sees no CUDA device on "
-                         f"{ray.util.get_node_ip_address()} (a CPU-only torch build, or a node declaring GPUs "
-                         "it does not have)")
+        raise GeovqError(f"this trial was assigned GPU {gpus} by Ray, but torch sees no CUDA device on node "
+                         f"{ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()}): a CPU-only "
+                         "torch build, or a node declaring GPUs it does not have")
     return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs
 
 
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: one VAE or one unit, given as its dict beside the sweep's configuration."""
     import faiss
+    import ray
     import torch
     from ray import tune
     from ray.experimental.tqdm_ray import tqdm
@@ -102,6 +142,8 @@ def _trial(config: dict[str, Any]) -> None:
     run = RunDir(Path(config["run_dir"]))
     cfg = SweepConfig.from_dict(config["config"])
     work = work_from_dict(config["work"])
+    _log_to_run(run)
+    where = {"node_id": ray.get_runtime_context().get_node_id()}
     try:
         device = trial_device()
         with threadpool_limits(threads):
@@ -109,10 +151,26 @@ def _trial(config: dict[str, Any]) -> None:
                 result = run_vae(run, cfg, work, device, tqdm)
             else:
                 result = run_unit(run, cfg, work, device, tqdm)
-    except Exception as e:  # the driver reports it in one line; the full traceback goes to the run directory
+    except GeovqError as e:
+        # A geovq error names a cause a retry cannot fix (a corrupt file, a bad setting): record it and end
+        # the trial without asking Tune for retries, which are kept for crashes (a killed worker, a lost node).
+        record_failure(run, work, e)
+        tune.report({GEOVQ_ERROR: 1, **where})
+        return
+    except Exception as e:  # a bug or a crash inside the stage: recorded, then retried by Tune
         record_failure(run, work, e)
         raise
-    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tune.report({**scalars, **where})
+
+
+def _log_to_run(run: RunDir) -> None:
+    """Worker-side geovq lines (e.g. a training resuming after a retry) go to the run's sweep.log too."""
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "baseFilename", None) == str(run.log.resolve()) for h in log.handlers):
+        handler = logging.FileHandler(run.log.resolve())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker %(process)d] %(message)s"))
+        log.addHandler(handler)
 
 
 def _label(work: dict[str, Any]) -> str:
@@ -134,7 +192,7 @@ def record_failure(run: RunDir, work: VaeSpec | Unit, error: BaseException) -> N
 def describe_failure(run: RunDir, work: VaeSpec | Unit, result: Any) -> str:
     """One line: the unit, what went wrong, and where its full traceback is (copied into the run directory)."""
     trace, message = failure_paths(run, work)
-    if message.exists():  # the trial caught it: geovq's own message
+    if result.error is None or message.exists():  # the trial caught it: geovq's own message
         text = json.loads(message.read_text())["message"]
     else:  # the worker died (killed, out of memory): only Tune saw it
         text = f"its worker process died ({type(result.error).__name__}); it is retried when you re-run"
@@ -155,6 +213,8 @@ def _unit_logger(total: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result
+            if r.get(GEOVQ_ERROR):
+                return  # reported once, with the other failures, at the end
             psnr = f" PSNR {r['psnr']:.2f} dB" if "psnr" in r else ""
             usage = f", usage perplexity {r['usage_perplexity']:.1f}" if "usage_perplexity" in r else ""
             self.done += 1
@@ -174,7 +234,7 @@ def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase
     threads = cfg.cpus_per_trial
     if threads > cpus:
         raise GeovqError(f"--cpus-per-trial {threads} exceeds the cluster's {cpus:g} CPUs")
-    trainable = tune.with_resources(_trial, {"cpu": threads * CPU_RESERVE_FRACTION})
+    trainable = tune.with_resources(_trial, {"cpu": threads * CPU_RESERVE_FRACTION, "gpu": cfg.gpus_per_trial or 0})
     tuner = tune.Tuner(
         trainable,
         param_space={"work": tune.grid_search([w.to_dict() for w in works]), "config": cfg.as_dict(),
@@ -184,7 +244,9 @@ def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase
         run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str((run.root / "ray").resolve()), verbose=0,
                                   callbacks=[_unit_logger(len(works))],
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  # a crashed trial (killed worker, lost node) is retried; its stages resume
+                                  # from their files (a training from its last epoch)
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     )
     # Ctrl-C must reach the driver as KeyboardInterrupt (the CLI reports it and exits 130), not be turned by
     # Tune into a normal return with a hint to Tuner.restore: re-running the same command is how geovq resumes.
@@ -199,7 +261,7 @@ def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase
     results = tuner.fit()
     failures = {}
     for result in results:
-        if result.error is not None:
+        if result.error is not None or (result.metrics or {}).get(GEOVQ_ERROR):
             work = work_from_dict(result.config["work"])
             failures[work.key] = describe_failure(run, work, result)
     return failures

@@ -1,0 +1,149 @@
+"""GPU scheduling and multi-node behaviour on real Ray clusters started on this machine (fake GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from geovq.config import resolve_config
+from geovq.errors import GeovqError, RunFailed
+from geovq.stages.rundir import RunDir
+
+
+def tiny(methods: list[str], **options):
+    cfg = resolve_config("digits", (1, 16, 16), methods, [16], 1, 1, False, **options)
+    cfg.max_train_images = 200
+    return cfg
+
+
+def test_trials_get_the_gpu_ray_assigns_and_fail_clearly_without_cuda(ray_cluster, tmp_path):
+    import ray
+
+    from geovq.distributed.tune import resolve_gpus_per_trial, run_sweep
+
+    gpu_node = ray_cluster.add_node(num_cpus=2, num_gpus=1)
+    ray_cluster.wait_for_nodes()
+    assert resolve_gpus_per_trial(None) == 1.0  # auto: the cluster has a GPU
+    cfg = tiny(["vqvae"], gpus_per_trial=1.0)
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    with pytest.raises(RunFailed) as failed:
+        run_sweep(run, cfg, ray_cluster.address)
+    (line,) = failed.value.lines
+    # the trial was placed on the GPU node and handed GPU 0, which has no CUDA device behind it here
+    assert "was assigned GPU [0] by Ray, but torch sees no CUDA device" in line
+    assert gpu_node.node_id in line
+    assert ray.cluster_resources()["GPU"] == 1
+
+
+def test_gpu_requests_no_node_can_meet_fail_at_once(ray_cluster, tmp_path, monkeypatch):
+    from geovq.distributed.tune import resolve_gpus_per_trial
+
+    assert resolve_gpus_per_trial(None) == 0.0  # auto on a GPU-less cluster: CPU trials
+    with pytest.raises(GeovqError, match=r"--gpus-per-trial 1 asks more GPUs per trial than any node has: the "
+                                         r"largest of 1 node\(s\) has 0 GPU\(s\); node types the autoscaler can "
+                                         r"start: none"):
+        resolve_gpus_per_trial(1.0)
+    config = tmp_path / "bootstrap.yaml"  # what `ray up` leaves on the head node
+    config.write_text("available_node_types:\n  head: {resources: {}, max_workers: 0}\n"
+                      "  gpu_worker: {resources: {GPU: 1, CPU: 8}, min_workers: 0, max_workers: 4}\n")
+    monkeypatch.setenv("GEOVQ_AUTOSCALER_CONFIG", str(config))
+    assert resolve_gpus_per_trial(None) == 1.0  # none now, but the autoscaler can start one
+    assert resolve_gpus_per_trial(0.5) == 0.5
+    with pytest.raises(GeovqError, match="node types the autoscaler can start: gpu_worker: 1"):
+        resolve_gpus_per_trial(2.0)
+
+
+def run_in_thread(run: RunDir, cfg, address: str):
+    """run_sweep in a background thread (Tune runs fine off the main thread); returns (thread, errors)."""
+    import threading
+
+    from geovq.distributed.tune import run_sweep
+
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            run_sweep(run, cfg, address)
+        except BaseException as e:  # noqa: BLE001  (handed to the test)
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def trial_nodes(run: RunDir) -> list[str]:
+    import json
+
+    return [json.loads(line)["node_id"] for path in run.root.glob("ray/*/*/result.json")
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_trials_spread_over_nodes_and_a_lost_node_loses_no_finished_unit(ray_cluster, tmp_path):
+    import json
+
+    nodes = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    cfg = tiny(["vqvae", "kmeans"], max_failures=3)
+    cfg.codebook_sizes = [16, 64]
+    cfg.train.epochs = 3
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(cfg.to_yaml())
+    thread, errors = run_in_thread(run, cfg, ray_cluster.address)
+    wait_for(lambda: any(run.root.glob("units/*/row.json")), 180, "a first finished unit")
+    kept = {p: p.stat().st_mtime_ns for p in run.root.glob("units/*/row.json")}
+    ray_cluster.remove_node(nodes[1])  # a node lost mid-sweep, with whatever ran on it
+    thread.join(timeout=400)
+    assert not thread.is_alive() and not errors, errors
+    rows = [json.loads(p.read_text()) for p in run.root.glob("units/*/row.json")]
+    assert sorted((r["method"], r["K"]) for r in rows) == [("kmeans", 16), ("kmeans", 64), ("vqvae", 16), ("vqvae", 64)]
+    assert len({r["unit"] for r in rows}) == len(rows)  # no row duplicated
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished units were not redone
+    assert len(set(trial_nodes(run))) >= 2  # the trials ran on more than one node
+
+
+def test_a_killed_trial_is_retried_and_resumes_its_training_from_the_last_epoch(ray_cluster, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    import torch
+
+    from geovq.stages.units import plan_units
+
+    worker = ray_cluster.add_node(num_cpus=1)
+    ray_cluster.wait_for_nodes()
+    cfg = tiny(["kmeans"], max_failures=2)
+    cfg.max_train_images = None
+    cfg.train.epochs = 12
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(cfg.to_yaml())
+    vae_dir = run.vae(plan_units(cfg)[0].vae)
+    thread, errors = run_in_thread(run, cfg, ray_cluster.address)
+    wait_for(lambda: (vae_dir / "state.pt").exists(), 180, "the first epoch's resume point")
+    raylet = worker.all_processes["raylet"][0].process.pid
+    children = subprocess.run(["ps", "--ppid", str(raylet), "-o", "pid=,args="], capture_output=True,
+                              text=True).stdout.splitlines()
+    (pid,) = [int(line.split()[0]) for line in children if "ImplicitFunc" in line]
+    epoch_at_kill = int(torch.load(vae_dir / "state.pt", weights_only=True)["epoch"])
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive() and not errors, errors
+    assert epoch_at_kill < 12
+    resumed = [line for line in run.log.read_text().splitlines() if "resuming from epoch" in line]
+    assert resumed, run.log.read_text()
+    epoch = int(resumed[0].split("resuming from epoch ")[1].split()[0])
+    assert epoch_at_kill <= epoch < 12  # not from epoch 0
+    assert int(torch.load(vae_dir / "state.pt", weights_only=True)["epoch"]) == 12
+    assert (run.unit(plan_units(cfg)[0]) / "row.json").exists()
