@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,25 +71,27 @@ def _quiet_ray(verbose: bool) -> None:
     if not verbose:
         for name in ("ray.tune", "ray.train", "ray.air"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-block progress of the Ray Data stages
 
 
-def _setup_logging(log_path: Path) -> None:
+def _setup_logging(log_paths: list[Path]) -> None:
     log = logging.getLogger("geovq")
     log.setLevel(logging.INFO)
     for old in list(log.handlers):  # a second command in one process (tests, notebooks) logs afresh
         log.removeHandler(old)
         old.close()
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    for path in log_paths:  # each run directory's own sweep.log
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("geovq: %(message)s"))
     log.addHandler(console)
 
 
 def _sweep(
-    dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory [default: runs/DATASET or runs/DATASET-quick]"),
+    dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz; a comma list runs several at once"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory [default: runs/DATASET or runs/DATASET-quick]; with several datasets, their parent folder"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma list [default: every registered method]"),
     codebook_sizes: Optional[str] = typer.Option(None, "--codebook-sizes", help="comma list of K [default: per dataset]"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds, 0..N-1 [default: 3; 1 with --quick]"),
@@ -118,8 +121,10 @@ def _sweep(
     from geovq.data import DATASETS, load_dataset, resolve_data_root
     from geovq.quantize import QUANTIZERS
 
-    if dataset not in DATASETS:
-        raise GeovqError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    datasets = comma_list(dataset, "DATASET")
+    for name in datasets:
+        if name not in DATASETS:
+            raise GeovqError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     known = list(END_TO_END) + sorted(QUANTIZERS)
     chosen = comma_list(methods, "--methods") if methods else known
     for m in chosen:
@@ -135,78 +140,104 @@ def _sweep(
                 raise GeovqError(f"--{method}-{name.replace('_', '-')} is given, but {method} is not among --methods")
             params.setdefault(method, {})[name] = value
     sizes = comma_list(codebook_sizes, "--codebook-sizes", int) if codebook_sizes else None
-    if dataset not in READS_DATA_ROOT and data_root is not None:
-        raise GeovqError(f"--data-root {data_root}: {dataset} is embedded and reads no data root; "
+    embedded = [name for name in datasets if name not in READS_DATA_ROOT]
+    if embedded and data_root is not None and len(embedded) == len(datasets):
+        raise GeovqError(f"--data-root {data_root}: {embedded[0]} is embedded and reads no data root; "
                          f"drop --data-root (datasets that read one: {', '.join(READS_DATA_ROOT)})")
     root = resolve_data_root(data_root)
-    data = load_dataset(dataset, root, download=download)  # fails early, before any run directory exists
-    cfg = resolve_config(dataset, data.image_shape, chosen, sizes, seeds, epochs, quick, params,
-                         data_root=str(root) if dataset in READS_DATA_ROOT else None, download=download,
-                         token_dim=token_dim, grouping=grouping, vaes=comma_list(vae, "--vae"), tdc_bits=tdc_bits,
-                         finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
-                         cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
-                         max_failures=max_failures)
-    n_train = min(len(data.train), cfg.max_train_images or len(data.train))
-    for k in cfg.codebook_sizes:
-        if k > n_train * cfg.tokens_per_image:
-            raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training latents "
-                             f"({n_train} images × {cfg.tokens_per_image} tokens); choose a smaller K")
-
     from geovq.stages.rundir import RunDir
 
-    run = RunDir(out or Path("runs") / (dataset + ("-quick" if quick else "")))
-    if run.root.exists() and not run.root.is_dir():
-        raise GeovqError(f"--out {run.root} is an existing file; give a folder for the run directory")
-    tracked = cfg
-    if run.config.exists():
-        previous = SweepConfig.load(run.config)
-        changed = changed_options(previous, cfg)
-        if changed:
-            raise GeovqError(f"{run.root} holds a run with a different configuration ({'; '.join(changed)}); "
-                             "resume it with the same options, or choose a new --out")
-        tracked = union_config(previous, cfg)  # the run directory's record covers every unit it holds
-    from geovq.distributed.tune import resolve_gpus_per_trial, run_sweep, start_ray
+    # one dataset: --out is its run directory; several: --out is their parent, one run directory each
+    parent = out if len(datasets) > 1 else None
+    runs = []  # (run, cfg, tracked, description) per dataset
+    for name in datasets:
+        data = load_dataset(name, root, download=download)  # fails early, before any run directory exists
+        cfg = resolve_config(name, data.image_shape, chosen, sizes, seeds, epochs, quick, params,
+                             data_root=str(root) if name in READS_DATA_ROOT else None, download=download,
+                             token_dim=token_dim, grouping=grouping, vaes=comma_list(vae, "--vae"),
+                             tdc_bits=tdc_bits, finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
+                             cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
+                             max_failures=max_failures)
+        n_train = min(len(data.train), cfg.max_train_images or len(data.train))
+        for k in cfg.codebook_sizes:
+            if k > n_train * cfg.tokens_per_image:
+                raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training "
+                                 f"latents of {name} ({n_train} images × {cfg.tokens_per_image} tokens); choose a "
+                                 "smaller K")
+        default = name + ("-quick" if quick else "")
+        run = RunDir((parent or Path("runs")) / default if parent or not out else out)
+        if run.root.exists() and not run.root.is_dir():
+            raise GeovqError(f"--out {run.root} is an existing file; give a folder for the run directory")
+        tracked = cfg
+        if run.config.exists():
+            previous = SweepConfig.load(run.config)
+            changed = changed_options(previous, cfg)
+            if changed:
+                raise GeovqError(f"{run.root} holds a run with a different configuration ({'; '.join(changed)}); "
+                                 "resume it with the same options, or choose a new --out")
+            tracked = union_config(previous, cfg)  # the run directory's record covers every unit it holds
+        runs.append((run, cfg, tracked, data.description))
+    from geovq.distributed.tune import resolve_gpus_per_trial, run_sweeps, start_ray
 
     _quiet_ray(verbose)
     start_ray(address)  # an unreachable cluster fails here, before anything is written
-    cfg.gpus_per_trial = tracked.gpus_per_trial = resolve_gpus_per_trial(cfg.gpus_per_trial)
+    gpus = resolve_gpus_per_trial(_gpus(gpus_per_trial))
+    from geovq.distributed.preflight import check_storage
     from geovq.io import write_text
 
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_text(run.config, tracked.to_yaml())
-    _setup_logging(run.log)
+    for run, cfg, tracked, _ in runs:
+        cfg.gpus_per_trial = tracked.gpus_per_trial = gpus
+        created = not run.root.exists()
+        run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            check_storage(run.root, cfg.data_root)  # every node sees the run directory and the data
+        except GeovqError:
+            if created:
+                shutil.rmtree(run.root, ignore_errors=True)
+            raise
+    for run, cfg, tracked, description in runs:
+        write_text(run.config, tracked.to_yaml())
+    _setup_logging([run.log for run, *_ in runs])
     log = logging.getLogger("geovq")
-    log.info("%s run %s: %s (%s)", "resuming" if tracked is not cfg else "starting", run.root, dataset,
-             data.description)
-    log.info("methods %s, K %s, seeds %d, epochs %d, %d tokens/image of d=%d", ",".join(cfg.methods),
-             cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
+    for run, cfg, tracked, description in runs:
+        log.info("%s run %s: %s (%s)", "resuming" if tracked is not cfg else "starting", run.root, cfg.dataset,
+                 description)
+        log.info("methods %s, K %s, seeds %d, epochs %d, %d tokens/image of d=%d", ",".join(cfg.methods),
+                 cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
     from geovq.stages.units import plan_units
 
-    planned = plan_units(cfg)
+    planned = [(run, unit, cfg.finetune_decoder) for run, cfg, *_ in runs for unit in plan_units(cfg)]
+
+    def finished() -> int:
+        return sum(run.unit_done(unit, finetune) for run, unit, finetune in planned)
+
     try:
-        run_sweep(run, cfg, address)
+        run_sweeps([(run, cfg) for run, cfg, *_ in runs], address)
     except KeyboardInterrupt:
-        done = sum(run.unit_done(u, cfg.finetune_decoder) for u in planned)
-        log.error("interrupted: %d of %d units finished and are kept; re-run the same command to resume", done,
-                  len(planned))
+        log.error("interrupted: %d of %d units finished and are kept; re-run the same command to resume",
+                  finished(), len(planned))
         raise typer.Exit(130) from None
     except RunFailed as e:
         for line in e.lines:
             log.error("%s", line)
-        done = sum(run.unit_done(u, cfg.finetune_decoder) for u in planned)
         log.error("%d of %d units failed (%d finished and are kept); no report was written: fix the cause and "
-                  "re-run the same command (`geovq report %s` summarises the finished units, marked partial)",
-                  len(e.lines), len(planned), done, run.root)
+                  "re-run the same command (`geovq report DIR` summarises a run's finished units, marked partial)",
+                  len(e.lines), len(planned), finished())
         raise typer.Exit(1) from None
+    from geovq.metrics.image import lpips_weights_hint
     from geovq.report.tables import write_results
 
-    rows = write_results(run.root)
-    _print_summary(rows)
-    from geovq.metrics.image import lpips_weights_hint
-
-    if any(r["lpips"] is None for r in rows) and lpips_weights_hint():
+    reports, lpips_missing = [], False
+    for run, cfg, *_ in runs:
+        rows = write_results(run.root)
+        _print_summary(rows, title=f"{cfg.dataset}: test split (per seed)")
+        reports.append((cfg.dataset, run.root / "report.md"))
+        lpips_missing |= any(r["lpips"] is None for r in rows)
+    if lpips_missing and lpips_weights_hint():
         log.info("%s", lpips_weights_hint())
-    log.info("done in %.1f s: %s", time.time() - t_start, run.root / "report.md")
+    for name, report_path in reports:
+        log.info("%s report: %s", name, report_path)
+    log.info("done in %.1f s", time.time() - t_start)
 
 
 #: datasets read from --data-root (digits is embedded): only their configs record it
@@ -266,11 +297,11 @@ def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory")) 
                     err=True, fg=typer.colors.YELLOW)
 
 
-def _print_summary(rows: list[dict]) -> None:
+def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="test split (per seed)")
+    table = Table(title=title)
     for col in ("method", "vae", "decoder", "K", "bits/img", "seed", "PSNR", "SSIM", "perplexity", "dead"):
         table.add_column(col)
     for r in rows:

@@ -121,7 +121,7 @@ def test_a_killed_trial_is_retried_and_resumes_its_training_from_the_last_epoch(
 
     from geovq.stages.units import plan_units
 
-    worker = ray_cluster.add_node(num_cpus=1)
+    ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
     cfg = tiny(["kmeans"], max_failures=2)
     cfg.max_train_images = None
@@ -132,9 +132,9 @@ def test_a_killed_trial_is_retried_and_resumes_its_training_from_the_last_epoch(
     vae_dir = run.vae(plan_units(cfg)[0].vae)
     thread, errors = run_in_thread(run, cfg, ray_cluster.address)
     wait_for(lambda: (vae_dir / "state.pt").exists(), 180, "the first epoch's resume point")
-    raylet = worker.all_processes["raylet"][0].process.pid
-    children = subprocess.run(["ps", "--ppid", str(raylet), "-o", "pid=,args="], capture_output=True,
-                              text=True).stdout.splitlines()
+    raylets = ",".join(str(node.all_processes["raylet"][0].process.pid) for node in ray_cluster.list_all_nodes())
+    children = subprocess.run(["ps", "--ppid", raylets, "-o", "pid=,args="], capture_output=True,
+                              text=True).stdout.splitlines()  # this cluster's workers, not another test's
     (pid,) = [int(line.split()[0]) for line in children if "ImplicitFunc" in line]
     epoch_at_kill = int(torch.load(vae_dir / "state.pt", weights_only=True)["epoch"])
     os.kill(pid, signal.SIGKILL)
@@ -147,3 +147,53 @@ def test_a_killed_trial_is_retried_and_resumes_its_training_from_the_last_epoch(
     assert epoch_at_kill <= epoch < 12  # not from epoch 0
     assert int(torch.load(vae_dir / "state.pt", weights_only=True)["epoch"]) == 12
     assert (run.unit(plan_units(cfg)[0]) / "row.json").exists()
+
+
+def test_a_node_that_cannot_see_the_run_directory_is_named_before_anything_is_written(ray_cluster, tmp_path,
+                                                                                     monkeypatch):
+    from typer.testing import CliRunner
+
+    from geovq.cli import app
+    from geovq.distributed.preflight import BLIND_NODES_ENV, check_storage
+
+    blind = ray_cluster.add_node(num_cpus=1)
+    ray_cluster.wait_for_nodes()
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    check_storage(seen, str(tmp_path))  # every node shares this machine's disk: passes
+    assert list(seen.iterdir()) == []  # the probe is removed
+    monkeypatch.setenv(BLIND_NODES_ENV, blind.node_id)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["sweep", "digits", "--quick", "--address", ray_cluster.address,
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"node {blind.node_id}" in result.output and f"cannot see the run directory {out}" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_several_datasets_share_one_sweep_each_with_its_own_run_directory(ray_local, tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from geovq.cli import app
+    from geovq.data import load_dataset
+
+    digits = load_dataset("digits")  # also written as a user's own .npz: a second, disk-read dataset
+    images = (digits.train[:400, 0] * 255).astype(np.uint8)  # 16×16 grayscale, NHW
+    np.savez(tmp_path / "mine.npz", x_train=images[:300], x_val=images[300:350], x_test=images[350:])
+    parent = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["sweep", "digits,npz", "--data-root", str(tmp_path / "mine.npz"),
+                                      "--methods", "kmeans", "--codebook-sizes", "16", "--seeds", "1",
+                                      "--epochs", "1", "--vae", "plain", "--out", str(parent)])
+    assert result.exit_code == 0, result.output
+    for name in ("digits", "npz"):
+        rows = json.loads((parent / name / "results.json").read_text())
+        assert [(r["dataset"], r["method"]) for r in rows] == [(name, "kmeans")]
+        assert f"{name} report: {parent / name / 'report.md'}" in result.output
+    # one Tune experiment per phase for both datasets: their trials shared the cluster at once
+    phases = sorted(p.name.split("-")[0] for p in (parent / "ray").iterdir())
+    assert phases == ["posthoc", "train"]
+    trials = [p for p in (parent / "ray").glob("train-*/*") if p.is_dir()]
+    assert len(trials) == 2  # digits' VAE and npz's VAE, in one experiment

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,19 +137,18 @@ def _trial(config: dict[str, Any]) -> None:
 
     # Concurrent trials must not oversubscribe the cores: torch, faiss and the BLAS/OpenMP pools behind
     # scikit-learn and scipy all get the trial's thread count.
-    threads = config["threads"]
+    threads = config["job"]["config"]["cpus_per_trial"]
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
-    run = RunDir(Path(config["run_dir"]))
-    cfg = SweepConfig.from_dict(config["config"])
-    work = work_from_dict(config["work"])
+    job = Job.from_dict(config["job"])
+    run, cfg, work = job.run, job.cfg, job.work
     _log_to_run(run)
     where = {"node_id": ray.get_runtime_context().get_node_id()}
     try:
         device = trial_device()
         with threadpool_limits(threads):
             if isinstance(work, VaeSpec):
-                result = run_vae(run, cfg, work, device, tqdm)
+                result = run_vae(run, cfg, work, device, tqdm, train_only=job.steps == "train")
             else:
                 result = run_unit(run, cfg, work, device, tqdm)
     except GeovqError as e:
@@ -171,10 +171,6 @@ def _log_to_run(run: RunDir) -> None:
         handler = logging.FileHandler(run.log.resolve())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker %(process)d] %(message)s"))
         log.addHandler(handler)
-
-
-def _label(work: dict[str, Any]) -> str:
-    return work_from_dict(work).key
 
 
 def failure_paths(run: RunDir, work: VaeSpec | Unit) -> tuple[Path, Path]:
@@ -218,35 +214,64 @@ def _unit_logger(total: int):
             psnr = f" PSNR {r['psnr']:.2f} dB" if "psnr" in r else ""
             usage = f", usage perplexity {r['usage_perplexity']:.1f}" if "usage_perplexity" in r else ""
             self.done += 1
-            log.info("[%d/%d] %s finished%s%s", self.done, total, _label(trial.config["work"]), psnr, usage)
+            log.info("[%d/%d] %s finished%s%s", self.done, total, Job.from_dict(trial.config["job"]).label, psnr,
+                     usage)
 
     return UnitLogger()
 
 
-def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase: str) -> dict[str, str]:
-    """Run the VAEs and units as one Tune experiment; returns {key: one-line report} of the failed ones."""
+@dataclass(frozen=True)
+class Job:
+    """One trial's work: a VAE or unit of one run directory (several datasets' runs share one cluster).
+    `steps`: "all", or for a VAE on a cluster "train" (its latents come from the Ray Data stage)."""
+
+    run: RunDir
+    cfg: SweepConfig
+    work: VaeSpec | Unit
+    steps: str = "all"
+
+    @property
+    def label(self) -> str:
+        return f"{self.cfg.dataset}/{self.work.key}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run.root.resolve()), "config": self.cfg.as_dict(), "work": self.work.to_dict(),
+                "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Job:
+        return cls(RunDir(Path(raw["run_dir"])), SweepConfig.from_dict(raw["config"]), work_from_dict(raw["work"]),
+                   raw["steps"])
+
+
+def run_trials(jobs: list[Job], phase: str, storage: Path) -> dict[str, str]:
+    """Run the jobs as one Tune experiment; returns {label: one-line report} of the failed ones."""
     import ray
     from ray import tune
 
-    if not works:
+    if not jobs:
         return {}
     cpus = ray.cluster_resources().get("CPU", 1)
-    threads = cfg.cpus_per_trial
+    threads = max(job.cfg.cpus_per_trial for job in jobs)
     if threads > cpus:
         raise GeovqError(f"--cpus-per-trial {threads} exceeds the cluster's {cpus:g} CPUs")
-    trainable = tune.with_resources(_trial, {"cpu": threads * CPU_RESERVE_FRACTION, "gpu": cfg.gpus_per_trial or 0})
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        cfg = config["job"]["config"]
+        return {"cpu": cfg["cpus_per_trial"] * CPU_RESERVE_FRACTION, "gpu": cfg["gpus_per_trial"] or 0}
+
     tuner = tune.Tuner(
-        trainable,
-        param_space={"work": tune.grid_search([w.to_dict() for w in works]), "config": cfg.as_dict(),
-                     "run_dir": str(run.root.resolve()), "threads": threads},
+        tune.with_resources(_trial, resources),
+        param_space={"job": tune.grid_search([job.to_dict() for job in jobs])},
         # reuse_actors: a finished trial's worker (torch already imported) takes the next unit
         tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // threads)), reuse_actors=True),
         run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str((run.root / "ray").resolve()), verbose=0,
-                                  callbacks=[_unit_logger(len(works))],
+                                  storage_path=str(storage.resolve()), verbose=0,
+                                  callbacks=[_unit_logger(len(jobs))],
                                   # a crashed trial (killed worker, lost node) is retried; its stages resume
                                   # from their files (a training from its last epoch)
-                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=max(j.cfg.max_failures
+                                                                                     for j in jobs))),
     )
     # Ctrl-C must reach the driver as KeyboardInterrupt (the CLI reports it and exits 130), not be turned by
     # Tune into a normal return with a hint to Tuner.restore: re-running the same command is how geovq resumes.
@@ -255,38 +280,82 @@ def run_trials(run: RunDir, cfg: SweepConfig, works: list[VaeSpec | Unit], phase
     # repeats or contradicts geovq's: the legacy reporter at verbose=0 prints none of it. geovq logs one line
     # per finished or failed unit instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    for work in works:  # a retried unit's old failure record would describe the wrong attempt
-        for path in failure_paths(run, work):
+    for job in jobs:  # a retried unit's old failure record would describe the wrong attempt
+        for path in failure_paths(job.run, job.work):
             path.unlink(missing_ok=True)
     results = tuner.fit()
     failures = {}
     for result in results:
         if result.error is not None or (result.metrics or {}).get(GEOVQ_ERROR):
-            work = work_from_dict(result.config["work"])
-            failures[work.key] = describe_failure(run, work, result)
+            job = Job.from_dict(result.config["job"])
+            failures[job.label] = describe_failure(job.run, job.work, result)
     return failures
 
 
 def run_sweep(run: RunDir, cfg: SweepConfig, address: str | None) -> None:
-    """Phase 1: the Gaussian VAEs, the VQ-VAEs, and post-hoc units whose VAE is already trained (a resumed
-    or extended run); phase 2: the post-hoc units on the VAEs that phase 1 trained."""
+    """One dataset's sweep (see `run_sweeps`)."""
+    run_sweeps([(run, cfg)], address)
+
+
+def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> None:
+    """Every planned unit of every run, the datasets' trials sharing the cluster at once.
+
+    Phase "train": the Gaussian VAEs, the VQ-VAEs, and post-hoc units whose VAE is already trained (a resumed
+    or extended run). On a cluster (`address`), the VAEs only train there; the driver then extracts their
+    latents with the Ray Data stage, and phase "score" scores them. Phase "posthoc": the post-hoc units on the
+    VAEs trained in this sweep. A unit whose VAE failed is reported, not run.
+    """
     start_ray(address)
-    units = plan_units(cfg)
-    vaes = sorted({u.vae for u in units if not u.end_to_end}, key=lambda v: v.key)
-    ready = {v: run.vae_done(v) for v in vaes}
-    pending = [u for u in units if not run.unit_done(u, cfg.finetune_decoder)]
-    phase1: list[VaeSpec | Unit] = [v for v in vaes if not ready[v]]
-    phase1 += [u for u in pending if u.end_to_end or ready[u.vae]]
-    phase2 = [u for u in pending if not u.end_to_end and not ready[u.vae]]
-    log.info("units: %d planned, %d pending; %d VAE(s) to train", len(units), len(pending),
-             sum(not r for r in ready.values()))
+    on_cluster = address is not None
+    phases: dict[str, list[Job]] = {"train": [], "score": [], "posthoc": []}
+    for run, cfg in runs:
+        units = plan_units(cfg)
+        vaes = sorted({u.vae for u in units if not u.end_to_end}, key=lambda v: v.key)
+        ready = {v: run.vae_done(v) for v in vaes}
+        pending = [u for u in units if not run.unit_done(u, cfg.finetune_decoder)]
+        for vae in vaes:
+            if not ready[vae]:
+                phases["train"].append(Job(run, cfg, vae, "train" if on_cluster else "all"))
+                if on_cluster:
+                    phases["score"].append(Job(run, cfg, vae))
+        phases["train"] += [Job(run, cfg, u) for u in pending if u.end_to_end or ready[u.vae]]
+        phases["posthoc"] += [Job(run, cfg, u) for u in pending if not u.end_to_end and not ready[u.vae]]
+        log.info("%s: %d units planned, %d pending; %d VAE(s) to train", cfg.dataset, len(units), len(pending),
+                 sum(not r for r in ready.values()))
+    storage = runs[0][0].root / "ray" if len(runs) == 1 else runs[0][0].root.parent / "ray"
     failures: dict[str, str] = {}
-    for phase, works in (("train", phase1), ("posthoc", phase2)):
-        blocked = [w for w in works if isinstance(w, Unit) and w.vae is not None and w.vae.key in failures]
-        for unit in blocked:  # its VAE failed in phase 1: nothing to fit on
-            failures[unit.key] = f"{unit.key} was not run: its VAE {unit.vae.key} failed"
+    for phase, jobs in phases.items():
+        if phase == "score":  # between Tune phases: the VAEs' latents, sharded over the cluster by Ray Data
+            extract_on_cluster([job for job in jobs if f"{job.cfg.dataset}/{job.work.key}" not in failures])
+        blocked = [job for job in jobs if isinstance(job.work, Unit) and job.work.vae is not None
+                   and f"{job.cfg.dataset}/{job.work.vae.key}" in failures]
+        for job in blocked:  # its VAE failed: nothing to fit on
+            failures[job.label] = f"{job.label} was not run: its VAE {job.work.vae.key} failed"
         t0 = time.time()
-        failures.update(run_trials(run, cfg, [w for w in works if w not in blocked], phase))
-        log.info("phase %s: %d trials in %.1f s", phase, len(works) - len(blocked), time.time() - t0)
+        failures.update(run_trials([job for job in jobs if job not in blocked], phase, storage))
+        log.info("phase %s: %d trials in %.1f s", phase, len(jobs) - len(blocked), time.time() - t0)
     if failures:
         raise RunFailed(list(failures.values()))
+
+
+def extract_on_cluster(jobs: list[Job]) -> None:
+    """The latents of each VAE job that lacks them, by the Ray Data stage (Parquet shards -> latents_{split}.npz)."""
+    from geovq.distributed.data import extract_latents_parquet, latents_from_parquet
+    from geovq.stages.common import load_splits
+    from geovq.stages.train_vae import vae_layout
+
+    for job in jobs:
+        spec, run = job.work, job.run
+        data = None
+        for split in ("train", "val", "test"):
+            if run.latents(spec, split).exists():
+                continue
+            data = data or load_splits(job.cfg)
+            t0 = time.time()
+            shards = extract_latents_parquet(run.vae(spec) / "model.pt", job.cfg.as_dict(), split,
+                                             len(getattr(data, split)), run.vae(spec) / f"parquet_{split}",
+                                             num_gpus=job.cfg.gpus_per_trial or 0.0)
+            latents, _ = latents_from_parquet(shards, vae_layout(job.cfg, spec))
+            latents.save(run.latents(spec, split))
+            log.info("%s: %s latents extracted by Ray Data in %.1f s (Parquet shards in %s)", job.label, split,
+                     time.time() - t0, shards)

@@ -33,14 +33,17 @@ from geovq.training.checkpoint import load_model
 
 
 def run_vae(run: RunDir, cfg: SweepConfig, spec: VaeSpec, device: torch.device, progress: Progress,
-            data: ImageSplits | None = None) -> dict[str, Any]:
-    """Train, extract and score one Gaussian VAE; returns its ceiling.json."""
+            data: ImageSplits | None = None, train_only: bool = False) -> dict[str, Any]:
+    """Train, extract and score one Gaussian VAE; returns its ceiling.json (or, `train_only`, where its
+    training stands: on a cluster the Ray Data stage extracts the latents between Tune phases)."""
     if run.vae_done(spec):
         return json.loads((run.vae(spec) / "ceiling.json").read_text())
     data = data or load_splits(cfg)
     t0 = time.time()
     checkpoint = train_vae_stage(run, cfg, spec, data, device, progress)
     train_seconds = time.time() - t0
+    if train_only:
+        return {"train_seconds": train_seconds}
     model = load_model(checkpoint, "vae", device)
     extract_stage(run, cfg, spec, data, device, model)
     return score_vae_stage(run, cfg, spec, data, device, model, train_seconds)

@@ -1,0 +1,172 @@
+"""Ray Data stages: latent extraction and edge re-weighting sharded over an actor pool (GPU workers on a cluster).
+
+Both wrap plain stage functions (`geovq.stages.extract.encode_images`, `geovq.stages.edges.measure_edges`) in a
+callable class for `map_batches` over `ActorPoolStrategy`: each actor loads the model from its checkpoint path
+(and the split from the data root) once, on the GPU Ray assigned it, then handles batch after batch. The
+dataset itself is only row ids (`ray.data.range`), so nothing large goes through the object store: workers
+read the data where it lives (shared storage on a cluster), and write Parquet shards.
+
+The sweep runs these from the driver between Tune phases when it runs on a cluster (`--address`): inside a
+trial, a Ray Data job would wait for CPUs that the trials hold. Actor CPU reservations always leave one CPU of
+the cluster free for Ray Data's own read and write tasks (a pool that reserves every CPU hangs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geovq.errors import GeovqError
+from geovq.latents import LatentSet, TokenLayout
+
+#: rows per map_batches call: a multiple of the encoder's own inference batch, so batches line up
+EXTRACT_BATCH = 2048
+EDGE_BATCH = 65536
+
+
+def actor_pool(num_gpus: float, cpus_per_actor: float = 1.0) -> dict[str, Any]:
+    """map_batches resources: as many actors as the cluster's GPUs allow (num_gpus > 0), else as its CPUs
+    allow minus one CPU kept for Ray Data's read/write tasks."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    if num_gpus > 0:
+        if gpus < num_gpus:
+            raise GeovqError(f"Ray Data stage asks {num_gpus:g} GPU(s) per actor; the cluster has {gpus:g}")
+        size = max(1, int(gpus // num_gpus))
+    else:
+        size = max(1, int((cpus - 1) // cpus_per_actor))
+    if size * cpus_per_actor > cpus - 1 and cpus > 1:  # keep one CPU for the read tasks
+        cpus_per_actor = max(0.1, (cpus - 1) / size)
+    return {"compute": ActorPoolStrategy(size=size), "num_gpus": num_gpus, "num_cpus": cpus_per_actor}
+
+
+def _actor_device(num_gpus: float):
+    import ray
+    import torch
+
+    if num_gpus > 0 and ray.get_gpu_ids():
+        if not torch.cuda.is_available():
+            raise GeovqError(f"a Ray Data actor was assigned GPU {ray.get_gpu_ids()}, but torch sees no CUDA device")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+class LatentExtractor:
+    """map_batches callable: row ids of a split -> (index, μ, log σ² flattened to h·w·C, label)."""
+
+    def __init__(self, checkpoint: str, config: dict[str, Any], split: str, num_gpus: float, threads: int) -> None:
+        import torch
+
+        from geovq.config import SweepConfig
+        from geovq.stages.common import load_splits
+        from geovq.training.checkpoint import load_model
+
+        torch.set_num_threads(threads)
+        data = load_splits(SweepConfig.from_dict(config))
+        self.images, self.labels = getattr(data, split), getattr(data, f"{split}_labels")
+        self.device = _actor_device(num_gpus)
+        self.model = load_model(checkpoint, "vae", self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from geovq.stages.extract import encode_images
+
+        index = np.asarray(batch["id"], dtype=np.int64)
+        mu, logvar = encode_images(self.model, self.images[index], self.device)
+        return {"index": index, "mu": mu.reshape(len(index), -1), "logvar": logvar.reshape(len(index), -1),
+                "label": self.labels[index]}
+
+
+def extract_latents_parquet(checkpoint: Path, config: dict[str, Any], split: str, n_images: int, out_dir: Path,
+                            num_gpus: float = 0.0, threads: int | None = None) -> Path:
+    """Write the split's latents as Parquet shards in out_dir (one Ray Data job); returns out_dir."""
+    import ray
+
+    threads = threads or max(1, os.cpu_count() or 1)
+    dataset = ray.data.range(n_images, override_num_blocks=max(1, math.ceil(n_images / EXTRACT_BATCH)))
+    dataset.map_batches(LatentExtractor, batch_size=EXTRACT_BATCH,
+                        fn_constructor_kwargs=dict(checkpoint=str(checkpoint), config=config, split=split,
+                                                   num_gpus=num_gpus, threads=threads),
+                        **actor_pool(num_gpus)).write_parquet(str(out_dir))
+    return out_dir
+
+
+def latents_from_parquet(path: Path, layout: TokenLayout) -> tuple[LatentSet, np.ndarray]:
+    """The LatentSet (in image order) and labels of Parquet shards written by `extract_latents_parquet`."""
+    table = _read(path)
+    order = np.argsort(table["index"])
+    if not np.array_equal(table["index"][order], np.arange(len(order))):
+        raise GeovqError(f"{path} does not hold every image of its split exactly once")
+    shape = (len(order), layout.height, layout.width, layout.channels)
+    return (LatentSet(table["mu"][order].reshape(shape), table["logvar"][order].reshape(shape), layout),
+            table["label"][order])
+
+
+class EdgeMeasurer:
+    """map_batches callable: edge rows (edge, a, b as landmark ids) -> (edge, length) in the VAE's metric."""
+
+    def __init__(self, checkpoint: str, latents: str, token_dim: int, grouping: str, tokens: np.ndarray,
+                 quadrature: str, num_gpus: float, threads: int) -> None:
+        import torch
+
+        from geovq.stages.common import GridDecoder
+        from geovq.training.checkpoint import load_model
+
+        torch.set_num_threads(threads)
+        self.decoder = GridDecoder(load_model(checkpoint, "vae", _actor_device(num_gpus)))
+        self.latents = LatentSet.load(latents).with_tokens(token_dim, grouping)
+        self.tokens, self.quadrature = np.asarray(tokens), quadrature
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from geovq.stages.edges import measure_edges
+
+        edges = np.stack([batch["a"], batch["b"]], axis=1)
+        return {"edge": batch["edge"], "length": measure_edges(self.decoder, self.latents, self.tokens, edges,
+                                                              self.quadrature)}
+
+
+def edge_lengths_parquet(checkpoint: Path, latents: Path, token_dim: int, grouping: str, tokens: np.ndarray,
+                         edges: np.ndarray, quadrature: str, work_dir: Path, num_gpus: float = 0.0,
+                         threads: int | None = None) -> np.ndarray:
+    """(E,) lengths of `edges` (E, 2; ids into `tokens`): the edge table is written as Parquet, re-weighted by
+    an actor pool, and read back in edge order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"edge": np.arange(len(edges)), "a": edges[:, 0], "b": edges[:, 1]})
+    pq.write_table(table, work_dir / "edges.parquet", row_group_size=EDGE_BATCH)
+    lengths_dir = work_dir / "lengths"
+    threads = threads or max(1, os.cpu_count() or 1)
+    ray.data.read_parquet(str(work_dir / "edges.parquet")).map_batches(
+        EdgeMeasurer, batch_size=EDGE_BATCH,
+        fn_constructor_kwargs=dict(checkpoint=str(checkpoint), latents=str(latents), token_dim=token_dim,
+                                   grouping=grouping, tokens=tokens, quadrature=quadrature, num_gpus=num_gpus,
+                                   threads=threads),
+        **actor_pool(num_gpus)).write_parquet(str(lengths_dir))
+    result = _read(lengths_dir)
+    out = np.full(len(edges), np.nan)
+    out[result["edge"]] = result["length"]
+    if np.isnan(out).any():
+        raise GeovqError(f"{lengths_dir} misses {int(np.isnan(out).sum())} of {len(edges)} edge lengths")
+    return out
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    """Every column of a folder of Parquet shards as numpy arrays (tensor columns as 2-D arrays)."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  (registers Ray's Arrow tensor extension type for 2-D columns)
+
+    table = pq.read_table(str(path))
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        out[name] = column.to_numpy_ndarray() if hasattr(column, "to_numpy_ndarray") else column.to_numpy()
+    return out
