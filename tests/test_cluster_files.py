@@ -221,7 +221,8 @@ def _ray_defaults_merged(c):
 
 
 @pytest.mark.parametrize("breakage, expected", [
-    (_without_gpu_type, "no worker node type declares GPU"), (_gpu_resource_dropped, "no worker node type declares GPU"),
+    (_without_gpu_type, "no worker node type declares GPU"),
+    (_gpu_resource_dropped, "no worker node type declares GPU"),
     (_gpu_on_head, "head node type declares GPUs"), (_inverted_bounds, "gpu_worker: autoscaling bounds min 4, max 2"),
     (_dashboard_public, "dashboard is not bound to localhost"), (_storage_not_in_container, "container does not see"),
     (_storage_not_mounted, "no initialization command mounts"), (_ray_defaults_merged, "installs packages over"),
