@@ -82,7 +82,7 @@ from geovq.training.checkpoint import load_model  # noqa: E402
 
 #: fixed workloads per device: training images, first epoch count, extracted images, graph nodes, edges timed
 WORKLOADS = {
-    "cpu": dict(train=512, epochs=1, extract=2048, nodes=600, edges=1000),
+    "cpu": dict(train=1024, epochs=1, extract=2048, nodes=600, edges=1000),
     "cuda": dict(train=32768, epochs=1, extract=65536, nodes=8000, edges=40000),
 }
 #: --tiny, for the test suite: proves the script runs where only its four packages exist, not the figures
