@@ -206,7 +206,7 @@ def test_each_token_follows_its_own_metric_in_its_own_context():
     assert codes[0, 0] == 1 and codes[1, 0] == 0  # while the Euclidean-nearest code is 0 for both
 
 
-def test_rerank_over_every_code_takes_the_true_in_context_decode_error(tmp_path):
+def test_rerank_over_every_code_takes_the_true_in_context_decode_error():
     torch.manual_seed(0)
     decoder = ConvDecoder(4)
     rng = np.random.default_rng(5)
