@@ -253,6 +253,29 @@ def test_save_load_encode_gives_identical_codes(tmp_path):
     assert q.decode(codes).shape == (6, 18, 2)
 
 
+
+def test_large_splits_borrow_metrics_and_are_measured_against_the_exact_rule(tmp_path):
+    torch.manual_seed(1)
+    decoder = ConvDecoder(4)
+    rng = np.random.default_rng(7)
+    mu = rng.standard_normal((60, 3, 3, 4))
+    train, test = grid_latents(mu[:40], 2), grid_latents(mu[40:], 2)  # test: 20 images × 18 tokens
+    q = make_quantizer("pullback", 10, seed=3, decoder=decoder, max_tokens=500, exact_encode_limit=359,
+                       check_tokens=360).fit(train)
+    codes, info = q.encode_with_info(test)
+    assert info["rule"] == "borrowed" and info["check_tokens"] == 360  # every token checked: the split is small
+    exact = make_quantizer("pullback", 10, seed=3, decoder=decoder, max_tokens=500).fit(train)
+    exact_codes, exact_info = exact.encode_with_info(test)
+    assert exact_info["rule"] == "exact"
+    np.testing.assert_array_equal(exact.codebook_, q.codebook_)  # the rule changes encoding only
+    assert info["agreement"] == pytest.approx((codes == exact_codes).mean())
+    assert 0.3 < info["agreement"] < 1  # an approximation, and a useful one
+    assert info["linearised_error_exact"] <= info["linearised_error_borrowed"]  # exact minimises it per token
+    q.save(tmp_path / "q.npz")  # the borrowing pool travels with the quantizer
+    loaded = Quantizer.load(tmp_path / "q.npz", decoder=decoder)
+    np.testing.assert_array_equal(loaded.encode(test), codes)
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 class SqrtDecoder(nn.Module):
     """sqrt|z|: finite values, but no finite derivative where a channel is 0."""

@@ -69,9 +69,22 @@ COST_BLOCK_BYTES = 64 << 20
 #: decoder output values per JVP call on a CUDA device (the engine's CPU default, 2^18, is a few dozen
 #: tokens: far too little work per kernel launch for a GPU). Not measured here (no GPU on the dev machine).
 CUDA_CHUNK_ELEMENTS = 2**24
+#: fit tokens whose metric tensors a large split borrows from (saved with the quantizer: at d = 16 and
+#: C = 16, 10k tokens are 17 MB of float32 features and metrics)
+BORROW_POOL = 10_000
+#: tokens per borrowed-metric assignment block
+BORROW_CHUNK = 65_536
 #: images decoded to time a plain forward pass, against which an encode's cost is stated, and times it is run
 FORWARD_PROBE = 256
 FORWARD_REPEATS = 3
+
+
+def token_features(latents: LatentSet, tokens: np.ndarray) -> np.ndarray:
+    """The context features by which a token borrows metric tensors (see geodesic.context_features)."""
+    from geovq.quantize.geodesic import context_features
+
+    image, slot = np.divmod(np.asarray(tokens), latents.tokens_per_image)
+    return context_features(latents.mu, image, latents.layout.flat_positions(slot))
 
 
 # -- the algorithm on given points and metric tensors (no decoder) ---------------------------------------
@@ -217,7 +230,8 @@ class PullbackQuantizer(Quantizer):
 
     def __init__(self, n_codes: int, seed: int = 0, decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  max_tokens: int = 50_000, max_iter: int = 100, tol: float = 1e-6, ridge: float = 1e-6,
-                 rerank: int = 0, chunk_elements: int | None = None) -> None:
+                 rerank: int = 0, exact_encode_limit: int = 500_000, check_tokens: int = 2000,
+                 chunk_elements: int | None = None) -> None:
         super().__init__(n_codes, seed)
         self.decoder = decoder  # a callable from μ-grids (B, h, w, C) to images, in eval mode
         self.max_tokens = max_tokens  # training tokens fitted on (stratified by image), each with its metric
@@ -225,6 +239,8 @@ class PullbackQuantizer(Quantizer):
         self.tol = tol  # stop at the first iteration that lowers the objective by less than this fraction
         self.ridge = ridge  # near-singular summed metric (λ_min < ridge·tr/d): ridge·tr/d pulls to the mean
         self.rerank = rerank  # encode: re-score this many best candidates by the true decode error (0: off)
+        self.exact_encode_limit = exact_encode_limit  # larger splits: metrics borrowed from similar fit tokens
+        self.check_tokens = check_tokens  # tokens of a borrowed-metric encode re-encoded exactly, to measure it
         self.chunk_elements = chunk_elements  # decoder output values per JVP call (None: by device)
 
     def _validate_params(self) -> None:
@@ -235,6 +251,9 @@ class PullbackQuantizer(Quantizer):
         if self.rerank < 0 or self.rerank == 1:
             raise GeovqError(f"pullback rerank={self.rerank} must be 0 (off) or >= 2 (candidates re-scored; 1 would "
                              "re-score only the linearised best)")
+        if self.exact_encode_limit < 0 or self.check_tokens < 1:
+            raise GeovqError(f"pullback needs exact_encode_limit >= 0 and check_tokens >= 1; got "
+                             f"{self.exact_encode_limit}, {self.check_tokens}")
         if self.chunk_elements is not None and self.chunk_elements < 1:
             raise GeovqError(f"pullback chunk_elements={self.chunk_elements} must be >= 1 (or None)")
 
@@ -294,6 +313,10 @@ class PullbackQuantizer(Quantizer):
         t_kmeans = time.perf_counter()
         result = pullback_lloyd(points, metrics, self.kmeans_codebook_, self.max_iter, self.tol, self.ridge)
         self.codebook_ = result.centres.astype(np.float32)
+        # the pool a large split borrows metric tensors from: fit tokens, stratified, by context
+        pool = np.sort(np.random.default_rng(self.seed).choice(n_sample, min(n_sample, BORROW_POOL), replace=False))
+        self.pool_features_ = token_features(latents, tokens[pool])
+        self.pool_metrics_ = metrics[pool].astype(np.float32)
         trace_g = np.trace(metrics, axis1=1, axis2=2)
         self.fit_info_ = {
             "tokens": int(n_sample), "images": int(len(np.unique(tokens // latents.tokens_per_image))),
@@ -310,7 +333,13 @@ class PullbackQuantizer(Quantizer):
         }
 
     # -- encode -------------------------------------------------------------------------------------
+    def rule_for(self, latents: LatentSet) -> str:
+        """"exact" (every token's own metric) up to `exact_encode_limit` tokens, else "borrowed"."""
+        return "exact" if latents.n_tokens <= self.exact_encode_limit else "borrowed"
+
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
+        if self.rule_for(latents) == "borrowed":
+            return self.encode_borrowed(latents, np.arange(latents.n_tokens))
         codes = np.empty(latents.n_tokens, dtype=np.int64)
         stats = {"metrics": 0.0, "assign": 0.0, "rerank": 0.0, "changed": 0, "error_metric": 0.0,
                  "error_rerank": 0.0, "predicted": 0.0}
@@ -366,8 +395,45 @@ class PullbackQuantizer(Quantizer):
                 errors[nodes] = ((trial - reference[:, None]) ** 2).sum(-1).cpu().numpy()
         return errors
 
+    def encode_borrowed(self, latents: LatentSet, tokens: np.ndarray) -> np.ndarray:
+        """Codes of `tokens` with no decoder call: each token assigned by the mean metric tensor of the BORROWED
+        pool tokens most like it in the decoder's eyes (its μ, its 3×3 neighbourhood, its place in the image:
+        the geodesic quantizer's landmark_metric features), the exact rule's linearised cost otherwise."""
+        from geovq.quantize.geodesic import BORROWED, CONTEXT_DIMS, landmark_index
+
+        index = landmark_index(self.pool_features_, exact=False, pca=CONTEXT_DIMS)
+        codes = np.empty(len(tokens), dtype=np.int64)
+        for s in range(0, len(tokens), BORROW_CHUNK):
+            chunk = tokens[s:s + BORROW_CHUNK]
+            _, alike = index.search(token_features(latents, chunk), min(BORROWED, len(self.pool_metrics_)))
+            metrics = self.pool_metrics_[alike].astype(np.float64).mean(axis=1)
+            codes[s:s + len(chunk)], _ = assign(latents.token_mu[chunk].astype(np.float64), metrics, self.codebook_)
+        return codes
+
     def _encode_info(self, latents: LatentSet, codes: np.ndarray) -> dict[str, Any]:
-        """JSON-safe figures of the last encode:
+        if self.rule_for(latents) == "borrowed":
+            return self._check_borrowed(latents, codes)
+        return self._exact_info(latents)
+
+    def _check_borrowed(self, latents: LatentSet, codes: np.ndarray) -> dict[str, Any]:
+        """A borrowed-metric encode measured against the exact rule on `check_tokens` tokens stratified across
+        images: agreement, and the linearised cost (under each token's own metric) of both codes."""
+        from geovq.geometry.landmarks import stratified_tokens
+
+        t0 = time.perf_counter()
+        n = min(self.check_tokens, latents.n_tokens)
+        sample = stratified_tokens(latents.n_images, latents.tokens_per_image, n, np.random.default_rng(self.seed))
+        dec, metrics = self.token_metrics(latents, sample)
+        exact, _ = assign(dec.points, metrics, self.codebook_)
+        borrowed = codes.reshape(-1)[sample]
+        return {"rule": "borrowed", "tokens": int(latents.n_tokens), "exact_encode_limit": self.exact_encode_limit,
+                "check_tokens": int(n), "agreement": float((exact == borrowed).mean()),
+                "linearised_error_exact": float(exact_costs(dec.points, metrics, self.codebook_[exact]).mean()),
+                "linearised_error_borrowed": float(exact_costs(dec.points, metrics, self.codebook_[borrowed]).mean()),
+                "check_seconds": time.perf_counter() - t0}
+
+    def _exact_info(self, latents: LatentSet) -> dict[str, Any]:
+        """JSON-safe figures of the last exact encode:
         - tokens; seconds_metrics (metric tensors), seconds_assign (costs, argmin and any re-rank decodes);
         - forward_seconds_per_image: a plain decoder forward of the split's own μ-grids, timed in this call;
           encode_forward_equivalents_per_token and _per_image: the encode's seconds divided by it;
@@ -379,7 +445,7 @@ class PullbackQuantizer(Quantizer):
         n = latents.n_tokens
         seconds = stats["metrics"] + stats["assign"]
         per_image = self._forward_seconds(latents)
-        info = {"tokens": int(n), "seconds_metrics": stats["metrics"], "seconds_assign": stats["assign"],
+        info = {"rule": "exact", "tokens": int(n), "seconds_metrics": stats["metrics"], "seconds_assign": stats["assign"],
                 "forward_seconds_per_image": per_image,
                 "encode_forward_equivalents_per_token": seconds / max(n, 1) / per_image,
                 "encode_forward_equivalents_per_image": seconds / max(latents.n_images, 1) / per_image,
@@ -414,7 +480,9 @@ class PullbackQuantizer(Quantizer):
 
     # -- persistence --------------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
-        return {"kmeans_codebook": self.kmeans_codebook_}
+        return {"kmeans_codebook": self.kmeans_codebook_, "pool_features": self.pool_features_,
+                "pool_metrics": self.pool_metrics_}
 
     def set_state(self, arrays: dict[str, np.ndarray]) -> None:
         self.kmeans_codebook_ = arrays["kmeans_codebook"]
+        self.pool_features_, self.pool_metrics_ = arrays["pool_features"], arrays["pool_metrics"]
