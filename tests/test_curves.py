@@ -35,11 +35,9 @@ def test_refined_pairs_match_closed_form_geodesics(name, d):
     truth = manifold.distances(a, b)
     assert np.median(relative_errors(curves.lengths, truth)) <= 0.005
     assert curves.converged.all()
-    # the closed form is a minimum over all curves: no discrete curve may beat it by more than its chords
-    # cut corners (a relative (π/T)²/24 on the sphere); L² <= E (Cauchy-Schwarz), = at constant speed
-    assert (curves.lengths >= truth * (1 - 0.01)).all()
-    np.testing.assert_allclose(curves.lengths**2, curves.energies, rtol=1e-3)
-    assert (curves.lengths**2 <= curves.energies * (1 + 1e-12)).all()
+    # the closed form is the minimum over all curves: a curve's length can only undershoot it by the error
+    # of its length estimate (chords, extrapolated), a small fraction of the resolution
+    assert (curves.lengths >= truth * (1 - 0.005)).all()
     if d == 16:
         assert np.median(relative_errors(curves.initial_lengths, truth)) > 2 * np.median(
             relative_errors(curves.lengths, truth))
@@ -89,7 +87,7 @@ def test_coarse_curves_are_subdivided_until_chords_follow_the_decoder():
     assert len(curves.points[0]) - 1 > 8
     np.testing.assert_allclose(curves.lengths, [k * 1.3], rtol=0.005)
     coarse = refine_pairs(dec, np.array([0]), np.array([1]), n_segments=8, max_segments=8)
-    assert coarse.lengths[0] < 0.9 * k * 1.3  # what the check prevents: chords that cut across the circle
+    assert len(coarse.points[0]) == 9 and abs(coarse.lengths[0] / (k * 1.3) - 1) > 0.01  # chords cut across
 
 
 class TinyGridDecoder(nn.Module):
@@ -129,7 +127,7 @@ def test_in_context_curves_use_their_own_images():
     # "both": the mean of the two maps' lengths of its own final curve
     both = refine_pairs(dec, src, tgt, context="both", tol=1e-6)
     per_map = [refine_curves(np.stack(both.points), [(dec, nodes)], max_iter=0).lengths for nodes in (src, tgt)]
-    np.testing.assert_allclose(both.lengths, 0.5 * (per_map[0] + per_map[1]), rtol=1e-9)
+    np.testing.assert_allclose(both.lengths, 0.5 * (per_map[0] + per_map[1]), rtol=1e-6)
 
 
 def test_bounded_curves_stay_in_their_box():

@@ -38,13 +38,14 @@ from geovq.errors import GeovqError
 from geovq.geometry.decoders import TokenDecoder
 from geovq.geometry.lengths import CHUNK_ELEMENTS
 
-N_SEGMENTS = 8
+N_SEGMENTS = 4
 TOL = 1e-3
 MAX_ITER = 200
 MEMORY = 8  # L-BFGS correction pairs kept per curve
 ARMIJO = 1e-4  # sufficient-decrease constant of the line search
-RESOLUTION = 2e-3  # a curve is subdivided when its midpoints lengthen it by more than this share
+RESOLUTION = 2e-2  # a curve is subdivided when its midpoints lengthen it by more than this share
 MAX_SEGMENTS = 256
+PRUNE_MARGIN = 0.01  # nearest_in_context: slack on "refined <= straight" before a candidate is pruned
 MAX_BACKTRACKS = 30  # steps cut this often (by 2-10× each) are < 1e-9 of the model's: no descent left
 
 #: one decoder map per context: a token decoder and, for each curve, the node whose context it decodes in
@@ -56,9 +57,9 @@ class Curves:
     """B refined curves; `lengths` are the distances."""
 
     points: list[np.ndarray]  # B final curves (T_b+1, d), ends included; T_b >= the starting T (subdivided)
-    lengths: np.ndarray  # (B,) L of the final curves (mean over their contexts)
-    energies: np.ndarray  # (B,) E of the final curves
-    initial_lengths: np.ndarray  # (B,) L of the starting curves (at the resolution they were first minimised at)
+    lengths: np.ndarray  # (B,) final curves' lengths: chords on T and 2T segments, Richardson-extrapolated
+    energies: np.ndarray  # (B,) E of the final curves (at their T)
+    initial_lengths: np.ndarray  # (B,) starting curves' lengths, likewise, at the T first minimised at
     iterations: np.ndarray  # (B,) accepted L-BFGS steps, all resolutions together
     converged: np.ndarray  # (B,) stopped by the tolerance (False: max_iter, or no step could lower E)
     evaluations: int  # curve evaluations (energy and gradient of one curve each), all curves together
@@ -97,12 +98,34 @@ def resample_paths(points: np.ndarray, n_segments: int = N_SEGMENTS, cumulative:
     return out
 
 
-def subdivide(curves: np.ndarray) -> np.ndarray:
-    """(B, 2T+1, d): the same latent polylines with each segment's midpoint inserted."""
-    out = np.empty((curves.shape[0], 2 * curves.shape[1] - 1, curves.shape[2]))
-    out[:, ::2] = curves
-    out[:, 1::2] = 0.5 * (curves[:, 1:] + curves[:, :-1])
-    return out
+def subdivide(curves: np.ndarray, factor: int = 2) -> np.ndarray:
+    """(B, factor·T+1, d): the same latent polylines with each segment cut into `factor` equal pieces."""
+    s = np.linspace(0.0, 1.0, factor + 1)[:-1, None]  # (factor, 1)
+    pieces = curves[:, :-1, None] + s * (curves[:, 1:, None] - curves[:, :-1, None])  # (B, T, factor, d)
+    return np.concatenate([pieces.reshape(len(curves), factor * (curves.shape[1] - 1), curves.shape[2]),
+                           curves[:, -1:]], axis=1)
+
+
+def _extrapolated(coarse_len: np.ndarray, fine_len: np.ndarray) -> np.ndarray:
+    """The continuous length of a latent polyline's image from its chord sums on T and 2T segments.
+
+    Chords of a smooth curve fall short of its length by O(1/T²): Richardson's L_2T + (L_2T − L_T)/3. The
+    correction is at most resolution/3 of the length (coarser curves are subdivided), and never negative.
+    """
+    return fine_len + np.maximum(fine_len - coarse_len, 0.0) / 3.0
+
+
+def _finer(segments: int, coarse_len: np.ndarray, fine_len: np.ndarray, resolution: float,
+           max_segments: int) -> np.ndarray:
+    """(B,) the factor (a power of 2; 0: none) by which to subdivide each curve of T = `segments`.
+
+    A chord sum's error falls as 1/T², so a curve whose midpoints lengthen it by a share r > resolution
+    needs about T·sqrt(r / resolution) segments: jump there rather than minimise at every level between.
+    """
+    share = np.maximum(fine_len / np.maximum(coarse_len, 1e-300) - 1, 0.0)
+    factor = 2 ** np.ceil(np.log2(np.maximum(np.sqrt(share / resolution), 1.0)))
+    factor = np.minimum(factor, max_segments // segments)
+    return np.where((share > resolution) & (factor >= 2), factor, 0).astype(np.int64)
 
 
 def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float = TOL, max_iter: int = MAX_ITER,
@@ -159,24 +182,34 @@ def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float
                     None if metrics is None else metrics[idx[rows]],
                     None if bounds is None else tuple(v[idx[rows]] for v in bounds))
 
-        finer = segments * 2 <= max_segments
-        coarse = finer & _too_coarse(level, at(np.arange(len(idx)))[0], resolution, chunk_elements)
-        if coarse.any():  # too coarse to start from: subdivide before minimising
-            levels.setdefault(segments * 2, []).append((idx[coarse], subdivide(level[coarse])))
-            idx, level = idx[~coarse], level[~coarse]
+        coarse_len, fine_len, along, _ = _midpoint_lengths(level, at(np.arange(len(idx)))[0], chunk_elements)
+        coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
+        for more in np.unique(coarse[coarse > 0]):  # too coarse to start from: subdivide before minimising
+            pick = coarse == more
+            levels.setdefault(segments * more, []).append(
+                (idx[pick], resample_paths(subdivide(level[pick]), segments * more, along[pick])))
+        keep = coarse == 0
+        # start at about constant speed in the output (what a minimiser of E reaches anyway, at a cost)
+        idx, fine_len = idx[keep], fine_len[keep]
+        level = resample_paths(subdivide(level[keep]), segments, along[keep])
         if len(idx) == 0:
             continue
+        first = np.isnan(out.initial_lengths[idx])
+        out.initial_lengths[idx[first]] = _extrapolated(coarse_len[keep][first], fine_len[first])
         done = _minimise(level, *at(np.arange(len(idx))), tol, max_iter, chunk_elements)
         out.evaluations += done.evaluations
         out.iterations[idx] += done.iterations
-        first = np.isnan(out.initial_lengths[idx])
-        out.initial_lengths[idx[first]] = done.initial_lengths[first]
-        coarse = finer & _too_coarse(done.points, at(np.arange(len(idx)))[0], resolution, chunk_elements)
-        if coarse.any():  # the minimiser found a shortcut between the points: resolve it and go on
-            levels.setdefault(segments * 2, []).append((idx[coarse], subdivide(done.points[coarse])))
-        for name in ("lengths", "energies", "converged"):
-            getattr(out, name)[idx[~coarse]] = getattr(done, name)[~coarse]
-        for i, curve in zip(idx[~coarse], done.points[~coarse]):
+        coarse_len, fine_len, along, _ = _midpoint_lengths(done.points, at(np.arange(len(idx)))[0], chunk_elements)
+        coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
+        for more in np.unique(coarse[coarse > 0]):  # the minimiser cut a corner between its points: resolve it
+            pick = coarse == more
+            levels.setdefault(segments * more, []).append(
+                (idx[pick], resample_paths(subdivide(done.points[pick]), segments * more, along[pick])))
+        ok = coarse == 0
+        out.lengths[idx[ok]] = _extrapolated(coarse_len[ok], fine_len[ok])
+        out.energies[idx[ok]] = done.energies[ok]
+        out.converged[idx[ok]] = done.converged[ok]
+        for i, curve in zip(idx[ok], done.points[ok]):
             out.points[i] = curve
     return out
 
@@ -196,11 +229,14 @@ def _minimise(curves: np.ndarray, contexts, metrics, bounds, tol: float, max_ite
                   sum(p.evaluations for p in parts))
 
 
-def _too_coarse(curves: np.ndarray, contexts, resolution: float, chunk_elements: int) -> np.ndarray:
-    """(B,) whether each curve's length with its segments' midpoints exceeds its length by > resolution."""
+def _midpoint_lengths(curves: np.ndarray, contexts, chunk_elements: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lengths of the latent polylines (B, T+1, d) measured at their T+1 points (B,) and, finer, with their
+    segments' midpoints added (B,), the finer cumulative length at each of the 2T+1 points (B, 2T+1), and
+    the chord between the two ends (B,): means over the contexts, by decoder forward passes only."""
     fine = subdivide(curves)
     per_chunk = max(1, chunk_elements // (fine.shape[1] * max(dec.out_dim for dec, _ in contexts)))
-    coarse_len, fine_len = np.zeros(len(curves)), np.zeros(len(curves))
+    coarse_len, chord, along = np.zeros(len(curves)), np.zeros(len(curves)), np.zeros(fine.shape[:2])
     with torch.no_grad():
         for start in range(0, len(curves), per_chunk):
             sl = slice(start, start + per_chunk)
@@ -209,11 +245,13 @@ def _too_coarse(curves: np.ndarray, contexts, resolution: float, chunk_elements:
                 out = dec.decode(dec.tensor(fine[sl].reshape(-1, fine.shape[2])),
                                  dec.tensor(np.repeat(nodes[sl], fine.shape[1]), torch.long))
                 out = out.double().reshape(rows, fine.shape[1], -1)
-                fine_len[sl] += (out[:, 1:] - out[:, :-1]).norm(dim=2).sum(1).cpu().numpy()
+                along[sl, 1:] += (out[:, 1:] - out[:, :-1]).norm(dim=2).cumsum(1).cpu().numpy()
                 coarse_len[sl] += (out[:, 2::2] - out[:, :-2:2]).norm(dim=2).sum(1).cpu().numpy()
-    if not (np.isfinite(fine_len).all() and np.isfinite(coarse_len).all()):
+                chord[sl] += (out[:, -1] - out[:, 0]).norm(dim=1).cpu().numpy()
+    if not (np.isfinite(along).all() and np.isfinite(coarse_len).all()):
         raise GeovqError("curve lengths are NaN or inf: the decoder returned non-finite values along the curves")
-    return fine_len > (1 + resolution) * coarse_len
+    along /= len(contexts)
+    return coarse_len / len(contexts), along[:, -1], along, chord / len(contexts)
 
 
 class _Minimiser:
@@ -434,3 +472,34 @@ def refine_pairs(dec: TokenDecoder, sources: np.ndarray, targets: np.ndarray, *,
         contexts = [(dec, sources), (dec, targets)]
     return refine_curves(init, contexts, tol=tol, max_iter=max_iter, metrics=metrics, bounds=bounds,
                          resolution=resolution, max_segments=max_segments, chunk_elements=chunk_elements)
+
+
+def nearest_in_context(dec: TokenDecoder, nodes: np.ndarray, targets: np.ndarray, *, margin: float = PRUNE_MARGIN,
+                       **options) -> tuple[np.ndarray, np.ndarray, int]:
+    """For each node, the nearest of its candidate latent points by refined curve length in its own context.
+
+    nodes (N,) node ids of `dec`; targets (N, S, d) each node's S candidates (e.g. codewords). Returns (index
+    into S (N,), that curve's length (N,), curves refined). Exact pruning: a curve is no shorter than the
+    chord ‖f(c) − f(z)‖ between its ends' outputs, and the refined curve is no longer than the straight
+    segment (up to `margin`, the length that trading speed for energy may add), so a candidate whose chord
+    exceeds (1 + margin) × the least straight length in its row is never refined. `options`: refine_curves'.
+    """
+    nodes = np.asarray(nodes, dtype=np.int64)
+    targets = np.asarray(targets, np.float64)
+    n, s, d = targets.shape
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), 0
+    flat_nodes = np.repeat(nodes, s)
+    straight = straight_curves(np.repeat(dec.points[nodes], s, axis=0), targets.reshape(-1, d),
+                               options.pop("n_segments", N_SEGMENTS))
+    _, upper, _, chord = _midpoint_lengths(straight, [(dec, flat_nodes)],
+                                           options.get("chunk_elements", CHUNK_ELEMENTS))
+    upper, chord = upper.reshape(n, s), chord.reshape(n, s)
+    live = chord <= (1 + margin) * upper.min(1, keepdims=True)
+    live[np.arange(n), upper.argmin(1)] = True
+    rows, cols = np.nonzero(live)
+    dist = np.full((n, s), np.inf)
+    dist[rows, cols] = refine_curves(straight[rows * s + cols], [(dec, flat_nodes[rows * s + cols])],
+                                     **options).lengths
+    best = dist.argmin(1)
+    return best, dist[np.arange(n), best], len(rows)
