@@ -149,7 +149,7 @@ def mnist(args, with_stochman: bool) -> None:
     lo_t, width_t = torch.as_tensor(lo), torch.as_tensor(hi - lo)
     print(f"MNIST: {os.path.basename(vae_dir)}, {args.tokens} stratified training tokens, {n} pairs of different "
           f"images, latent box = the tokens' range", flush=True)
-    for context in ("source", "both"):
+    for context in args.contexts.split(","):
         contexts = [src] if context == "source" else [src, tgt]
         refine_pairs(dec, src[:2], tgt[:2], context=context, bounds=(lo, hi))  # warm-up
         curves, cpu, wall = geovq_curves(dec, src, tgt, context=context, bounds=(lo, hi))
@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=10_000, help="stratified MNIST training tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", default="analytic,mnist", help="comma list: analytic, mnist")
+    parser.add_argument("--contexts", default="source,both", help="MNIST contexts, comma list: source, both")
     parser.add_argument("--resolution", type=float, default=None, help="geovq's resolution (default: its own)")
     parser.add_argument("--tol", type=float, default=None, help="geovq's tolerance (default: its own)")
     args = parser.parse_args()
@@ -208,8 +210,10 @@ def main() -> None:
     if not with_stochman:
         print("StochMan is not installed (pip install --no-deps stochman==0.3.0): geovq alone, no ratio")
     print(f"threads={args.threads}; geovq: straight start, T=4 subdivided to resolve, {GEOVQ or 'its defaults'}; StochMan 0.3.0 connecting_geodesic per pair")
-    analytic(args, with_stochman)
-    if args.run:
+    cases = args.cases.split(",")
+    if "analytic" in cases:
+        analytic(args, with_stochman)
+    if "mnist" in cases and args.run:
         mnist(args, with_stochman)
 
 

@@ -18,9 +18,13 @@ per-curve metric tensor G instead of s·I). The tridiagonal part removes the T²
 curve energies; the quasi-Newton updates learn the rest (anisotropy, curvature). Steps are accepted by a
 backtracking Armijo line search (quadratic interpolation). A curve stops (`converged`) when its last step
 lowered E by less than `tol`·E and the quasi-Newton model predicts no more than that for the next full
-step, or after `max_iter` iterations. Chords see the decoder only at the curve's points, so a curve whose
-length grows by more than `resolution` when its segments' midpoints are added is subdivided (T -> 2T) and
-minimised again (`refine_curves`).
+step, or after `max_iter` iterations.
+
+Resolution: chords see the decoder only at the curve's points. A curve whose length grows by more than
+`resolution` when its segments' midpoints are added is subdivided (to the T its 1/T² error asks for) and
+minimised again (`refine_curves`); a curve that passes has its length extrapolated from its chords on T and
+2T segments (Richardson), which is what `Curves.lengths` reports. Starting curves are first moved along
+themselves to constant output speed (what an energy minimiser spends its first steps on).
 
 Speed on 2 shared CPU cores (bench/geodesic_refine.py): a few thousand curves per second in 16-D analytic
 cases, tens per second on the MNIST decoder, where each curve evaluation is T−1 decoder passes.

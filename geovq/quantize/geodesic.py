@@ -26,6 +26,20 @@ under a minute on MNIST) and otherwise `approx_rule`, an approximation without a
 Every approximately encoded split is measured against the exact rule on a stratified sample of its tokens
 (`check_approximation`); `encode_with_info` returns the figures, and the unit's row keeps them. `encode_tokens(..., rule=...)` runs any rule on any subset of tokens.
 
+paths (what decides a code; recorded in fit_info["paths"]):
+- "graph" (default, the behaviour above): graph distances. A path between tokens of different images runs
+  through other images' contexts; on MNIST it hops into border cells, where the decoder hardly reacts, and
+  is then the length of no curve in any image (bench/geodesic_context.py).
+- "context": replacing token i by code c changes image n(i) only, so the distance that decides i's code is
+  d_i(c), the length of the shortest curve from z_i to c in image n(i) (DESIGN.md §3.9; refined by
+  `geovq.geometry.curves` inside the latent box of the landmarks, since outside the latents the encoder
+  produces the decoder saturates and curves escaping there are shorter than any through real images). The
+  graph k-medoids only starts the fit: each landmark then takes the d_i-nearest medoid among its `shortlist`
+  nearest by its own metric tensor (first-order d_i), and `context_iterations` rounds move medoids by Σ d_i
+  over a sample of each cell (see `_fit_in_context`). Encode: the exact rule "context" (the query's own metric
+  shortlists, its refined curves decide); for larger splits "landmark_metric" is the first-order in-context
+  rule argmin_c ‖c − z_q‖_G with G borrowed as above, and "nearest_landmark" the landmark's in-context code.
+
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
 
