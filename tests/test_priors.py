@@ -311,8 +311,9 @@ def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(digits_unit):
     assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1 and s["pr_points"] == len(data.test)
     spread = max(max(prior_fid) - min(prior_fid), max(unigram_fid) - min(unigram_fid))
     assert min(unigram_fid) - max(prior_fid) > spread, (prior_fid, unigram_fid)
-    out = run.prior(unit, "transformer") / "samples-transformer-n2000-t1-k0-p1-seed2"
+    out = run.prior(unit, "transformer") / "samples-n2000-t1-k0-p1-seed2"
     assert {p.name for p in out.iterdir()} == {"samples.png", "samples.npz", "samples.json"}
+    assert (run.prior(unit, "unigram") / "samples-n2000-t1-k0-p1-seed2" / "samples.json").exists()
     with np.load(out / "samples.npz") as f:
         assert f["codes"].shape == (n, 16) and f["images"].shape == (n, 1, 16, 16) and f["images"].dtype == np.uint8
 

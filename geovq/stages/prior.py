@@ -107,6 +107,7 @@ def prior_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
               "prior_val_curve": record["val_curve"], "prior_best_step": record["best_step"],
               "prior_steps": record["steps"], "prior_early_stopped": record["early_stopped"],
               "prior_parameters": record["parameters"], "prior_train_seconds": record["seconds"],
+              "prior_train_cpu_seconds": record["cpu_seconds"],
               "prior_score_seconds": time.time() - t0, "prior_config": config.as_dict(),
               "prior_train_codes": len(codes["train"]), "prior_test_codes": len(codes["test"])}
     write_json(done, result)  # written last: its presence marks the prior finished
@@ -187,18 +188,19 @@ def sample_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device
     """Draw n codes from the unit's trained prior (seeded; class labels from the training frequencies when
     conditional), decode them, and write samples.png (the first 100), samples.npz (codes, labels, images as
     uint8) and samples.json (settings, seconds and, with `metrics`, the sample metrics) into `out` (default:
-    a samples-… folder of the prior's directory). `prior` replaces the saved one (e.g. a UnigramPrior)."""
+    a samples-… folder of the prior's directory). `prior` replaces the saved one: a UnigramPrior's samples go
+    to prior-unigram/."""
     from torchvision.utils import save_image
 
     path = run.prior(unit, kind, conditional) / "prior.pt"
     if prior is None and not path.exists():
         raise GeovqError(f"unit {unit.key} has no trained {kind} prior in {run.root}: run the prior stage first")
-    prior = prior if prior is not None else load_model(path, "prior", device)
+    prior = prior.to(device) if prior is not None else load_model(path, "prior", device)
     data = data or load_splits(cfg)
     settings = {"prior": kind if not isinstance(prior, UnigramPrior) else "unigram", "prior_conditional": conditional,
                 "n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    out = out or run.prior(unit, kind, conditional) / (
-        f"samples-{settings['prior']}-n{n}-t{temperature:g}-k{top_k or 0}-p{top_p or 1:g}-seed{seed}")
+    out = out or run.prior(unit, settings["prior"], conditional) / (
+        f"samples-n{n}-t{temperature:g}-k{top_k or 0}-p{top_p or 1:g}-seed{seed}")
     generator = torch.Generator(device).manual_seed(seed)
     labels = draw_labels(data, n, generator) if conditional else None
     t0 = time.time()

@@ -99,7 +99,8 @@ def train_prior(config: PriorConfig, grid: CodeGrid, n_classes: int, train_codes
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     state_path = out_dir / "state.pt"
-    record: dict[str, Any] = {"val_curve": [], "best_step": 0, "best_val_bits_per_token": math.inf, "seconds": 0.0}
+    record: dict[str, Any] = {"val_curve": [], "best_step": 0, "best_val_bits_per_token": math.inf, "seconds": 0.0,
+                              "cpu_seconds": 0.0}
     best_weights = _cpu_copy(model)
     step = 0
     if state_path.exists():
@@ -110,7 +111,8 @@ def train_prior(config: PriorConfig, grid: CodeGrid, n_classes: int, train_codes
         torch.set_rng_state(state["torch_rng"])  # dropout continues where it stopped
         step, record, best_weights = int(state["step"]), state["record"], state["best"]
         log.info("prior %s: resuming at step %d of %d (%s)", config.kind, step, cfg.max_steps, state_path)
-    t0 = time.time() - record["seconds"]
+    # Wall and CPU (this process, all threads) seconds: on a shared machine the second says what it costs.
+    t0, cpu0 = time.time() - record["seconds"], time.process_time() - record["cpu_seconds"]
     bar = progress(total=cfg.max_steps, desc=f"prior {config.kind}")
     bar.update(step)
     while step < cfg.max_steps and not _stopped(record, cfg):
@@ -131,9 +133,8 @@ def train_prior(config: PriorConfig, grid: CodeGrid, n_classes: int, train_codes
                                         "train_bits_per_token": float(loss.detach()) / LN2})
             if val < record["best_val_bits_per_token"]:
                 record["best_val_bits_per_token"], record["best_step"] = val, step
-                # A copy: on the CPU, .cpu() would alias the live parameters that training keeps changing.
                 best_weights = _cpu_copy(model)
-            record["seconds"] = time.time() - t0
+            record["seconds"], record["cpu_seconds"] = time.time() - t0, time.process_time() - cpu0
             bar.set_description(f"prior {config.kind} step {step} val {val:.4f} bits/token")
             with atomic_path(state_path) as tmp:
                 torch.save(_to_cpu({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -141,7 +142,8 @@ def train_prior(config: PriorConfig, grid: CodeGrid, n_classes: int, train_codes
                                     "best": best_weights, "torch_rng": torch.get_rng_state()}), tmp)
     bar.close()
     model.load_state_dict(best_weights)
-    record.update(steps=step, seconds=time.time() - t0, early_stopped=step < cfg.max_steps,
+    record.update(steps=step, seconds=time.time() - t0, cpu_seconds=time.process_time() - cpu0,
+                  early_stopped=step < cfg.max_steps,
                   parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     save_checkpoint(out_dir / "prior.pt", "prior", model, checkpoint_config,
                     {"train": config.as_dict(), "record": record})

@@ -54,15 +54,15 @@ class PriorConfig:
 # Sizes per dataset (see the module docstring for the budgets they meet).
 _DEFAULT = {
     "transformer": PriorConfig("transformer", {"layers": 4, "heads": 4, "dim": 128, "dropout": 0.1},
-                               PriorTrainConfig(lr=1e-3, max_steps=2500)),
+                               PriorTrainConfig(lr=2e-3, max_steps=1600, eval_every=200)),
     "pixelcnn": PriorConfig("pixelcnn", {"layers": 6, "hidden": 64, "kernel": 3, "dropout": 0.0},
-                            PriorTrainConfig(lr=1e-3, max_steps=2500)),
+                            PriorTrainConfig(lr=2e-3, max_steps=2400, eval_every=200)),
 }
 _DIGITS = {
     "transformer": PriorConfig("transformer", {"layers": 1, "heads": 4, "dim": 64, "dropout": 0.0},
                                PriorTrainConfig(batch_size=32, lr=1e-2, max_steps=300, warmup_steps=20, eval_every=30)),
     "pixelcnn": PriorConfig("pixelcnn", {"layers": 3, "hidden": 32, "kernel": 3, "dropout": 0.0},
-                            PriorTrainConfig(batch_size=32, lr=5e-3, max_steps=200, warmup_steps=20, eval_every=20)),
+                            PriorTrainConfig(batch_size=32, lr=5e-3, max_steps=160, warmup_steps=20, eval_every=20)),
 }
 PRESETS: dict[str, dict[str, PriorConfig]] = {"digits": _DIGITS}
 
