@@ -265,38 +265,46 @@ def test_an_interrupted_prior_training_resumes_to_the_uninterrupted_weights(tmp_
     torch.testing.assert_close(loaded.log_prob(codes), resumed.log_prob(codes))
 
 
-# -- the stages on a real digits unit ----------------------------------------------------------------------
+# -- the stages on real digits units -----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits_unit(tmp_path_factory):
-    """A small digits VAE and its k-means K=16 unit (fit, encode, score), by the stage functions."""
+def build_unit(root, method: str, epochs: int, tiny: bool, finetune: bool = False):
+    """A digits unit (K = 16) built by the stage functions: its VAE if post-hoc, then fit/train, encode, score."""
     from geovq.config import TrainConfig, TrunkConfig, resolve_config
     from geovq.stages.common import load_splits
     from geovq.stages.rundir import RunDir
     from geovq.stages.run import run_unit, run_vae
     from geovq.stages.units import plan_units
 
-    cfg = resolve_config("digits", (1, 16, 16), ["kmeans"], [16], 1, 8, False)
-    cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
-    cfg.train = TrainConfig(epochs=8, batch_size=32)
-    run = RunDir(tmp_path_factory.mktemp("priors"))
+    cfg = resolve_config("digits", (1, 16, 16), [method], [16], 1, epochs, False, finetune_decoder=finetune,
+                         finetune_epochs=1)
+    if tiny:
+        cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
+        cfg.train = TrainConfig(epochs=epochs, batch_size=64)
+    run = RunDir(root)
     data = load_splits(cfg)
     (unit,) = plan_units(cfg)
-    run_vae(run, cfg, unit.vae, CPU, quiet, data)
+    if unit.vae is not None:
+        run_vae(run, cfg, unit.vae, CPU, quiet, data)
     run_unit(run, cfg, unit, CPU, quiet, data)
     return run, cfg, data, unit
 
 
-def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(digits_unit):
+@pytest.fixture(scope="module")
+def vqvae_unit(tmp_path_factory):
+    """A VQ-VAE with the digits trunk, 15 epochs: its samples come close to the test images (domain FID)."""
+    return build_unit(tmp_path_factory.mktemp("vqvae"), "vqvae", 15, tiny=False)
+
+
+def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(vqvae_unit):
     """The trained prior's samples, decoded through the unit's codebook and decoder, are closer to the test
     images in the domain classifier's feature space than samples of independent position marginals, by more
     than the spread over 3 sampling seeds."""
     from geovq.stages.prior import prior_stage, sample_stage, unit_grid
 
-    run, cfg, data, unit = digits_unit
+    run, cfg, data, unit = vqvae_unit
     result = prior_stage(run, cfg, unit, CPU, quiet, "transformer", data=data)
     assert json.loads((run.prior(unit, "transformer") / "prior.json").read_text()) == result
-    assert result["prior_bits_per_image"] < result["unigram_bits_per_image"] < result["fixed_bits_per_image"]
+    assert result["prior_bits_per_image"] < result["unigram_bits_per_image"] < result["fixed_bits_per_image"] == 64
     assert result["prior_bits_per_image"] == pytest.approx(16 * result["prior_bits_per_token"])
     unigram = UnigramPrior(unit_grid(cfg, unit), np.load(run.codes(unit, "train")))
     n = 2000  # the stage's default is 10k; 2000 keep the test fast and the seed spread well below the margin
@@ -306,7 +314,7 @@ def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(digits_unit):
         prior_fid.append(s["domain_fid"])
         unigram_fid.append(sample_stage(run, cfg, unit, CPU, quiet, n=n, seed=seed, data=data,
                                         prior=unigram)["domain_fid"])
-    assert s["classifier_test_accuracy"] >= 0.9 and s["decoder"] == "vae" and s["n_samples"] == n
+    assert s["classifier_test_accuracy"] >= 0.9 and s["decoder"] == "vqvae" and s["n_samples"] == n
     assert s["fid"] is None and "not computed" in s["fid_reason"]  # no Inception weights on this machine
     assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1 and s["pr_points"] == len(data.test)
     spread = max(max(prior_fid) - min(prior_fid), max(unigram_fid) - min(unigram_fid))
@@ -318,12 +326,41 @@ def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(digits_unit):
         assert f["codes"].shape == (n, 16) and f["images"].shape == (n, 1, 16, 16) and f["images"].dtype == np.uint8
 
 
-def test_prior_and_sample_stages_refuse_a_unit_without_codes_or_prior(digits_unit):
+def test_class_conditional_samples_decode_through_the_fine_tuned_decoder(tmp_path):
+    """A post-hoc unit with a fine-tuned decoder: its samples go through the quantizer's codebook and the
+    fine-tuned decoder (not the VAE's), and conditional samples carry labels drawn from the training classes."""
+    from geovq.stages.common import decode_grids
+    from geovq.stages.prior import prior_stage, sample_stage
+
+    run, cfg, data, unit = build_unit(tmp_path, "kmeans", 2, tiny=True, finetune=True)
+    config = PriorConfig("transformer", SMALL["transformer"], PriorTrainConfig(max_steps=20, eval_every=10),
+                         conditional=True)
+    result = prior_stage(run, cfg, unit, CPU, quiet, "transformer", conditional=True, data=data, config=config)
+    assert result["prior_conditional"] and result["prior_steps"] == 20
+    out = tmp_path / "samples"
+    s = sample_stage(run, cfg, unit, CPU, quiet, n=50, conditional=True, top_k=4, seed=1, out=out, data=data,
+                     metrics=False)
+    assert s["decoder"] == "finetuned" and s["prior_conditional"] and "domain_fid" not in s
+    with np.load(out / "samples.npz") as f:
+        codes, labels, images = f["codes"], f["labels"], f["images"]
+    assert set(labels) <= set(data.train_labels) and len(set(labels)) > 1
+    from geovq.quantize.base import Quantizer
+
+    quantizer = Quantizer.load(run.unit(unit) / "quantizer.npz")
+    tuned = load_model(run.unit(unit) / "decoder_finetuned.pt", "decoder", CPU)
+    expected = decode_grids(tuned, quantizer.layout_.tokens_to_grid(quantizer.decode(codes)), CPU)
+    np.testing.assert_array_equal(images, (expected * 255).round().to(torch.uint8).numpy())
+    vae = load_model(run.vae(unit.vae) / "model.pt", "vae", CPU)
+    untuned = decode_grids(vae.decoder, quantizer.layout_.tokens_to_grid(quantizer.decode(codes)), CPU)
+    assert not torch.allclose(untuned, expected)  # the fine-tuned decoder really is another one
+
+
+def test_prior_and_sample_stages_refuse_a_unit_without_codes_or_prior(vqvae_unit):
     from dataclasses import replace
 
     from geovq.stages.prior import prior_stage, sample_stage
 
-    run, cfg, data, unit = digits_unit
+    run, cfg, data, unit = vqvae_unit
     other = replace(unit, seed=5)
     with pytest.raises(GeovqError, match="has no saved train, val, test codes"):
         prior_stage(run, cfg, other, CPU, quiet, data=data)
