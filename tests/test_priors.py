@@ -219,6 +219,21 @@ def test_unigram_prior_is_the_product_of_position_marginals():
     np.testing.assert_allclose(freq, np.exp(expected), atol=0.01)
 
 
+def test_prior_settings_import_no_torch_and_have_per_dataset_defaults():
+    import subprocess
+    import sys
+
+    code = ("import sys, geovq.models.priors.settings as s; assert 'torch' not in sys.modules, 'torch imported'; "
+            "print(s.prior_config('mnist', 'transformer', seed=3).train.seed)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr
+    from geovq.models.priors.settings import prior_config
+
+    assert prior_config("digits", "transformer").model["layers"] < prior_config("mnist", "transformer").model["layers"]
+    with pytest.raises(GeovqError, match="prior 'gpt' is unknown"):
+        prior_config("mnist", "gpt")
+
+
 class Interrupt(Exception):
     pass
 

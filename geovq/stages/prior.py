@@ -89,12 +89,14 @@ def prior_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
     if config.kind != kind or config.conditional != conditional:
         raise GeovqError(f"prior config {config.kind} (conditional={config.conditional}) does not match the "
                          f"requested {kind} (conditional={conditional})")
-    if (out / "prior.pt").exists():  # trained, not yet scored
+    if (out / "prior.pt").exists():  # trained, not yet scored: what it was trained with is in its checkpoint
         model = load_model(out / "prior.pt", "prior", device)
-        record = load_checkpoint(out / "prior.pt", "prior")["extra"]["record"]
+        extra = load_checkpoint(out / "prior.pt", "prior")["extra"]
+        record, trained_with = extra["record"], extra["train"]
     else:
         model, record = train_prior(config, grid, _n_classes(data) if conditional else 0, codes["train"],
                                     labels["train"], codes["val"], labels["val"], out, progress, device)
+        trained_with = config.as_dict()
     t0 = time.time()
     test = nll_summary(token_nll(model, codes["test"], labels["test"], device))
     unigram = UnigramPrior(grid, codes["train"]).to(device)
@@ -108,7 +110,7 @@ def prior_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
               "prior_steps": record["steps"], "prior_early_stopped": record["early_stopped"],
               "prior_parameters": record["parameters"], "prior_train_seconds": record["seconds"],
               "prior_train_cpu_seconds": record["cpu_seconds"],
-              "prior_score_seconds": time.time() - t0, "prior_config": config.as_dict(),
+              "prior_score_seconds": time.time() - t0, "prior_config": trained_with,
               "prior_train_codes": len(codes["train"]), "prior_test_codes": len(codes["test"])}
     write_json(done, result)  # written last: its presence marks the prior finished
     return result

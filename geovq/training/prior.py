@@ -30,8 +30,8 @@ LN2 = math.log(2.0)
 
 
 def _optimizer(model: Prior, cfg: PriorTrainConfig) -> torch.optim.AdamW:
-    """nanoGPT's split: decay weight matrices and embeddings (≥ 2-D), not biases, gains or position biases
-    of convolutions (PixelCNN's per-position biases are 3-D+ but are biases: excluded by name)."""
+    """nanoGPT's split: weight decay on matrices, embeddings and kernels (≥ 2-D); none on biases, LayerNorm
+    gains, the BOS vector, or the PixelCNN's per-position biases (4-D, so excluded by name)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

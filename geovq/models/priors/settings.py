@@ -54,9 +54,9 @@ class PriorConfig:
 # Sizes per dataset (see the module docstring for the budgets they meet).
 _DEFAULT = {
     "transformer": PriorConfig("transformer", {"layers": 4, "heads": 4, "dim": 128, "dropout": 0.1},
-                               PriorTrainConfig(lr=2e-3, max_steps=1600, eval_every=200)),
+                               PriorTrainConfig(lr=2e-3, max_steps=1400, eval_every=200)),
     "pixelcnn": PriorConfig("pixelcnn", {"layers": 6, "hidden": 64, "kernel": 3, "dropout": 0.0},
-                            PriorTrainConfig(lr=2e-3, max_steps=2400, eval_every=200)),
+                            PriorTrainConfig(lr=2e-3, max_steps=2200, eval_every=200)),
 }
 _DIGITS = {
     "transformer": PriorConfig("transformer", {"layers": 1, "heads": 4, "dim": 64, "dropout": 0.0},
