@@ -201,6 +201,8 @@ def test_class_labels_are_required_exactly_when_conditioned():
         make_prior("transformer", grid, n_classes=3).sample(2, labels=torch.tensor([0, 3]))
     with pytest.raises(GeovqError, match=r"codes must be \(N, 4\)"):
         make_prior("transformer", grid).log_prob(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(GeovqError, match=r"codes must lie in \[0, 4\), got \[0, 4\]"):
+        make_prior("pixelcnn", grid).log_prob(torch.tensor([[0, 1, 2, 4]]))
     with pytest.raises(GeovqError, match="prior 'gpt' is unknown; valid: transformer, pixelcnn"):
         build_prior({"kind": "gpt", "grid": grid.as_dict(), "n_classes": 0, "model": {}})
 

@@ -109,6 +109,8 @@ class Prior(nn.Module):
     def _check(self, codes: torch.Tensor | None, labels: torch.Tensor | None, n: int) -> None:
         if codes is not None and (codes.ndim != 2 or codes.shape[1] != self.grid.tokens):
             raise GeovqError(f"codes must be (N, {self.grid.tokens}) for grid {self.grid}, got {tuple(codes.shape)}")
+        if codes is not None and codes.numel() and (codes.min() < 0 or codes.max() >= self.grid.n_codes):
+            raise GeovqError(f"codes must lie in [0, {self.grid.n_codes}), got [{int(codes.min())}, {int(codes.max())}]")
         if self.n_classes and labels is None:
             raise GeovqError(f"this prior is class-conditional ({self.n_classes} classes): give labels")
         if not self.n_classes and labels is not None:

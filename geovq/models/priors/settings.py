@@ -62,7 +62,7 @@ _DIGITS = {
     "transformer": PriorConfig("transformer", {"layers": 1, "heads": 4, "dim": 64, "dropout": 0.0},
                                PriorTrainConfig(batch_size=32, lr=1e-2, max_steps=300, warmup_steps=20, eval_every=30)),
     "pixelcnn": PriorConfig("pixelcnn", {"layers": 3, "hidden": 32, "kernel": 3, "dropout": 0.0},
-                            PriorTrainConfig(batch_size=32, lr=5e-3, max_steps=160, warmup_steps=20, eval_every=20)),
+                            PriorTrainConfig(batch_size=32, lr=5e-3, max_steps=140, warmup_steps=20, eval_every=20)),
 }
 PRESETS: dict[str, dict[str, PriorConfig]] = {"digits": _DIGITS}
 
