@@ -15,6 +15,11 @@
         encode.json                      how each split was encoded (seconds, rules, agreement checks)
         row.json                         the scored test row: the unit is finished
         decoder_finetuned.pt, row_finetuned.json   with --finetune-decoder
+        prior-{kind}[-cond]/             a prior over its codes (see `RunDir.prior`)
+            prior.pt, prior.json             best-validation weights; test bits/token and bits/image
+            state.pt                         the resume point while it trains
+            samples-…/                       samples.png, samples.npz, samples.json (sample metrics)
+    domain/classifier.pt, classifier.json   the domain classifier of sample metrics (features, test accuracy)
     results.json, results.csv, report.md, figures/
     ray/                                 Ray Tune's own records
 """
@@ -56,6 +61,13 @@ class RunDir:
 
     def codes(self, unit: Unit, split: str) -> Path:
         return self.unit(unit) / f"codes_{split}.npy"
+
+    def prior(self, unit: Unit, kind: str, conditional: bool = False) -> Path:
+        return self.unit(unit) / f"prior-{kind}{'-cond' if conditional else ''}"
+
+    @property
+    def domain(self) -> Path:
+        return self.root / "domain"
 
     def unit_done(self, unit: Unit, finetune: bool) -> bool:
         """Finished: its row exists, and when fine-tuning is asked of a post-hoc unit, its fine-tuned row too."""
