@@ -145,16 +145,22 @@ def domain_classifier_stage(run: RunDir, cfg: SweepConfig, data: ImageSplits, de
                             progress: Progress) -> tuple[DomainClassifier, dict[str, Any]]:
     """The run's domain classifier, trained once on the dataset's training split (or loaded), and its record
     (test accuracy, seconds)."""
+    import fcntl
+
     path, record_path = run.domain / "classifier.pt", run.domain / "classifier.json"
-    if path.exists() and record_path.exists():
-        return load_model(path, "classifier", device), json.loads(record_path.read_text())
-    if not _known_labels(data):
-        raise GeovqError(f"{cfg.dataset} has images without labels: no domain classifier can be trained")
-    steps = CLASSIFIER_STEPS.get(cfg.dataset, DEFAULT_CLASSIFIER_STEPS)
-    model, record = train_classifier(data, device, progress, steps=steps, seed=cfg.split_seed)
-    save_checkpoint(path, "classifier", model, model.config(), record)
-    write_json(record_path, record)
-    return model, record
+    run.domain.mkdir(parents=True, exist_ok=True)
+    # one classifier per run: concurrent units (trials on any node of shared storage) wait for the first
+    with open(run.domain / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists() and record_path.exists():
+            return load_model(path, "classifier", device), json.loads(record_path.read_text())
+        if not _known_labels(data):
+            raise GeovqError(f"{cfg.dataset} has images without labels: no domain classifier can be trained")
+        steps = CLASSIFIER_STEPS.get(cfg.dataset, DEFAULT_CLASSIFIER_STEPS)
+        model, record = train_classifier(data, device, progress, steps=steps, seed=cfg.split_seed)
+        save_checkpoint(path, "classifier", model, model.config(), record)
+        write_json(record_path, record)
+        return model, record
 
 
 def sample_metrics(run: RunDir, cfg: SweepConfig, data: ImageSplits, samples: torch.Tensor, device: torch.device,

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +70,11 @@ class RunDir:
     def domain(self) -> Path:
         return self.root / "domain"
 
-    def unit_done(self, unit: Unit, finetune: bool) -> bool:
-        """Finished: its row exists, and when fine-tuning is asked of a post-hoc unit, its fine-tuned row too."""
+    def unit_done(self, unit: Unit, finetune: bool, prior: str | None = None) -> bool:
+        """Finished: its row exists; when fine-tuning is asked of a post-hoc unit, its fine-tuned row too; when a
+        prior is asked, its row carries that prior's rate (and samples)."""
         out = self.unit(unit)
-        return (out / "row.json").exists() and (unit.end_to_end or not finetune or
-                                                (out / "row_finetuned.json").exists())
+        rows = [out / "row.json"] + ([out / "row_finetuned.json"] if finetune and not unit.end_to_end else [])
+        if not all(row.exists() for row in rows):
+            return False
+        return prior is None or json.loads(rows[0].read_text()).get("prior") == prior
