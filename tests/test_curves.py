@@ -178,3 +178,20 @@ def test_bad_inputs_raise_geovq_errors():
         refine_pairs(dec, np.array([0]), np.array([10]))
     with pytest.raises(GeovqError, match="init"):
         geodesic_distances(points, manifold.decoder, [0], k=3, refine=True, init="random")
+
+
+def test_a_line_search_step_into_an_overflowing_region_is_shortened_not_fatal():
+    """A warp that overflows far out (here: inf beyond radius 3) is finite on every curve the minimiser keeps;
+    only trial steps of the line search reach the overflow, and those are rejected and shortened."""
+    overflowed = []
+
+    def warp(z):  # per-coordinate monotone: a flat manifold, geodesic (-1,0)-(1,0) straight, length 2(1 + 0.3)
+        far = z.norm(dim=1, keepdim=True) > 3
+        overflowed.append(int(far.sum()))
+        return torch.where(far, torch.inf, z + 0.3 * z**3)
+
+    points = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 2.8]])
+    curves = refine_pairs(FlatTokenDecoder(warp, points), np.array([0]), np.array([1]), n_segments=8,
+                          paths=np.array([[0, 2, 1]]))  # start bent up to radius 2.8
+    assert sum(overflowed) > 0  # a trial step did overflow
+    assert abs(curves.lengths[0] / 2.6 - 1) < 1e-3

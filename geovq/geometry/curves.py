@@ -292,8 +292,13 @@ class _Minimiser:
                                                                                    device=self.device))
         self.evaluations = 0
 
-    def evaluate(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Energies (b,), lengths (b,) and energy gradients (b, T−1, d) of curves `rows` at interior points x."""
+    def evaluate(self, x: torch.Tensor, rows: torch.Tensor,
+                 trial: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energies (b,), lengths (b,) and energy gradients (b, T−1, d) of curves `rows` at interior points x.
+
+        A trial point of the line search may leave the region where the decoder is finite (a warp that
+        overflows far out): its energy counts as +inf, so the step is rejected and shortened. Anywhere else a
+        non-finite energy is the decoder's fault and an error."""
         x = x.detach().requires_grad_(True)
         energy = x.new_zeros(len(rows))
         length = x.new_zeros(len(rows))
@@ -308,7 +313,9 @@ class _Minimiser:
             energy = energy + self.segments * sq.sum(1)
             length = length + sq.sqrt().sum(1)
         energy, length = energy / len(self.maps), length / len(self.maps)
-        if not torch.isfinite(energy).all():
+        if trial:
+            energy = torch.where(torch.isfinite(energy), energy, torch.full_like(energy, float("inf")))
+        elif not torch.isfinite(energy).all():
             raise GeovqError(f"{int((~torch.isfinite(energy)).sum())} curve energies are NaN or inf: the decoder "
                              f"returned non-finite values along the curves")
         self.evaluations += len(rows)
@@ -371,7 +378,7 @@ class _Minimiser:
                 trial = self._project(x[rows[idx]] + (alpha[idx, None] * direction[idx]).view_as(x[rows[idx]]),
                                       rows[idx])
                 taken = (trial - x[rows[idx]]).flatten(1)  # the step, after projection
-                e, ln, gr = self.evaluate(trial, rows[idx])
+                e, ln, gr = self.evaluate(trial, rows[idx], trial=True)
                 ok = e <= energy[rows[idx]] + ARMIJO * (g[idx] * taken).sum(1)
                 for store, value in zip(new, (e, ln, gr, taken)):
                     store[idx[ok]] = value[ok]
