@@ -81,11 +81,27 @@ def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], 
         decoder = "fine-tuned" if tuned else ("end-to-end" if vae is None else "VAE's")
         lines.append(f"| {method} | {vae or '—'} | {decoder} | {k} | {bits:g} | {rs[0]['bpp']:.3f} | {len(rs)} | "
                      + " | ".join(cells) + " |")
+    lines += settings_table(rows)
     reasons = sorted({r["lpips_reason"] for r in rows if r.get("lpips") is None and r.get("lpips_reason")})
     if reasons:
         lines += ["", "LPIPS n/a: " + "; ".join(reasons)]
     lines += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def settings_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Which settings each row used (a tuned sweep gives every method its own): the VAE's training overrides
+    and the method's hyperparameters; nothing when every row runs the defaults."""
+    def fmt(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items())) or "—"
+
+    seen = sorted({(r["method"], r.get("vae") or "—", r["K"], r["token_dim"], fmt(r.get("vae_overrides") or {}),
+                    fmt(r.get("params") or {})) for r in rows})
+    if all(vae == params == "—" for *_, vae, params in seen):
+        return []
+    lines = ["", "## Settings of each row", "", "| method | vae | K | d | VAE training | hyperparameters |",
+             "|" + "---|" * 6]
+    return lines + [f"| {m} | {v} | {k} | {d} | {vae} | {params} |" for m, v, k, d, vae, params in seen]
 
 
 def progress(run_dir: Path) -> tuple[int, int]:
