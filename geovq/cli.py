@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import shutil
 import sys
 import time
@@ -248,9 +247,11 @@ def _sweep(
         lpips_missing |= any(r["lpips"] is None for r in rows)
     if lpips_missing and lpips_weights_hint():
         log.info("%s", lpips_weights_hint())
-    for name, report_path in reports:
-        log.info("%s report: %s", name, report_path)
     log.info("done in %.1f s", time.time() - t_start)
+    for name, report_path in reports:
+        log.info("%s report: %s (and report.md)", name, report_path.with_suffix(".html"))
+    logdir = runs[0][0].root if len(runs) == 1 else runs[0][0].root.parent
+    log.info("watch the trainings: tensorboard --logdir %s --host 127.0.0.1", logdir)
 
 
 #: datasets read from --data-root (digits is embedded): only their configs record it
@@ -296,18 +297,20 @@ _register_sweep()
 
 @app.command()
 @user_errors
-def report(run_dir: Path = typer.Argument(..., help="a sweep's run directory")) -> None:
-    """Rewrite results.json/.csv, report.md and the figures from a run directory's finished units."""
-    from geovq.report.tables import progress, write_results
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="one or more run directories of the same dataset"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder [default: the run directory; required with several]"),
+) -> None:
+    """Write results.json/.csv, report.md, report.html and figures from run directories' finished units."""
+    from geovq.report.build import write_report
 
-    if not (run_dir / "config.yaml").exists():
-        raise GeovqError(f"{run_dir} is not a geovq run directory (no config.yaml)")
-    rows = write_results(run_dir)
-    _print_summary(rows)
-    finished, planned = progress(run_dir)
-    if finished < planned:
-        typer.secho(f"PARTIAL report: {finished} of {planned} units finished; re-run the sweep to finish the rest",
-                    err=True, fg=typer.colors.YELLOW)
+    runs = write_report(run_dirs, out)
+    _print_summary(runs.rows)
+    if runs.finished < runs.planned:
+        typer.secho(f"PARTIAL report: {runs.finished} of {runs.planned} units finished; re-run the sweep to finish "
+                    "the rest", err=True, fg=typer.colors.YELLOW)
+    where = out or run_dirs[0]
+    typer.echo(f"report: {where / 'report.html'} (and report.md)", err=True)
 
 
 def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> None:

@@ -191,7 +191,7 @@ def test_several_datasets_share_one_sweep_each_with_its_own_run_directory(ray_lo
     for name in ("digits", "npz"):
         rows = json.loads((parent / name / "results.json").read_text())
         assert [(r["dataset"], r["method"]) for r in rows] == [(name, "kmeans")]
-        assert f"{name} report: {parent / name / 'report.md'}" in result.output
+        assert f"{name} report: {parent / name / 'report.html'} (and report.md)" in result.output
     # one Tune experiment per phase for both datasets: their trials shared the cluster at once
     phases = sorted(p.name.split("-")[0] for p in (parent / "ray").iterdir())
     assert phases == ["posthoc", "train"]

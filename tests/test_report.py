@@ -1,7 +1,17 @@
+"""Reports: tables and CIs, figures drawn from their data, merged runs, the HTML page, bad input."""
 
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
+from typer.testing import CliRunner
 
+from geovq.cli import app
 from geovq.report.figures import _ceiling_lines, _stat
 from geovq.report.tables import markdown_report, mean_ci
 
@@ -45,3 +55,106 @@ def test_figure_statistics_put_usage_on_a_fraction_of_k_and_one_ceiling_per_vari
                 "psnr": 22.0}, {"vae": "tdc", "tdc_target_bits": 8.0, "psnr": 28.0}]
     assert _ceiling_lines(ceilings) == {"continuous VAE (plain)": (21.0, "--"),
                                         "continuous VAE (tdc, T=8)": (28.0, ":")}
+
+
+# -- reports of real runs ------------------------------------------------------------------------------------
+
+runner = CliRunner()
+TINY = ["sweep", "digits", "--quick", "--vae", "plain", "--codebook-sizes", "16", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports")
+    for name, methods in (("a", "kmeans,gq"), ("b", "vqvae")):
+        result = runner.invoke(app, TINY + ["--methods", methods, "--out", str(root / name)])
+        assert result.exit_code == 0, result.output
+    return root / "a", root / "b"
+
+
+def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path):
+    from geovq.quantize import Quantizer
+    from geovq.report.recon import recon_images
+    from geovq.stages.common import load_splits
+    from geovq.config import SweepConfig
+    from geovq.training.checkpoint import load_model
+
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["report", str(two_runs[0]), str(two_runs[1]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted((r["run"], r["method"]) for r in rows) == [("a", "gq"), ("a", "kmeans"), ("b", "vqvae")]
+    html = (out / "report.html").read_text()
+    sidecars = sorted((out / "figures").glob("*.json"))
+    assert {p.stem for p in sidecars} == {"rate_distortion", "compare_64bits", "usage_64bits", "recon_64bits"}
+    for sidecar in sidecars:
+        png = sidecar.with_suffix(".png")
+        Image.open(png).verify()  # a valid PNG
+        assert f"data-file='{png.name}'" in html  # embedded in the page
+    assert html.count("<tr class=best>") == 1 and "<h2>64 bits per image</h2>" in html
+    lines = {"gq", "kmeans", "vqvae"}
+    assert set(json.loads((out / "figures" / "rate_distortion.json").read_text())["lines"]) == lines
+    assert json.loads((out / "figures" / "rate_distortion.json").read_text())["panels"][0] == "psnr"
+    assert set(json.loads((out / "figures" / "usage_64bits.json").read_text())["lines"]) == lines
+    layout = json.loads((out / "figures" / "recon_64bits.json").read_text())
+    assert layout["rows"][0] == "original" and set(layout["rows"][1:]) == lines
+    cfg = SweepConfig.load(two_runs[0] / "config.yaml")
+    test = load_splits(cfg).test
+    images = recon_images(len(test), cfg.split_seed)
+    assert layout["images"] == images.tolist() and len(images) == 12
+
+    # the kmeans tiles are the kmeans unit's test codes decoded by the VAE, pixel for pixel
+    kmeans = next(r for r in rows if r["method"] == "kmeans")
+    unit = two_runs[0] / Path(kmeans["codes_path"]).parent
+    q = Quantizer.load(unit / "quantizer.npz")
+    vae = load_model(two_runs[0] / "vae" / kmeans["vae_key"] / "model.pt", "vae")
+    codes = np.load(two_runs[0] / kmeans["codes_path"])[images]
+    with torch.no_grad():
+        grids = torch.as_tensor(q.layout_.tokens_to_grid(q.decode(codes))).permute(0, 3, 1, 2)
+        decoded = vae.decoder.mean(grids).numpy()
+    picture = np.asarray(Image.open(out / "figures" / "recon_64bits.png").convert("RGB"))
+    row = layout["rows"].index("kmeans")
+    h, w = layout["tile"]
+    for j in range(len(images)):
+        y = layout["top"] + row * (h + layout["pad"])
+        x = layout["left"] + j * (w + layout["pad"])
+        want = np.kron(np.rint(decoded[j, 0] * 255), np.ones((layout["scale"], layout["scale"])))
+        np.testing.assert_array_equal(picture[y:y + h, x:x + w, 0], want.astype(np.uint8))
+
+
+def edited_copy(run: Path, tmp_path: Path, name: str, **changes) -> Path:
+    import yaml
+
+    copy = tmp_path / name
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[key] = value
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return copy
+
+
+def test_report_bad_input_is_one_line_naming_what_was_found(two_runs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hello\n")
+    other_dataset = edited_copy(two_runs[1], tmp_path, "c", dataset="mnist")
+    other_trunk = edited_copy(two_runs[1], tmp_path, "d", **{"trunk.hidden": 64})
+    cases = [
+        ([str(empty)], "is not a geovq run directory: found nothing, expected config.yaml"),
+        ([str(foreign)], "found notes.txt, expected config.yaml"),
+        ([str(two_runs[0]), str(other_dataset), "--out", str(tmp_path / "x")], "is a mnist run"),
+        ([str(two_runs[0]), str(other_trunk), "--out", str(tmp_path / "y")], "(trunk.hidden 32 -> 64)"),
+        ([str(two_runs[0]), str(two_runs[1])], "--out is required when several run directories are merged"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["report", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1

@@ -44,8 +44,6 @@ from geovq.quantize.base import Quantizer, register
 if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
     import torch
 
-    from geovq.geometry.decoders import GridTokenDecoder
-
 ENCODE_RULES = ("graph", "landmark_metric", "nearest_landmark")
 APPROX_RULES = ENCODE_RULES[1:]
 NEIGHBOUR_RULES = ("metric", "latent")

@@ -1,81 +1,174 @@
-"""Figures: the rate–distortion picture (PSNR against bits per image, one line per method) and each VAE's
-per-token KL (histogram and map by grid cell)."""
+"""Figures of a report: rate–distortion curves, the methods at each rate, codebook usage, reconstruction grids
+(geovq.report.recon) and each VAE's per-token KL. No comparison across rates appears without its rate."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from geovq.io import atomic_path
+from geovq.io import atomic_path, write_json
 from geovq.latents import LatentSet
 from geovq.report.tables import mean_ci
 
+if TYPE_CHECKING:
+    from geovq.report.build import Runs
 
-def write_figures(run_dir: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]]) -> None:
-    """figures/rate_distortion.png (one line per method across rates), figures/compare_{bits}bits.png (the
-    methods at one rate, best PSNR on top), and each VAE's KL figure."""
+
+@dataclass
+class Figure:
+    """A written PNG, its caption, and the data it was drawn from (saved beside it as JSON, for checks)."""
+
+    path: Path
+    caption: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def write_figures(out: Path, runs: Runs) -> list[Figure]:
+    """Every figure of a report (each with a JSON sidecar of its data); returns them in reading order."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    figures = [rate_distortion_figure(out, runs.rows, runs.ceilings)]
+    by_bits = sorted({r["bits_per_image"] for r in runs.rows})
+    for bits in by_bits:
+        figures.append(compare_figure(out, runs.rows, runs.ceilings, bits))
+        figures.append(usage_figure(out, runs, bits))
+        from geovq.report.recon import reconstruction_figure
 
+        figures.append(reconstruction_figure(out, runs, bits))
+    for run in runs.dirs:  # each VAE's KL figure, redrawn from its test latents
+        for done in sorted((run.root / "vae").glob("*/ceiling.json")):
+            ceiling = json.loads(done.read_text())
+            path = token_kl_figure(done.parent, LatentSet.load(done.parent / "latents_test.npz"),
+                                   ceiling["tdc_target_bits"], ceiling["tdc_tolerance"], title=done.parent.name)
+            figures.append(Figure(path, f"per-token KL of VAE {done.parent.name} against log2 K (test tokens)",
+                                  {"panels": 2}))
+    for figure in figures:
+        write_json(figure.path.with_suffix(".json"), {"caption": figure.caption, **figure.data})
+    return figures
+
+
+def _series(rows: list[dict[str, Any]]) -> dict[str, dict[float, list[dict]]]:
+    """Rows by line label (method, VAE unless plain, fine-tuned) and bits per image."""
     series: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        label = r["method"] + (f" ({r['vae']})" if r.get("vae") not in (None, "plain") else "") + (
-            " fine-tuned" if r["finetuned"] else "")
-        series[label][r["bits_per_image"]].append(r)
-    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: methods × VAEs × fine-tuning stay apart
-    colour = {label: palette[i % len(palette)] for i, label in enumerate(sorted(series))}
-    ceiling_lines = _ceiling_lines(ceilings)
+        series[line_label(r)][r["bits_per_image"]].append(r)
+    return series
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+
+def line_label(row: dict[str, Any]) -> str:
+    return row["method"] + (f" ({row['vae']})" if row.get("vae") not in (None, "plain") else "") + (
+        " fine-tuned" if row["finetuned"] else "")
+
+
+def _colours(labels) -> dict[str, Any]:
+    import matplotlib.pyplot as plt
+
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: methods × VAEs × fine-tuning stay apart
+    return {label: palette[i % len(palette)] for i, label in enumerate(sorted(labels))}
+
+
+def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]]) -> Figure:
+    """PSNR, SSIM, LPIPS (where measured) and usage/K against bits per image, mean ± 95% CI over seeds."""
+    import matplotlib.pyplot as plt
+
+    series = _series(rows)
+    colour = _colours(series)
+    metrics = ["psnr", "ssim"] + (["lpips"] if any(r.get("lpips") is not None for r in rows) else []) + \
+        ["usage_perplexity"]
+    names = {"psnr": "test PSNR (dB)", "ssim": "test SSIM", "lpips": "test LPIPS (AlexNet)",
+             "usage_perplexity": "usage perplexity / K"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
     for label, by_bits in sorted(series.items()):
         bits = sorted(by_bits)
-        for ax, metric in zip(axes, ("psnr", "usage_perplexity")):
+        for ax, metric in zip(axes, metrics):
             stats = [_stat(by_bits[b], metric) for b in bits]
             ax.errorbar(bits, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
                         label=label, color=colour[label])
-    for name, (psnr, style) in ceiling_lines.items():
+    for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
-    axes[0].set(xlabel="bits per image", ylabel="test PSNR (dB)", title="rate–distortion")
-    axes[1].set(xlabel="bits per image", ylabel="usage perplexity / K", title="codebook usage (test)", ylim=(0, 1.05))
-    for ax in axes:
+    for ax, metric in zip(axes, metrics):
+        ax.set(xlabel="bits per image (fixed-length: tokens × log2 K)", ylabel=names[metric])
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
+    axes[-1].set_ylim(0, 1.05)
     axes[0].legend(fontsize=7)
-    _save(fig, run_dir / "figures" / "rate_distortion.png")
+    path = out / "figures" / "rate_distortion.png"
+    _save(fig, path)
+    return Figure(path, "rate–distortion: test metrics against bits per image (mean ± 95% CI over seeds)",
+                  {"panels": metrics, "lines": sorted(series)})
 
-    for bits in sorted({b for by_bits in series.values() for b in by_bits}):
-        labels = sorted((label for label in series if bits in series[label]),
-                        key=lambda label: _stat(series[label][bits], "psnr")[0])
-        fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.32 * len(labels)), sharey=True)
-        for y, label in enumerate(labels):
-            for ax, metric in zip(axes, ("psnr", "usage_perplexity")):
-                mean, half = _stat(series[label][bits], metric)
-                ax.errorbar([mean], [y], xerr=[half], marker="o", capsize=3, color=colour[label])
-        for name, (psnr, style) in ceiling_lines.items():
-            axes[0].axvline(psnr, ls=style, c="gray", label=name)
-        if ceiling_lines:
-            axes[0].legend(fontsize=7, loc="lower right")
-        n_seeds = max(len(series[label][bits]) for label in labels)
-        axes[0].set(yticks=range(len(labels)), yticklabels=labels, xlabel="test PSNR (dB)",
-                    title=f"{bits:g} bits per image (mean ± 95% CI, up to {n_seeds} seeds)")
-        axes[1].set(xlabel="usage perplexity / K", xlim=(0, 1.05), title="codebook usage (test)")
-        for ax in axes:
-            ax.grid(alpha=0.3, axis="x")
-        _save(fig, run_dir / "figures" / f"compare_{bits:g}bits.png")
 
-    for done in sorted((run_dir / "vae").glob("*/ceiling.json")):
-        ceiling = json.loads(done.read_text())
-        token_kl_figure(done.parent, LatentSet.load(done.parent / "latents_test.npz"), ceiling["tdc_target_bits"],
-                        ceiling["tdc_tolerance"], title=done.parent.name)
+def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], bits: float) -> Figure:
+    """The methods at one rate, best PSNR on top, with usage/K and the continuous VAEs' ceilings."""
+    import matplotlib.pyplot as plt
+
+    series = _series(rows)
+    colour = _colours(series)
+    ceiling_lines = _ceiling_lines(ceilings)
+    labels = sorted((label for label in series if bits in series[label]),
+                    key=lambda label: _stat(series[label][bits], "psnr")[0])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.32 * len(labels)), sharey=True)
+    for y, label in enumerate(labels):
+        for ax, metric in zip(axes, ("psnr", "usage_perplexity")):
+            mean, half = _stat(series[label][bits], metric)
+            ax.errorbar([mean], [y], xerr=[half], marker="o", capsize=3, color=colour[label])
+    for name, (psnr, style) in ceiling_lines.items():
+        axes[0].axvline(psnr, ls=style, c="gray", label=name)
+    if ceiling_lines:
+        axes[0].legend(fontsize=7, loc="lower right")
+    n_seeds = max(len(series[label][bits]) for label in labels)
+    axes[0].set(yticks=range(len(labels)), yticklabels=labels, xlabel="test PSNR (dB)",
+                title=f"{bits:g} bits per image (mean ± 95% CI, up to {n_seeds} seeds)")
+    axes[1].set(xlabel="usage perplexity / K", xlim=(0, 1.05), title="codebook usage (test)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="x")
+    path = out / "figures" / f"compare_{bits:g}bits.png"
+    _save(fig, path)
+    return Figure(path, f"the methods at {bits:g} bits per image, ranked by test PSNR", {"lines": labels})
+
+
+def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
+    """Sorted code frequencies of the test codes, one curve per line (its lowest seed), annotated with usage
+    perplexity and dead codes: how evenly each method spends its K codes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from geovq.metrics.codebook import code_histogram, dead_codes, usage_perplexity
+
+    firsts: dict[str, dict] = {}
+    for r in runs.rows:
+        if r["bits_per_image"] == bits and not r["finetuned"]:  # fine-tuning keeps the codes
+            firsts.setdefault(line_label(r), r)
+    colour = _colours(firsts)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    curves = {}
+    for label, r in sorted(firsts.items()):
+        codes = np.load(runs.run_of(r).root / r["codes_path"])
+        freq = np.sort(code_histogram(codes, r["K"]))[::-1] / codes.size
+        curves[label] = freq.tolist()
+        ax.plot(np.arange(1, r["K"] + 1), freq, color=colour[label],
+                label=f"{label}: perplexity {usage_perplexity(codes, r['K']):.1f} of {r['K']}, "
+                      f"{dead_codes(codes, r['K'])} dead")
+    ax.set(xlabel="code rank", ylabel="share of test tokens", yscale="log",
+           title=f"codebook usage at {bits:g} bits per image (seed {min(r['seed'] for r in firsts.values())})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "figures" / f"usage_{bits:g}bits.png"
+    _save(fig, path)
+    return Figure(path, f"sorted code frequencies at {bits:g} bits per image", {"lines": sorted(curves),
+                                                                                "curves": curves})
 
 
 def _stat(rows: list[dict[str, Any]], metric: str) -> tuple[float, float]:
     """(mean, 95% CI half-width or 0) over seeds; usage perplexity as a fraction of K, so rates share an axis."""
-    mean, half = mean_ci([r[metric] for r in rows])
+    values = [r[metric] for r in rows if r.get(metric) is not None]
+    if not values:
+        return float("nan"), 0.0
+    mean, half = mean_ci(values)
     scale = rows[0]["K"] if metric == "usage_perplexity" else 1
     return mean / scale, (half or 0.0) / scale
 
@@ -98,7 +191,7 @@ def _save(fig, path: Path) -> None:
 
 
 def token_kl_figure(vae_dir: Path, test: LatentSet, target_bits: float | None, tolerance: float,
-                    title: str) -> None:
+                    title: str) -> Path:
     """vae_dir/kl_histogram.png from the VAE's test latents: the per-token KL histogram (TDC band shaded)
     beside a map of the mean KL at each grid cell, where each cell also shows the share of its tokens in the band.
 
@@ -134,3 +227,4 @@ def token_kl_figure(vae_dir: Path, test: LatentSet, target_bits: float | None, t
     with atomic_path(vae_dir / "kl_histogram.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    return vae_dir / "kl_histogram.png"

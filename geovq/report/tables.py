@@ -6,17 +6,15 @@ mean ± 95% confidence half-width (Student t), the per-seed rows staying in resu
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scipy import stats
 
-from geovq.io import write_json, write_text
 
 COLUMNS = ["dataset", "method", "vae", "finetuned", "K", "token_dim", "grouping", "tokens_per_image",
            "bits_per_image", "bpp", "seed", "psnr", "ssim", "lpips", "mse", "usage_perplexity",
@@ -28,7 +26,12 @@ SUMMARY_METRICS = ["psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_cod
 
 def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("*/row*.json"))]
-    return sorted(rows, key=lambda r: (r["bits_per_image"], r["method"], r.get("vae") or "", r["finetuned"], r["seed"]))
+    return sort_rows(rows)
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (r["bits_per_image"], r["method"], r.get("vae") or "", r["finetuned"],
+                                       r["seed"], r.get("run", "")))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -45,42 +48,82 @@ def _fmt(mean: float, half: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str,
-                    finished: int, planned: int) -> str:
+@dataclass
+class SummaryLine:
+    """One (method, VAE, decoder, K) at one rate: metrics as mean ± 95% CI over its seeds."""
+
+    method: str
+    vae: str | None
+    decoder: str  # "VAE's", "fine-tuned" or "end-to-end"
+    k: int
+    bits: float
+    bpp: float
+    n: int
+    cells: list[str]  # formatted SUMMARY_METRICS
+    psnr: float  # mean, to rank lines within their rate
+
+
+def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]]:
+    """Lines grouped by bits per image: only lines at equal bits are comparable."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"), r["finetuned"])].append(r)
-    title = "# geovq results" if finished >= planned else \
-        f"# geovq results (PARTIAL: {finished} of {planned} units finished)"
-    lines = [title, "",
-             "Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
-             "Rows are comparable only within one bits-per-image group.", ""]
-    by_vae: dict[tuple, list[dict]] = defaultdict(list)
-    for c in ceilings:
-        by_vae[(c["vae"], c.get("tdc_target_bits"))].append(c)
-    for (vae, target), cs in sorted(by_vae.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        m, h = mean_ci([c["psnr"] for c in cs])
-        label = "plain" if target is None else f"tdc, T = {target:g} bits"
-        band = (f", {100 * sum(c['frac_tokens_in_band'] for c in cs) / len(cs):.1f}% of test tokens within "
-                f"±{cs[0]['tdc_tolerance']:g} bit of T" if target is not None else "")
-        lines += [f"- Continuous Gaussian VAE ({label}), no quantization (the ceiling): PSNR {_fmt(m, h, 2)} dB, "
-                  f"mean token KL {sum(c['mean_token_kl_bits'] for c in cs) / len(cs):.2f} bits{band} "
-                  f"(n = {len(cs)})."]
-    current_bits = None
-    header = ("| method | vae | decoder | K | bits/image | bpp | n | PSNR (dB) | SSIM | LPIPS | MSE | usage perplexity "
-              "| dead codes |")
+    out: dict[float, list[SummaryLine]] = defaultdict(list)
     for (bits, k, method, vae, tuned), rs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or "", kv[0][4])):
-        if bits != current_bits:
-            lines += ["", f"## {bits:g} bits per image", "", header, "|" + "---|" * 13]
-            current_bits = bits
         cells = []
         for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1)):
             vals = [r[metric] for r in rs if r.get(metric) is not None]
             cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
         decoder = "fine-tuned" if tuned else ("end-to-end" if vae is None else "VAE's")
-        lines.append(f"| {method} | {vae or '—'} | {decoder} | {k} | {bits:g} | {rs[0]['bpp']:.3f} | {len(rs)} | "
-                     + " | ".join(cells) + " |")
+        out[bits].append(SummaryLine(method, vae, decoder, k, bits, rs[0]["bpp"], len(rs), cells,
+                                     mean_ci([r["psnr"] for r in rs])[0]))
+    return out
+
+
+SUMMARY_HEADER = ["method", "vae", "decoder", "K", "bits/image", "bpp", "n", "PSNR (dB)", "SSIM", "LPIPS", "MSE",
+                  "usage perplexity", "dead codes"]
+
+
+def ceiling_lines(ceilings: list[dict[str, Any]]) -> list[str]:
+    """One sentence per continuous VAE variant: its own test PSNR, the ceiling of every code made from it."""
+    by_vae: dict[tuple, list[dict]] = defaultdict(list)
+    for c in ceilings:
+        by_vae[(c["vae"], c.get("tdc_target_bits"))].append(c)
+    lines = []
+    for (vae, target), cs in sorted(by_vae.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        m, h = mean_ci([c["psnr"] for c in cs])
+        label = "plain" if target is None else f"tdc, T = {target:g} bits"
+        band = (f", {100 * sum(c['frac_tokens_in_band'] for c in cs) / len(cs):.1f}% of test tokens within "
+                f"±{cs[0]['tdc_tolerance']:g} bit of T" if target is not None else "")
+        lines.append(f"Continuous Gaussian VAE ({label}), no quantization (the ceiling): PSNR {_fmt(m, h, 2)} dB, "
+                     f"mean token KL {sum(c['mean_token_kl_bits'] for c in cs) / len(cs):.2f} bits{band} "
+                     f"(n = {len(cs)}).")
+    return lines
+
+
+def title(finished: int, planned: int) -> str:
+    return "geovq results" if finished >= planned else f"geovq results (PARTIAL: {finished} of {planned} units finished)"
+
+
+INTRO = ("Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
+         "Rows are comparable only within one bits-per-image group; the best PSNR of each group is marked.")
+
+
+def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str,
+                    finished: int, planned: int) -> str:
+    lines = [f"# {title(finished, planned)}", "", INTRO, ""]
+    lines += [f"- {line}" for line in ceiling_lines(ceilings)]
+    for bits, group in summary_by_bits(rows).items():
+        best = max(range(len(group)), key=lambda i: group[i].psnr)
+        lines += ["", f"## {bits:g} bits per image", "", "| " + " | ".join(SUMMARY_HEADER) + " |",
+                  "|" + "---|" * len(SUMMARY_HEADER)]
+        for i, line in enumerate(group):
+            cells = list(line.cells)
+            if i == best:
+                cells[0] = f"**{cells[0]}**"
+            lines.append(f"| {line.method} | {line.vae or '—'} | {line.decoder} | {line.k} | {bits:g} | "
+                         f"{line.bpp:.3f} | {line.n} | " + " | ".join(cells) + " |")
     lines += settings_table(rows)
     reasons = sorted({r["lpips_reason"] for r in rows if r.get("lpips") is None and r.get("lpips_reason")})
     if reasons:
@@ -116,21 +159,7 @@ def progress(run_dir: Path) -> tuple[int, int]:
 
 
 def write_results(run_dir: Path) -> list[dict[str, Any]]:
-    """results.json/.csv, report.md (titled partial while units are missing) and figures; returns the rows."""
-    rows = collect_rows(run_dir)
-    ceilings = [json.loads(p.read_text()) for p in sorted((run_dir / "vae").glob("*/ceiling.json"))]
-    write_json(run_dir / "results.json", rows)
-    buf = io.StringIO()
-    # nested records (fit_info, encode_info, params, finetune) stay in results.json
-    extra = sorted({k for r in rows for k, v in r.items() if not isinstance(v, dict)} - set(COLUMNS))
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(run_dir / "results.csv", buf.getvalue())
-    # shared results carry no home directory (the data root of a dataset read from disk lives there)
-    config_yaml = (run_dir / "config.yaml").read_text().replace(str(Path.home()), "~")
-    write_text(run_dir / "report.md", markdown_report(rows, ceilings, config_yaml, *progress(run_dir)))
-    from geovq.report.figures import write_figures
+    """One run's results.json/.csv, report.md/.html and figures (see `geovq.report.build.write_report`)."""
+    from geovq.report.build import write_report
 
-    write_figures(run_dir, rows, ceilings)
-    return rows
+    return write_report([run_dir]).rows

@@ -61,8 +61,12 @@ def load_model(path: str | os.PathLike, kind: str | None = None,
         model = GaussianVAE(trunk)
     elif payload["kind"] == "vqvae":
         model = VQVAE(trunk, TokenLayout(**config["layout"]), config["n_codes"], VQConfig(**config["vq"]))
+    elif payload["kind"] == "decoder":  # a decoder fine-tuned on a codebook
+        from geovq.models.trunk import Decoder
+
+        model = Decoder(trunk)
     else:
-        raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, vqvae")
+        raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, vqvae, decoder")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
