@@ -94,7 +94,8 @@ def test_mnist_392_bits_are_d16_k256_d8_k16_d4_k4():
     ("methods: {gq: {beta: [0, 1]}}\n", "methods.gq.beta: a list is ambiguous; write {choices: [0, 1]}"),
     ("vae: {variants: [plain], tdc.factor: 1.01}\nmethods: {kmeans: {}}\n",
      "vae.tdc.factor: acts only on the tdc VAE, which vae.variants ['plain'] leaves out"),
-    ("vae: {variants: [tdc], tdc.factor: {low: 0.9, high: 1.1}}\nmethods: {kmeans: {}}\n", "TDC factor f=0.9 must be > 1"),
+    ("vae: {variants: [tdc], tdc.factor: {low: 0.9, high: 1.1}}\nmethods: {kmeans: {}}\n",
+     "TDC factor f=0.9 must be > 1"),
     ("vqvae: {tdc.tolerance: 0.5}\n", "vqvae.tdc.tolerance: acts on the Gaussian VAE only"),
     ("methods: {magic: {}}\n", "methods.magic: unknown quantizer 'magic'"),
     ("bits: 100\nmethods: {kmeans: {}}\n", "no (K, d) pair gives tokens × log2 K = 100"),
@@ -111,8 +112,8 @@ def test_a_bad_space_file_is_one_line_naming_the_key(tmp_path, edit, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bits", "100"], "--bits 100: no (K, d) pair gives tokens × log2 K = 100 on the 4×4×8 latent grid (d in [8, 4], "
-                        "K in [4, 256]); nearest feasible budgets: 80, 96, 112, 128"),
+    (["--bits", "100"], "--bits 100: no (K, d) pair gives tokens × log2 K = 100 on the 4×4×8 latent grid "
+                        "(d in [8, 4], K in [4, 256]); nearest feasible budgets: 80, 96, 112, 128"),
     (["--trials", "0"], "--trials 0 must be >= 1"),
     (["--pareto", "--bits", "64"], "--pareto searches K freely and makes bits an objective; drop --bits"),
     (["--methods", "gq,wasserstein"], "has no entry for method 'wasserstein'; its methods: vqvae, gq, kmeans"),
@@ -244,6 +245,15 @@ def test_search_end_to_end(search):
     assert (search / "figures" / "val_psnr.png").stat().st_size > 1000
     importances = json.loads((search / "importances.json").read_text())
     assert set(importances) == {"gq", "vqvae"}
+    for method, groups in importances.items():
+        scored = sum(r["method"] == method and r["status"] == "finished" for r in rows)
+        if scored >= 3:  # fANOVA over the parameters every finished trial has; the importances sum to 1
+            assert sum(groups["all"].values()) == pytest.approx(1.0, abs=1e-3)
+        else:
+            assert "too few" in groups["all"]
+    again = runner.invoke(app, tune_args(search.parent / "space.yaml", search, "--methods", "gq,vqvae",
+                                         "--trials", str(TRIALS - 1)))
+    assert again.exit_code == 2 and f"holds a different search (trials: {TRIALS} -> {TRIALS - 1})" in again.output
 
 
 def test_conditional_parameters_never_appear_for_a_method_that_does_not_use_them(search):
@@ -306,7 +316,8 @@ def test_every_event_file_parses_back_and_the_hparams_compare_trials(search):
 
 
 def test_tuned_sweep_scores_each_method_at_its_own_configuration_on_test(search, tmp_path):
-    result = runner.invoke(app, ["sweep", "digits", "--tuned", str(search), "--seeds", "1", "--out", str(tmp_path / "t")])
+    result = runner.invoke(app, ["sweep", "digits", "--tuned", str(search), "--seeds", "1", "--out",
+                                 str(tmp_path / "t")])
     assert result.exit_code == 0, result.output
     best = yaml.safe_load((search / "best.yaml").read_text())["methods"]
     rows = json.loads((tmp_path / "t" / "results.json").read_text())
@@ -318,7 +329,8 @@ def test_tuned_sweep_scores_each_method_at_its_own_configuration_on_test(search,
         assert r["bits_per_image"] == 64 and r["n_test"] == 359 and math.isfinite(r["psnr"])
     assert "## Settings of each row" in (tmp_path / "t" / "report.md").read_text()
     clash = runner.invoke(app, ["sweep", "digits", "--tuned", str(search), "--codebook-sizes", "16"])
-    assert clash.exit_code == 2 and "--tuned fixes each method's rate, VAE and settings; drop --codebook-sizes" in clash.output
+    assert clash.exit_code == 2
+    assert "--tuned fixes each method's rate, VAE and settings; drop --codebook-sizes" in clash.output
 
 
 KMEANS = SMALL.replace("  train.lr: 0.003\n", "  train.lr: {low: 1.0e-3, high: 5.0e-3, log: true}\n")
@@ -338,9 +350,9 @@ def test_same_seed_same_proposals_with_one_trial_at_a_time(ray_local, tmp_path):
     assert len({r["train.lr"] for r in a}) == 5  # and they are 5 different proposals
 
 
-def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(ray_local, tmp_path):
+def test_an_interrupted_pareto_search_resumes_without_repeating_a_finished_trial(ray_local, tmp_path):
     space, out = space_file(tmp_path, KMEANS), tmp_path / "out"
-    args = tune_args(space, out, "--methods", "kmeans", "--trials", "5", "--max-concurrent", "1",
+    args = tune_args(space, out, "--methods", "kmeans", "--trials", "5", "--max-concurrent", "1", "--pareto",
                      "--address", ray_local.get_runtime_context().gcs_address)
     console = open(tmp_path / "console.txt", "w")  # a file, not a pipe: Ray's worker logs could fill a pipe
     proc = subprocess.Popen([sys.executable, "-m", "geovq.cli", *args], stdout=console, stderr=subprocess.STDOUT)
@@ -368,3 +380,14 @@ def test_an_interrupted_search_resumes_without_repeating_a_finished_trial(ray_lo
     rows = read_trials(out)
     assert sorted(int(r["number"]) for r in rows) == list(range(5))
     assert len({r["trial_id"] for r in rows}) == 5 and done_before <= {r["trial_id"] for r in rows}
+    # --pareto: K free, ASHA off (every trial trains all its epochs), the front in best.yaml and its figure
+    assert {r["status"] for r in rows} == {"finished"}
+    points = [(int(r["bits"]), float(r["val_psnr"])) for r in rows]
+    front = yaml.safe_load((out / "best.yaml").read_text())["methods"]["kmeans"]["front"]
+    on_front = [(e["bits_per_image"], e["val_psnr"]) for e in front]
+    assert on_front == sorted(on_front) and [p for _, p in on_front] == sorted(p for _, p in on_front)
+    for bits, psnr in points:  # every point is on the front or dominated by a point of it
+        assert (bits, psnr) in on_front or any(b <= bits and p >= psnr for b, p in on_front)
+    for bits, psnr in on_front:  # and no point dominates a point of the front
+        assert not any(b <= bits and p >= psnr and (b, p) != (bits, psnr) for b, p in points)
+    assert (out / "figures" / "pareto.png").stat().st_size > 1000

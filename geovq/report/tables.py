@@ -138,8 +138,8 @@ def settings_table(rows: list[dict[str, Any]]) -> list[str]:
     def fmt(values: dict[str, Any]) -> str:
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items())) or "—"
 
-    seen = sorted({(r["method"], r.get("vae") or "—", r["K"], r["token_dim"], fmt(r.get("vae_overrides") or {}),
-                    fmt(r.get("params") or {})) for r in rows})
+    seen = sorted({(r["method"], r.get("vae") or "—", r["K"], r.get("token_dim", "—"),
+                    fmt(r.get("vae_overrides") or {}), fmt(r.get("params") or {})) for r in rows})
     if all(vae == params == "—" for *_, vae, params in seen):
         return []
     lines = ["", "## Settings of each row", "", "| method | vae | K | d | VAE training | hyperparameters |",

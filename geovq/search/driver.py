@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import time
 import warnings
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from geovq.config import SweepConfig
@@ -115,6 +116,32 @@ class EpochAwareOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].report(result[EPOCH_METRIC], result[EPOCH])
 
 
+class GridSearcher(Searcher):
+    """Every point of an exhaustive grid, in order (the reference arm of bench/search_efficiency.py)."""
+
+    def __init__(self, points: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.points, self.given = points, 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str:
+        if self.given >= len(self.points):
+            return Searcher.FINISHED
+        self.given += 1
+        return self.points[self.given - 1]
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"points": self.points, "given": self.given}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.points, self.given = state["points"], state["given"]
+
+
 @contextmanager
 def tune_environment() -> Iterator[None]:
     """Tune settings for a search, restored afterwards (a sweep in the same process sets others):
@@ -159,7 +186,7 @@ def run_study(out: Path, cfg: SweepConfig, study: Study, search: Search, callbac
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
         else:
             if points is not None:
-                searcher, scheduler = BasicVariantGenerator(points_to_evaluate=points), FIFOScheduler()
+                searcher, scheduler = GridSearcher(points), FIFOScheduler()
             else:
                 searcher = make_searcher(study, search)
                 max_t = study.max_epochs(cfg.train.epochs)
@@ -222,7 +249,8 @@ class TrialLog(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
         if OBJECTIVE in r:
-            text = f"val PSNR {r[OBJECTIVE]:.3f} dB at {r[BITS]} bits ({r.get('epochs_trained', 0)} epochs trained here)"
+            text = (f"val PSNR {r[OBJECTIVE]:.3f} dB at {r[BITS]} bits ({r.get('epochs_trained', 0)} epochs trained "
+                    "here)")
         elif r.get(GEOVQ_ERROR):
             text = f"failed: {r[GEOVQ_ERROR]}"
         elif r.get("diverged"):

@@ -141,9 +141,9 @@ class Space:
             below = [b for b in budgets if b < bits][-2:]
             above = [b for b in budgets if b > bits][:2]
             h, w, c = self.latent_grid
-            raise GeovqError(f"--bits {bits}: no (K, d) pair gives tokens × log2 K = {bits} on the {h}×{w}×{c} latent "
-                             f"grid (d in {list(self.token_dims)}, K in [{self.min_codes}, {self.max_codes}]); nearest "
-                             f"feasible budgets: {', '.join(map(str, below + above))}")
+            raise GeovqError(f"--bits {bits}: no (K, d) pair gives tokens × log2 K = {bits} on the {h}×{w}×{c} "
+                             f"latent grid (d in {list(self.token_dims)}, K in [{self.min_codes}, {self.max_codes}]); "
+                             f"nearest feasible budgets: {', '.join(map(str, below + above))}")
         return rates
 
     def study(self, method: str, bits: int | None) -> Study:

@@ -142,7 +142,8 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
         quantizer = fit_stage(run, cfg, unit, device, vae)
         scored = score_val(run, unit, quantizer, vae, data, device)
     return {EPOCH: epochs, EPOCH_METRIC: last, OBJECTIVE: scored[OBJECTIVE],
-            "val_usage_perplexity": scored["val_usage_perplexity"], "fit_seconds": quantizer.fit_info_.get("fit_seconds")}
+            "val_usage_perplexity": scored["val_usage_perplexity"],
+            "fit_seconds": quantizer.fit_info_.get("fit_seconds")}
 
 
 def train_reporting(history_path: Path, epochs: int, report: Report, trained: dict[str, int],
@@ -196,8 +197,8 @@ def score_val(run: RunDir, unit: Unit, quantizer: Any, vae: torch.nn.Module, dat
     val = load_latents(run, unit, "val")
     codes, info = quantizer.encode_with_info(val)
     recon = decode_grids(vae.decoder, val.layout.tokens_to_grid(quantizer.decode(codes)), device)
-    scored = {OBJECTIVE: mean_psnr(data.val, recon, device), "val_usage_perplexity": usage_perplexity(codes, unit.n_codes),
-              "encode_info": info}
+    scored = {OBJECTIVE: mean_psnr(data.val, recon, device),
+              "val_usage_perplexity": usage_perplexity(codes, unit.n_codes), "encode_info": info}
     write_json(path, scored)
     return scored
 
