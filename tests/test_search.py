@@ -156,6 +156,25 @@ def test_conditional_parameters_are_sampled_only_where_they_act():
     assert seen_variants == {"plain", "tdc"}
 
 
+def test_every_post_hoc_study_starts_from_the_same_random_vaes_then_tpe_takes_over():
+    from geovq.search.driver import SharedStartupSampler
+
+    space = load_space(SPACES / "digits.yaml", GRIDS["digits"])
+    proposals = {}
+    for method in ("gq", "kmeans", "geodesic"):  # gq and geodesic draw parameters of their own besides
+        study = space.study(method, 64)
+        optuna_study = optuna.create_study(direction="maximize", sampler=SharedStartupSampler(7, 5, False))
+        proposals[method] = []
+        for i in range(10):
+            trial = optuna_study.ask()
+            proposals[method].append(study.candidate(study(trial)))
+            optuna_study.tell(trial, float(i % 4) + (method == "gq"))
+    vaes = {m: [(c.vae, c.n_codes, c.token_dim, c.vae_overrides) for c in cs] for m, cs in proposals.items()}
+    assert vaes["gq"][:5] == vaes["kmeans"][:5] == vaes["geodesic"][:5]  # shared start-up: shared VAEs
+    assert len({json.dumps(v, sort_keys=True) for v in vaes["gq"][:5]}) == 5  # and 5 different ones
+    assert vaes["gq"][5:] != vaes["kmeans"][5:]  # then each study's own TPE proposes
+
+
 def test_the_grid_enumerates_every_point_of_a_conditional_space():
     raw = yaml.safe_load(SMALL)
     raw["methods"]["gq"] = {"beta": {"choices": [0.0, 0.5, 1.0]}}
@@ -328,6 +347,7 @@ def test_tuned_sweep_scores_each_method_at_its_own_configuration_on_test(search,
         assert r["params"] == tuned["params"] and r["vae_overrides"] == tuned["vae_overrides"]
         assert r["bits_per_image"] == 64 and r["n_test"] == 359 and math.isfinite(r["psnr"])
     assert "## Settings of each row" in (tmp_path / "t" / "report.md").read_text()
+    assert "<h2>Settings of each row</h2>" in (tmp_path / "t" / "report.html").read_text()
     clash = runner.invoke(app, ["sweep", "digits", "--tuned", str(search), "--codebook-sizes", "16"])
     assert clash.exit_code == 2
     assert "--tuned fixes each method's rate, VAE and settings; drop --codebook-sizes" in clash.output

@@ -132,19 +132,29 @@ def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], 
     return "\n".join(lines)
 
 
-def settings_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Which settings each row used (a tuned sweep gives every method its own): the VAE's training overrides
-    and the method's hyperparameters; nothing when every row runs the defaults."""
+SETTINGS_HEADER = ["method", "vae", "K", "d", "VAE training", "hyperparameters"]
+
+
+def row_settings(rows: list[dict[str, Any]]) -> list[tuple]:
+    """Which settings each row used (a tuned sweep gives every method its own), one tuple per distinct setting
+    (SETTINGS_HEADER): the VAE's training overrides and the method's hyperparameters; none when every row runs
+    the defaults."""
     def fmt(values: dict[str, Any]) -> str:
-        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items())) or "—"
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in sorted(values.items())) or "—"
 
     seen = sorted({(r["method"], r.get("vae") or "—", r["K"], r.get("token_dim", "—"),
                     fmt(r.get("vae_overrides") or {}), fmt(r.get("params") or {})) for r in rows})
-    if all(vae == params == "—" for *_, vae, params in seen):
+    return [] if all(vae == params == "—" for *_, vae, params in seen) else seen
+
+
+def settings_table(rows: list[dict[str, Any]]) -> list[str]:
+    """report.md's table of `row_settings`."""
+    seen = row_settings(rows)
+    if not seen:
         return []
-    lines = ["", "## Settings of each row", "", "| method | vae | K | d | VAE training | hyperparameters |",
-             "|" + "---|" * 6]
-    return lines + [f"| {m} | {v} | {k} | {d} | {vae} | {params} |" for m, v, k, d, vae, params in seen]
+    lines = ["", "## Settings of each row", "", "| " + " | ".join(SETTINGS_HEADER) + " |", "|" + "---|" * 6]
+    return lines + ["| " + " | ".join(map(str, s)) + " |" for s in seen]
 
 
 def progress(run_dir: Path) -> tuple[int, int]:

@@ -2,8 +2,10 @@
 of trials, each resumable by Tune's experiment restore (the OptunaSearch state included).
 
 - Searcher: OptunaSearch over the method's define-by-run `Study`, with a seeded TPE sampler (with two
-  objectives under --pareto, TPE is Optuna's multi-objective MOTPE). Optuna's own pruners do not run under Tune.
-  `max_concurrent_trials` is explicit: without it Tune keeps one trial pending and staggers starts.
+  objectives under --pareto, TPE is Optuna's multi-objective MOTPE) after `n_startup_trials` random ones that
+  are the same in every method's study (`SharedStartupSampler`), so post-hoc methods share their start-up VAEs.
+  Optuna's own pruners do not run under Tune. `max_concurrent_trials` is explicit: without it Tune keeps one
+  trial pending and staggers starts.
 - Scheduler: ASHA, with epochs as the resource and the per-epoch validation PSNR of the trial's own model
   (the VAE's reconstruction, or the VQ-VAE's) as its signal; max_t is the study's largest epoch count and a
   trial that reaches it is not stopped there (stop_last_trials=False), so its quantizer is still scored.
@@ -11,8 +13,8 @@ of trials, each resumable by Tune's experiment restore (the OptunaSearch state i
   Pareto front needs, since fewer bits always cost PSNR.
 - Reproducibility: with max_concurrent 1 every proposal is asked after the previous trial finished, so the same
   command and seed propose the same configurations (training on the CPU is deterministic). With c > 1 trials
-  at once, the first n_startup_trials proposals are still the same (the seeded random start-up sampler is asked
-  in order); later ones depend on which trials had finished when each was asked, i.e. on timing.
+  at once, the n_startup_trials random proposals are still the same (each value is seeded by its trial number
+  and parameter name); later ones depend on which trials had finished when each was asked, i.e. on timing.
 - Interruption: Ctrl-C lets Tune save the experiment state and stop; the CLI then exits 130, and the same
   command resumes: finished trials are kept, unfinished ones start again (their VAEs resume from their epoch
   files). After a hard kill, trials that finished in the last ~10 s may run again (cheaply: their models are
@@ -27,6 +29,7 @@ import os
 import pickle
 import time
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -82,13 +85,49 @@ class SearchInterrupted(Exception):
         self.rows = rows
 
 
+class SharedStartupSampler(optuna.samplers.BaseSampler):
+    """Seeded TPE after `n_startup` random start-up trials whose values depend only on (seed, trial number,
+    parameter name), not on the draws before them. So every method's study starts from the same random rates
+    and VAE configurations: the post-hoc methods' start-up trials share their VAEs (trained once), and the
+    start-up proposals do not depend on the order in which trials finish."""
+
+    def __init__(self, seed: int, n_startup: int, multivariate: bool) -> None:
+        self.seed, self.n_startup = seed, n_startup
+        # TPE sees the start-up trials as its first observations; constant_liar: trials still running count as
+        # bad, so concurrent proposals spread out
+        self.tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=0, multivariate=multivariate,
+                                              group=multivariate, constant_liar=True)
+
+    def _startup(self, trial: Any) -> bool:
+        return trial.number < self.n_startup
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict:
+        return {} if self._startup(trial) else self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict) -> dict:
+        return {} if self._startup(trial) else self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, distribution: Any) -> Any:
+        if not self._startup(trial):
+            return self.tpe.sample_independent(study, trial, param_name, distribution)
+        seed = zlib.crc32(f"{self.seed}/{trial.number}/{param_name}".encode())
+        return optuna.samplers.RandomSampler(seed=seed).sample_independent(study, trial, param_name, distribution)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.tpe.before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.tpe.reseed_rng()
+
+
 def make_searcher(study: Study, search: Search) -> EpochAwareOptunaSearch:
     """OptunaSearch over the study with a seeded TPE sampler (two objectives under --pareto)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = study.space
-    sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=space.n_startup_trials,
-                                         multivariate=space.multivariate, group=space.multivariate,
-                                         constant_liar=True)
+    sampler = SharedStartupSampler(search.seed, space.n_startup_trials, space.multivariate)
     if search.pareto:
         return EpochAwareOptunaSearch(Numbered(study), metric=[OBJECTIVE, BITS], mode=["max", "min"], sampler=sampler)
     return EpochAwareOptunaSearch(Numbered(study), metric=OBJECTIVE, mode="max", sampler=sampler)
@@ -335,8 +374,9 @@ def check_resumable(out: Path, identity: dict[str, Any]) -> None:
     if not path.exists():
         return
     before = yaml.safe_load(path.read_text()) or {}
-    changed = [f"{k}: {before.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(before) | set(identity))
+    described = {"space": "the space file changed", "config": "the dataset's configuration changed"}
+    changed = [described.get(k, f"{k}: {before.get(k)} -> {identity.get(k)}") for k in identity
                if before.get(k) != identity.get(k)]
     if changed:
-        raise GeovqError(f"{out} holds a different search ({'; '.join(changed)[:300]}); re-run its own command to "
-                         "resume it, or choose a new --out")
+        raise GeovqError(f"{out} holds a different search ({'; '.join(changed)}); re-run its own command to resume "
+                         "it, or choose a new --out")

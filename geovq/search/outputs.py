@@ -102,8 +102,8 @@ def best_configurations(rows: list[dict], header: dict[str, Any]) -> dict[str, A
 
 def importances(rows: list[dict], studies: dict[str, Study], seed: int) -> dict[str, Any]:
     """{method: {group: {parameter: importance}}}: fANOVA (seeded) on the finished trials' validation PSNR,
-    over the parameters every trial of the group has; groups: all, and each VAE variant. A group with fewer
-    than 3 finished trials or no varying parameter gets the reason instead."""
+    over the parameters that every trial of the group has and that vary within it; groups: all, and each VAE
+    variant. A group with fewer than 3 finished trials or no varying parameter gets the reason instead."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
@@ -120,9 +120,15 @@ def importances(rows: list[dict], studies: dict[str, Study], seed: int) -> dict[
             if len(rs) < 3:
                 out[method][group] = f"{len(rs)} finished trial(s): too few to rank parameters"
                 continue
+            # the parameters every trial of the group has and that vary within it
+            common = set.intersection(*({k for k in r["values"] if k in distributions} for r in rs))
+            varying = {k for k in common if len({json.dumps(r["values"][k]) for r in rs}) > 1}
+            if not varying:
+                out[method][group] = "no parameter varies among these trials"
+                continue
             memory = optuna.create_study(direction="maximize")
             for r in rs:
-                params = {k: v for k, v in r["values"].items() if k in distributions}
+                params = {k: r["values"][k] for k in varying}
                 memory.add_trial(optuna.trial.create_trial(
                     params=params, distributions={k: distributions[k] for k in params},
                     value=float(r["metrics"][OBJECTIVE])))
