@@ -102,6 +102,9 @@ def _sweep(
     grouping: str = typer.Option("contiguous", "--grouping", help="contiguous or interleaved channel groups"),
     vae: str = typer.Option("plain", "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC targets log2 K)"),
     tdc_bits: Optional[float] = typer.Option(None, "--tdc-bits", help="TDC target bits per token [default: log2 K]"),
+    prior: str = typer.Option("transformer", "--prior", help="the prior trained over every unit's codes: transformer or pixelcnn"),
+    no_prior: bool = typer.Option(False, "--no-prior", help="train no prior (no prior rate, no samples)"),
+    prior_samples: Optional[int] = typer.Option(None, "--prior-samples", help="samples per prior for the sample metrics [default: 10000; 2000 with --quick]"),
     finetune_decoder: bool = typer.Option(False, "--finetune-decoder", help="also report each post-hoc method with its decoder fine-tuned on the codebook"),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="max epochs of the decoder fine-tune (early-stopped on val)"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
@@ -168,6 +171,7 @@ def _sweep(
                              data_root=str(root) if name in READS_DATA_ROOT else None, download=download,
                              token_dim=token_dim, grouping=grouping, vaes=vaes, tuned=records,
                              tdc_bits=tdc_bits, finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
+                             prior=None if no_prior else prior, prior_samples=prior_samples,
                              cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
                              max_failures=max_failures)
         n_train = min(len(data.train), cfg.max_train_images or len(data.train))
@@ -218,10 +222,10 @@ def _sweep(
                  cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
     from geovq.stages.units import plan_units
 
-    planned = [(run, unit, cfg.finetune_decoder) for run, cfg, *_ in runs for unit in plan_units(cfg)]
+    planned = [(run, unit, cfg) for run, cfg, *_ in runs for unit in plan_units(cfg)]
 
     def finished() -> int:
-        return sum(run.unit_done(unit, finetune) for run, unit, finetune in planned)
+        return sum(run.unit_done(unit, cfg.finetune_decoder, cfg.prior) for run, unit, cfg in planned)
 
     try:
         run_sweeps([(run, cfg) for run, cfg, *_ in runs], address)
@@ -311,6 +315,57 @@ def report(
                     "the rest", err=True, fg=typer.colors.YELLOW)
     where = out or run_dirs[0]
     typer.echo(f"report: {where / 'report.html'} (and report.md)", err=True)
+
+
+@app.command()
+@user_errors
+def sample(
+    run_dir: Path = typer.Argument(..., help="a sweep's run directory"),
+    method: str = typer.Option(..., "--method", help="the unit's method"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="its VAE variant (plain, tdc) [default: the only one]"),
+    k: Optional[int] = typer.Option(None, "--k", help="its codebook size K [default: the only one]"),
+    seed: int = typer.Option(0, "--seed", help="the unit's seed (and the sampling seed)"),
+    n: int = typer.Option(..., "-n", help="number of samples"),
+    out: Path = typer.Option(..., "--out", help="folder for samples.png, samples.npz and samples.json"),
+    prior: str = typer.Option("transformer", "--prior", help="transformer or pixelcnn (trained by the sweep)"),
+    temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature, > 0"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="keep the k most likely codes"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="keep the smallest set of codes with this mass, in (0, 1]"),
+    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="domain FID, precision, recall (and FID/KID with real weights)"),
+) -> None:
+    """Draw samples from a unit's prior, decoded through its codebook and decoder (the fine-tuned one where it exists)."""
+    from geovq.config import SweepConfig
+    from geovq.models.priors.base import check_sampling
+    from geovq.stages.rundir import RunDir
+    from geovq.stages.units import plan_units
+
+    if not (run_dir / "config.yaml").exists():
+        raise GeovqError(f"{run_dir} is not a geovq run directory (no config.yaml)")
+    check_sampling(n, temperature, top_k, top_p)
+    cfg = SweepConfig.load(run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    units = [u for u in plan_units(cfg) if (run.unit(u) / "unit.json").exists()]
+    if not units:
+        raise GeovqError(f"{run_dir} holds no unit with codes yet; run `geovq sweep` first")
+    methods = sorted({u.method for u in units})
+    if method not in methods:
+        raise GeovqError(f"no {method!r} unit in {run_dir}; valid: {', '.join(methods)}")
+    chosen = [u for u in units if u.method == method and u.seed == seed and (k is None or u.n_codes == k)
+              and (vae is None or (u.vae is not None and u.vae.variant == vae))]
+    if len(chosen) != 1:
+        options = "; ".join(f"--vae {u.vae.variant if u.vae else '-'} --k {u.n_codes} --seed {u.seed}"
+                            for u in units if u.method == method)
+        raise GeovqError(f"{'no' if not chosen else len(chosen)} {method} unit(s) match; choose one of: {options}")
+    import torch
+    from tqdm import tqdm
+
+    from geovq.stages.prior import sample_stage
+
+    result = sample_stage(run, cfg, chosen[0], torch.device("cuda" if torch.cuda.is_available() else "cpu"), tqdm,
+                          n=n, kind=prior, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, out=out,
+                          metrics=metrics)
+    shown = {key: result[key] for key in ("domain_fid", "precision", "recall", "fid") if key in result}
+    typer.echo(f"{n} samples of {chosen[0].key} in {out} (samples.png, samples.npz, samples.json) {shown}", err=True)
 
 
 def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> None:

@@ -105,14 +105,16 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # `--quick`: a few-minute smoke configuration on 2 CPU cores.
 QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_train_images": 2000,
-         "method_params": {"geodesic": {"max_landmarks": 5000}}}
+         "prior_samples": 2000,
+         "method_params": {"geodesic": {"max_landmarks": 5000}, "pullback": {"max_tokens": 5000}}}
 
 #: the command-line option behind each configuration key, so that errors name what the user typed
 OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--codebook-sizes", "seeds": "--seeds",
            "data_root": "--data-root", "token_dim": "--token-dim", "grouping": "--grouping", "vaes": "--vae",
            "tdc_bits": "--tdc-bits", "train.epochs": "--epochs", "max_train_images": "--quick",
            "finetune_epochs": "--finetune-epochs", "cpus_per_trial": "--cpus-per-trial",
-           "gpus_per_trial": "--gpus-per-trial", "max_failures": "--max-failures", "tuned": "--tuned"}
+           "gpus_per_trial": "--gpus-per-trial", "max_failures": "--max-failures", "prior": "--prior",
+           "prior_samples": "--prior-samples", "tuned": "--tuned"}
 #: one tuned configuration: the rate (K codes of token_dim channels), the VAE variant (None: end to end) with its
 #: dotted training overrides ("train.lr", "tdc.factor"), and the method's hyperparameters (a quantizer's keyword
 #: arguments; for the VQ-VAE its "train.*"/"vq.*" overrides)
@@ -151,6 +153,8 @@ class SweepConfig:
     tdc_bits: float | None = None  # TDC target; None = log2 K for each K
     #: hyperparameters of post-hoc methods, {method: {name: value}}: their constructors' keyword arguments
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prior: str | None = "transformer"  # the prior trained over every unit's codes (None: --no-prior)
+    prior_samples: int = 10_000  # samples drawn from each prior for the sample metrics
     finetune_decoder: bool = False
     finetune_epochs: int = 10
     finetune_max_images: int = 10_000  # training images the decoder fine-tune sees (a fixed random subset)
@@ -184,11 +188,12 @@ class SweepConfig:
     def identity(self) -> dict[str, Any]:
         """What must match for a run directory to be resumed or extended: everything that shapes a model
         or a split. Methods, VAE variants, codebook sizes and seed count may grow (new units join the run),
-        and --finetune-decoder may be switched on (finished units gain their fine-tuned rows). Threads and
+        and --finetune-decoder and priors may be switched on (finished units gain their fine-tuned rows, their
+        priors and samples). Threads and
         GPUs per trial are a matter of the machine, not of the run."""
         out = self.as_dict()
         for key in ("methods", "codebook_sizes", "seeds", "vaes", "finetune_decoder", "cpus_per_trial",
-                    "gpus_per_trial", "max_failures"):
+                    "gpus_per_trial", "max_failures", "prior"):
             out.pop(key)
         return out
 
@@ -264,6 +269,8 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
         params = {m: dict(p) for m, p in QUICK["method_params"].items()}
     if epochs is not None:
         train = replace(train, epochs=epochs)
+    if options.get("prior_samples") is None:  # quick runs sample fewer (their test split is small too)
+        options["prior_samples"] = QUICK["prior_samples"] if quick else SweepConfig.prior_samples
     for method, given in (method_params or {}).items():
         params.setdefault(method, {}).update(given)
     cfg = SweepConfig(dataset=dataset, methods=methods, codebook_sizes=codebook_sizes or sizes,
@@ -327,6 +334,12 @@ def validate(cfg: SweepConfig) -> None:
         raise GeovqError(f"--finetune-epochs {cfg.finetune_epochs} must be >= 1")
     if cfg.cpus_per_trial < 1:
         raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")
+    if cfg.prior is not None:
+        from geovq.models.priors import check_prior_kind  # no torch
+
+        check_prior_kind(cfg.prior)
+    if cfg.prior_samples < 1:
+        raise GeovqError(f"--prior-samples {cfg.prior_samples} must be >= 1")
     if cfg.max_failures < 0:
         raise GeovqError(f"--max-failures {cfg.max_failures} must be >= 0")
     for method, record in cfg.tuned.items():

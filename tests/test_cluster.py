@@ -10,7 +10,7 @@ from geovq.stages.rundir import RunDir
 
 
 def tiny(methods: list[str], **options):
-    cfg = resolve_config("digits", (1, 16, 16), methods, [16], 1, 1, False, **options)
+    cfg = resolve_config("digits", (1, 16, 16), methods, [16], 1, 1, False, prior=None, **options)
     cfg.max_train_images = 200
     return cfg
 
@@ -186,7 +186,7 @@ def test_several_datasets_share_one_sweep_each_with_its_own_run_directory(ray_lo
     parent = tmp_path / "runs"
     result = CliRunner().invoke(app, ["sweep", "digits,npz", "--data-root", str(tmp_path / "mine.npz"),
                                       "--methods", "kmeans", "--codebook-sizes", "16", "--seeds", "1",
-                                      "--epochs", "1", "--vae", "plain", "--out", str(parent)])
+                                      "--epochs", "1", "--vae", "plain", "--no-prior", "--out", str(parent)])
     assert result.exit_code == 0, result.output
     for name in ("digits", "npz"):
         rows = json.loads((parent / name / "results.json").read_text())

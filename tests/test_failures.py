@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from geovq.cli import app
 
 runner = CliRunner()
-SMALL = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--epochs", "4"]
+SMALL = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--epochs", "4", "--no-prior"]
 
 
 def geovq(*args: str, **kwargs) -> subprocess.Popen:
@@ -135,7 +135,7 @@ def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(ray_local,
     from geovq.report.tables import markdown_report, progress
     from geovq.stages.rundir import RunDir
 
-    cfg = resolve_config("digits", (1, 16, 16), ["kmeans", "crash-q"], [16], 1, 1, False)
+    cfg = resolve_config("digits", (1, 16, 16), ["kmeans", "crash-q"], [16], 1, 1, False, prior=None)
     cfg.max_train_images = 200
     run = RunDir(tmp_path / "run")
     run.root.mkdir()

@@ -217,6 +217,10 @@ def test_geodesic_quantizer_bad_inputs():
         make_quantizer("geodesic", 4, decoder=Cylinder(), approx_rule="graph")
     with pytest.raises(GeovqError, match="check_tokens"):
         make_quantizer("geodesic", 4, decoder=Cylinder(), check_tokens=500)
+    with pytest.raises(GeovqError, match="paths"):
+        make_quantizer("geodesic", 4, decoder=Cylinder(), paths="mixed")
+    with pytest.raises(GeovqError, match="shortlist"):
+        make_quantizer("geodesic", 4, decoder=Cylinder(), paths="context", shortlist=0)
 
 
 # -- wasserstein -------------------------------------------------------------------------------------------
@@ -270,3 +274,45 @@ def test_wasserstein_at_scale_never_increases_its_objective():
     objective = [t["objective"] for t in q.fit_info_["trace"]]
     assert q.fit_info_["points"] == 1000 and q.fit_info_["converged"]
     assert np.all(np.diff(objective) < 0) and len(objective) > 2
+
+
+def test_in_context_rule_on_an_isometric_decoder_is_the_nearest_medoid():
+    """Under the cylinder the pull-back metric is the identity, so d_i(c) = ‖c − z_i‖ in every context:
+    paths="context" must assign every landmark (and encode every query) to its Euclidean-nearest medoid."""
+    rng = np.random.default_rng(5)
+    train = flat_latents(rng.uniform(0, 3, (500, 2)))
+    test = flat_latents(rng.uniform(0, 3, (200, 2)))
+    q = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, max_landmarks=500, paths="context").fit(train)
+    info = q.fit_info_
+    assert info["paths"] == "context" and info["context"]["rounds"][0]["round"] == 0
+    codes = q.codebook_.astype(np.float64)
+    landmarks = q.landmarks_.points
+    nearest = cdist(landmarks, codes)
+    np.testing.assert_array_equal(q.landmark_code_, nearest.argmin(1))
+    np.testing.assert_allclose(q.landmark_distance_, nearest.min(1), rtol=1e-6, atol=1e-9)
+    objectives = [r["objective"] for r in info["context"]["rounds"] if r.get("accepted", True)]
+    assert np.all(np.diff(objectives) < 0)  # accepted rounds lower Σ_i d_i
+    np.testing.assert_allclose(info["context"]["objective"], q.landmark_distance_.sum())
+    assert (q.encode(test).ravel() == cdist(test.token_mu, codes).argmin(1)).all()
+    assert q.rule_for(test) == "context"
+    graph = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, max_landmarks=500).fit(train)
+    assert graph.fit_info_["paths"] == "graph" and "context" not in graph.fit_info_
+
+
+def test_in_context_codes_are_the_nearest_refined_curves_and_survive_saving(tmp_path):
+    """With a shortlist of all K codes, the pruned rule equals the argmin of every code's refined curve."""
+    from geovq.geometry import GridTokenDecoder, refine_curves, straight_curves
+
+    q, decoder, test = grid_quantizer_and_test(2, shortlist=12, paths="context", context_iterations=1)
+    tokens = np.arange(0, 64, 4)
+    codes = q.encode_tokens(test, tokens, rule="context")
+    queries = GridTokenDecoder.from_latents(decoder, test, tokens)
+    rows = np.repeat(np.arange(len(tokens)), 12)
+    curves = straight_curves(queries.points[rows], np.tile(q.codebook_.astype(np.float64), (len(tokens), 1)))
+    lengths = refine_curves(curves, [(queries, rows)], bounds=q._box()).lengths.reshape(len(tokens), 12)
+    picked = lengths[np.arange(len(tokens)), codes]
+    np.testing.assert_allclose(picked, lengths.min(1), rtol=2e-3)  # ties within the curves' tolerance aside
+    q.save(tmp_path / "context.npz")
+    loaded = Quantizer.load(tmp_path / "context.npz", decoder=decoder)
+    assert loaded.paths == "context"
+    np.testing.assert_array_equal(loaded.encode_tokens(test, tokens), codes)

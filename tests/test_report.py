@@ -60,7 +60,7 @@ def test_figure_statistics_put_usage_on_a_fraction_of_k_and_one_ceiling_per_vari
 # -- reports of real runs ------------------------------------------------------------------------------------
 
 runner = CliRunner()
-TINY = ["sweep", "digits", "--quick", "--vae", "plain", "--codebook-sizes", "16", "--epochs", "2"]
+TINY = ["sweep", "digits", "--quick", "--vae", "plain", "--codebook-sizes", "16", "--epochs", "2", "--no-prior"]
 
 
 @pytest.fixture(scope="module")

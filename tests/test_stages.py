@@ -29,7 +29,7 @@ def quiet(**kwargs):
 
 def tiny_config(methods: list[str], **options) -> SweepConfig:
     """digits, 2 epochs of a small trunk on 300 images: seconds per stage."""
-    cfg = resolve_config("digits", (1, 16, 16), methods, [16], 1, 2, False, **options)
+    cfg = resolve_config("digits", (1, 16, 16), methods, [16], 1, 2, False, prior=None, **options)
     cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
     cfg.train = TrainConfig(epochs=2, batch_size=64)
     cfg.max_train_images = 300

@@ -16,7 +16,8 @@ from geovq.training.checkpoint import load_model
 
 runner = CliRunner()
 # Every option that shapes the numbers is explicit, so that later changes of defaults do not move them.
-QUICK = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,geodesic,wasserstein,gq"]
+QUICK = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,geodesic,wasserstein,gq",
+         "--prior", "transformer"]
 
 # The pinned results of QUICK: (method, K) -> (test PSNR dB, usage perplexity, bits per image), measured before
 # the stages were reshaped (commit 10acae2) and unchanged by it. A change that moves them on purpose re-pins
@@ -160,3 +161,36 @@ def test_run_directory_of_an_older_layout_is_refused(tmp_path):
     assert result.exit_code == 2, result.output
     assert "written by an older geovq (run layout 1; this geovq reads layout 2)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_every_row_carries_its_prior_rate_and_sample_metrics(quick_run):
+    for r in rows_of(quick_run):
+        unit_dir = quick_run / r["codes_path"].rsplit("/", 1)[0]
+        prior = json.loads((unit_dir / "prior-transformer" / "prior.json").read_text())
+        assert r["prior"] == "transformer" and r["prior_bits_per_image"] == prior["prior_bits_per_image"]
+        assert r["prior_bits_per_image"] == pytest.approx(16 * r["prior_bits_per_token"])  # 16 tokens per image
+        assert 0 < r["prior_bits_per_image"] < r["unigram_bits_per_image"] + 1  # a prior learns the codes' order
+        assert math.isfinite(r["domain_fid"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert r["sample_n"] == 2000 and r["classifier_test_accuracy"] > 0.9
+        assert r["fid"] is None and "FID/KID not computed" in r["fid_reason"]  # no Inception weights here
+
+
+def test_sample_command_writes_samples_and_refuses_bad_input(quick_run, tmp_path):
+    out = tmp_path / "samples"
+    result = runner.invoke(app, ["sample", str(quick_run), "--method", "vqvae", "--k", "16", "-n", "64",
+                                 "--top-p", "0.9", "--no-metrics", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with np.load(out / "samples.npz") as f:
+        assert f["codes"].shape == (64, 16) and f["images"].shape == (64, 1, 16, 16)
+    assert (out / "samples.png").stat().st_size > 1000
+    for args, message in [(["--method", "magic", "-n", "5"], "no 'magic' unit"), (["--method", "vqvae", "-n", "0"], "n=0"),
+                          (["--method", "vqvae", "-n", "5", "--temperature", "0"], "temperature 0.0 must be > 0"),
+                          (["--method", "vqvae", "-n", "5", "--top-p", "1.5"], "top-p 1.5 must lie in (0, 1]"),
+                          (["--method", "vqvae", "-n", "5"], "choose one of")]:
+        result = runner.invoke(app, ["sample", str(quick_run), *args, "--out", str(tmp_path / "bad")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    empty = tmp_path / "empty"
+    (empty / "units").mkdir(parents=True)
+    (empty / "config.yaml").write_text((quick_run / "config.yaml").read_text())
+    result = runner.invoke(app, ["sample", str(empty), "--method", "vqvae", "-n", "5", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "holds no unit with codes yet" in result.output

@@ -312,7 +312,7 @@ def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> N
         units = plan_units(cfg)
         vaes = sorted({u.vae for u in units if not u.end_to_end}, key=lambda v: v.key)
         ready = {v: run.vae_done(v) for v in vaes}
-        pending = [u for u in units if not run.unit_done(u, cfg.finetune_decoder)]
+        pending = [u for u in units if not run.unit_done(u, cfg.finetune_decoder, cfg.prior)]
         for vae in vaes:
             if not ready[vae]:
                 phases["train"].append(Job(run, cfg, vae, "train" if on_cluster else "all"))

@@ -2,6 +2,7 @@
 
     from geovq.geometry import geodesic_distances
     D = geodesic_distances(latents, decoder, sources=[0, 5], k=10, quadrature="midpoint")  # (2, N)
+    D = geodesic_distances(latents, decoder, sources=[0, 5], refine=True)  # discrete geodesics' lengths
 
 The `geodesic` quantizer builds its graph with the same `build_geodesic_graph`.
 """
@@ -18,12 +19,16 @@ import scipy.sparse as sp
 import torch
 
 from geovq.errors import GeovqError
+from geovq.geometry.curves import N_SEGMENTS, TOL, refine_pairs
 from geovq.geometry.decoders import FlatTokenDecoder, TokenDecoder
 from geovq.geometry.lengths import check_quadrature, edge_lengths, node_metrics
 from geovq.geometry.knn import KnnGraph, knn_graph
-from geovq.geometry.paths import shortest_paths, weighted_graph
+from geovq.geometry.paths import path_nodes, shortest_path_trees, shortest_paths, weighted_graph
 
 NEIGHBOURS = ("metric", "latent")
+INITS = ("path", "straight")  # where a refined curve starts: the shortest graph path, or the straight segment
+#: refined curves per refine_pairs call in refined_distances (bounds the (pairs, path hops) arrays)
+REFINE_PAIRS = 2**14
 EdgeLengths = Callable[[np.ndarray], np.ndarray]
 #: most float64 metric-tensor values (N·d²) kept in memory for metric neighbours (1 GiB)
 METRIC_VALUES = 2**27
@@ -81,8 +86,9 @@ def _chunking(length_options: dict) -> dict:
 
 
 def geodesic_distances(latents, decoder: Callable[[torch.Tensor], torch.Tensor], sources, k: int = 10,
-                       quadrature: str = "midpoint") -> np.ndarray:
-    """Graph geodesic distances under the decoder's pull-back metric, shape (len(sources), N).
+                       quadrature: str = "midpoint", refine: bool = False, targets=None, init: str = "path",
+                       n_segments: int = N_SEGMENTS, tol: float = TOL) -> np.ndarray:
+    """Geodesic distances under the decoder's pull-back metric, shape (len(sources), N) (or len(targets)).
 
     latents: (N, d) float array or tensor. decoder: a callable from a (B, d) tensor to a (B, ...) tensor
     (an nn.Module is put in eval mode). It is called with float64 tensors when the latents are float64 and
@@ -90,18 +96,65 @@ def geodesic_distances(latents, decoder: Callable[[torch.Tensor], torch.Tensor],
     lengths are accumulated in float64. Each point's k neighbours are chosen under the pull-back metric,
     the graph is symmetrised, and every edge carries its decoder-metric length (`quadrature`: midpoint,
     simpson, endpoint or adaptive). Entry (s, j) is the length of the shortest path from latents[sources[s]]
-    to latents[j]; points in another connected component than the source are unreachable: inf.
+    to latents[targets[j]] (all points when targets is None); points in another connected component than
+    the source are unreachable: inf.
+
+    refine=True: each finite entry becomes the length of a discrete geodesic (`geovq.geometry.curves`, T =
+    n_segments segments, energy converged to the relative tolerance `tol`), started from the shortest path
+    resampled at equal graph length (init="path") or from the straight segment (init="straight"). A k-NN
+    path overestimates, increasingly with the latent dimension (DESIGN.md §3.9); a refined curve does not.
+    Cost: one refined curve per entry (a few thousand per second for cheap decoders on one core).
     """
     points, dtype = _as_points(latents)
     n = points.shape[0]
     if not 1 <= k < n:
         raise GeovqError(f"k={k} neighbours needs 1 <= k < N; there are N={n} latent points")
-    sources = np.asarray(sources)
-    if sources.ndim != 1 or not np.issubdtype(sources.dtype, np.integer) or (sources < 0).any() or (sources >= n).any():
-        raise GeovqError(f"sources must be a 1-D array of integer indices in [0, {n}); got {sources!r}")
+    sources = _node_ids(sources, n, "sources")
+    targets = np.arange(n) if targets is None else _node_ids(targets, n, "targets")
     check_quadrature(quadrature)
+    if refine and init not in INITS:
+        raise GeovqError(f"init {init!r} is unknown; valid: {', '.join(INITS)}")
+    if refine and not tol > 0:
+        raise GeovqError(f"tol={tol} must be > 0 (the relative energy decrease below which a curve stops)")
     dec = FlatTokenDecoder(decoder, points, dtype)
-    return shortest_paths(build_geodesic_graph(dec, k, quadrature).graph, sources)
+    graph = build_geodesic_graph(dec, k, quadrature).graph
+    if not refine:
+        return shortest_paths(graph, sources)[:, targets]
+    return refined_distances(dec, graph, sources, targets, init, n_segments, tol)
+
+
+def refined_distances(dec: TokenDecoder, graph: sp.csr_matrix, sources: np.ndarray, targets: np.ndarray,
+                      init: str = "path", n_segments: int = N_SEGMENTS, tol: float = TOL,
+                      pairs_per_call: int = REFINE_PAIRS) -> np.ndarray:
+    """(len(sources), len(targets)) refined geodesic lengths between graph nodes: inf where the graph has no
+    path (another connected component), 0 from a node to itself, else the refined curve's length."""
+    out = np.empty((len(sources), len(targets)))
+    rows = max(1, pairs_per_call // max(1, len(targets)))
+    for start in range(0, len(sources), rows):
+        block = sources[start:start + rows]
+        dist, pred = shortest_path_trees(graph, block)
+        d = dist[:, targets]  # (b, targets)
+        out[start:start + len(block)] = d
+        row, col = np.nonzero(np.isfinite(d) & (block[:, None] != targets[None]))
+        for s in range(0, len(row), pairs_per_call):
+            r, c = row[s:s + pairs_per_call], col[s:s + pairs_per_call]
+            src, tgt = block[r], targets[c]
+            if init == "path":
+                path = path_nodes(pred, r, tgt)
+                curves = refine_pairs(dec, src, tgt, paths=path, path_lengths=dist[r[:, None], path],
+                                      n_segments=n_segments, tol=tol)
+            else:
+                curves = refine_pairs(dec, src, tgt, n_segments=n_segments, tol=tol)
+            out[start + r, c] = curves.lengths
+        out[start:start + len(block)][block[:, None] == targets[None]] = 0.0
+    return out
+
+
+def _node_ids(ids, n: int, name: str) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any() or (ids >= n).any():
+        raise GeovqError(f"{name} must be a 1-D array of integer indices in [0, {n}); got {ids!r}")
+    return ids.astype(np.int64)
 
 
 def _as_points(latents) -> tuple[np.ndarray, torch.dtype]:

@@ -46,6 +46,32 @@ def shortest_paths(graph: sp.csr_matrix, sources: np.ndarray, limit: float = np.
     return out
 
 
+def shortest_path_trees(graph: sp.csr_matrix, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, predecessors), each (len(sources), N): Dijkstra from each source; predecessor -9999 at
+    the source itself and at unreachable nodes (scipy's convention)."""
+    return dijkstra(graph, directed=True, indices=np.asarray(sources, dtype=np.int64), return_predecessors=True)
+
+
+def path_nodes(predecessors: np.ndarray, trees: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(B, H) the node ids of each shortest path, source first, padded at the end with its target.
+
+    predecessors: (S, N) shortest-path trees (`shortest_path_trees`); path b runs in tree trees[b] to
+    targets[b], which must be reachable in it.
+    """
+    rows = np.asarray(trees, dtype=np.int64)
+    walk = [np.asarray(targets, dtype=np.int64)]
+    while True:
+        prev = predecessors[rows, walk[-1]]
+        if (prev < 0).all():
+            break
+        walk.append(np.where(prev >= 0, prev, walk[-1]))
+    back = np.stack(walk[::-1], axis=1)  # (B, H): each row starts with its source, repeated while shorter
+    hops = (back[:, 1:] != back[:, :-1]).sum(1)
+    first = back.shape[1] - 1 - hops  # where each row's path begins
+    index = np.minimum(first[:, None] + np.arange(back.shape[1])[None], back.shape[1] - 1)
+    return np.take_along_axis(back, index, axis=1)
+
+
 def voronoi(graph: sp.csr_matrix, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Multi-source Dijkstra (min_only): each node's distance to its nearest source, and which source.
 

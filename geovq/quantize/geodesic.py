@@ -26,6 +26,20 @@ under a minute on MNIST) and otherwise `approx_rule`, an approximation without a
 Every approximately encoded split is measured against the exact rule on a stratified sample of its tokens
 (`check_approximation`); `encode_with_info` returns the figures, and the unit's row keeps them. `encode_tokens(..., rule=...)` runs any rule on any subset of tokens.
 
+paths (what decides a code; recorded in fit_info["paths"]):
+- "graph" (default, the behaviour above): graph distances. A path between tokens of different images runs
+  through other images' contexts; on MNIST it hops into border cells, where the decoder hardly reacts, and
+  is then the length of no curve in any image (bench/geodesic_context.py).
+- "context": replacing token i by code c changes image n(i) only, so the distance that decides i's code is
+  d_i(c), the length of the shortest curve from z_i to c in image n(i) (DESIGN.md §3.9; refined by
+  `geovq.geometry.curves` inside the latent box of the landmarks, since outside the latents the encoder
+  produces the decoder saturates and curves escaping there are shorter than any through real images). The
+  graph k-medoids only starts the fit: each landmark then takes the d_i-nearest medoid among its `shortlist`
+  nearest by its own metric tensor (first-order d_i), and `context_iterations` rounds move medoids by Σ d_i
+  over a sample of each cell (see `_fit_in_context`). Encode: the exact rule "context" (the query's own metric
+  shortlists, its refined curves decide); for larger splits "landmark_metric" is the first-order in-context
+  rule argmin_c ‖c − z_q‖_G with G borrowed as above, and "nearest_landmark" the landmark's in-context code.
+
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
 
@@ -44,8 +58,14 @@ from geovq.quantize.base import Quantizer, register
 if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
     import torch
 
-ENCODE_RULES = ("graph", "landmark_metric", "nearest_landmark")
-APPROX_RULES = ENCODE_RULES[1:]
+
+ENCODE_RULES = ("graph", "context", "landmark_metric", "nearest_landmark")
+APPROX_RULES = ENCODE_RULES[2:]
+PATHS = ("graph", "context")
+#: paths=context: the latent box curves stay in is the landmarks' range widened by this share on each side
+BOX_MARGIN = 0.01
+#: query rows per first-order (metric) distance block, N × K × d values each
+METRIC_ROWS = 1024
 NEIGHBOUR_RULES = ("metric", "latent")
 #: fewest tokens an approximate encode is checked on against the exact rule (all, in smaller splits)
 MIN_CHECK_TOKENS = 2000
@@ -77,7 +97,8 @@ class GeodesicQuantizer(Quantizer):
                  k: int = 10, quadrature: str = "endpoint", neighbours: str = "metric", max_landmarks: int = 20_000,
                  index: str = "auto", exact_encode_limit: int = 10_000, approx_rule: str = "landmark_metric",
                  check_tokens: int = MIN_CHECK_TOKENS, exact_limit: int = 2000, n_blocks: int = 0,
-                 chunk_elements: int | None = None) -> None:
+                 chunk_elements: int | None = None, paths: str = "graph", shortlist: int = 4,
+                 context_iterations: int = 1, update_sample: int = 16, update_candidates: int = 4) -> None:
         super().__init__(n_codes, seed)
         self.decoder = decoder  # a callable from μ-grids (B, h, w, C) to images, in eval mode
         self.k = k  # graph neighbours per node
@@ -91,13 +112,18 @@ class GeodesicQuantizer(Quantizer):
         self.exact_limit = exact_limit  # k-medoids: full distance matrix + FasterPAM up to this many nodes
         self.n_blocks = n_blocks  # k-medoids: CLARA-style FasterPAM blocks after alternate iterations
         self.chunk_elements = chunk_elements  # decoder output values per JVP call (None: the engine's default)
+        self.paths = paths  # what decides a code: "graph" (shortest graph paths, mixing images) or "context"
+        self.shortlist = shortlist  # paths=context: codes per token refined as curves in its own image
+        self.context_iterations = context_iterations  # paths=context: medoid-update rounds after graph k-medoids
+        self.update_sample = update_sample  # paths=context: members of a cell that score candidate medoids
+        self.update_candidates = update_candidates  # paths=context: candidate medoids per cell and round
 
     def _validate_params(self) -> None:
         from geovq.geometry.knn import INDEXES
         from geovq.geometry.lengths import check_quadrature
 
         check_quadrature(self.quadrature)
-        for name, value, valid in (("neighbours", self.neighbours, NEIGHBOUR_RULES),
+        for name, value, valid in (("neighbours", self.neighbours, NEIGHBOUR_RULES), ("paths", self.paths, PATHS),
                                    ("approx_rule", self.approx_rule, APPROX_RULES), ("index", self.index, INDEXES)):
             if value not in valid:
                 raise GeovqError(f"geodesic {name} {value!r} is unknown; valid: {', '.join(valid)}")
@@ -107,6 +133,10 @@ class GeodesicQuantizer(Quantizer):
         if self.exact_encode_limit < 0 or self.check_tokens < MIN_CHECK_TOKENS:
             raise GeovqError(f"geodesic needs exact_encode_limit >= 0 and check_tokens >= {MIN_CHECK_TOKENS}; got "
                              f"exact_encode_limit={self.exact_encode_limit}, check_tokens={self.check_tokens}")
+        if min(self.shortlist, self.update_sample, self.update_candidates) < 1 or self.context_iterations < 0:
+            raise GeovqError(f"geodesic needs shortlist, update_sample, update_candidates >= 1 and "
+                             f"context_iterations >= 0; got {self.shortlist}, {self.update_sample}, "
+                             f"{self.update_candidates}, {self.context_iterations}")
         if self.chunk_elements is not None and self.chunk_elements < 1:
             raise GeovqError(f"geodesic chunk_elements={self.chunk_elements} must be >= 1 (or None)")
 
@@ -155,6 +185,7 @@ class GeodesicQuantizer(Quantizer):
         self.landmark_distance_, self.landmark_code_ = result.distances, result.labels
         self.medoid_landmarks_, self.landmark_neighbours_ = result.medoids, graph.knn.neighbours
         self.landmark_metrics_ = graph.metrics
+        context = self._fit_in_context(result.medoids) if self.paths == "context" else None
         radius = float(np.median(graph.knn.euclidean))
         others = np.setdiff1d(np.arange(latents.n_tokens), tokens)
         sample = rng.choice(others, size=min(len(others), COVERAGE_SAMPLE), replace=False)
@@ -172,8 +203,108 @@ class GeodesicQuantizer(Quantizer):
             # medoids (the rest of k-medoids: k-means++ draws, cell bookkeeping, FasterPAM)
             "seconds": {**graph.seconds, "paths": space.clock["paths"], "medoids": t1 - t0 - space.clock["paths"],
                         "medoids_seeding": result.seconds["seeding"], "medoids_iterations": result.seconds["iterations"],
+                        **({} if context is None else {"context": context["seconds"]}),
                         "total": time.perf_counter() - start},
+            # what decided the codes: graph distances, or curves in each token's own image (then "context"
+            # has the rounds after the graph k-medoids that started them; "objective" above is the graph's)
+            "paths": self.paths, **({} if context is None else {"context": context}),
         }
+
+    def _fit_in_context(self, medoids: np.ndarray) -> dict[str, Any]:
+        """paths="context": assignments and medoid updates by in-context curve lengths (DESIGN.md §3.9).
+
+        Replacing token i by code c changes image n(i) only, so d_i(c) is the length of the shortest curve from
+        z_i to c in image n(i) (`geovq.geometry.curves`, inside the landmarks' latent box). Starting from the
+        graph k-medoids: assign every landmark to its d_i-nearest medoid among the `shortlist` nearest by its
+        own metric tensor, ‖c − z_i‖_{G_i} (the first-order d_i); then, `context_iterations` times, move each
+        medoid to the best of `update_candidates` members (nearest in first order to a sample of the cell)
+        and itself by Σ d_i over `update_sample` sampled members, and reassign. A round whose whole-landmark
+        objective Σ_i d_i does not drop is undone, and the rounds stop. Sets the codebook and the landmarks'
+        codes and distances; returns the rounds for fit_info.
+        """
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.seed, 1])  # its own stream: the graph fit's draws stay as they were
+        label, dist, refined = self._assign_in_context(medoids)
+        rounds = [{"round": 0, "objective": float(dist.sum()), "curves": refined, "moved": 0, "changed": 0,
+                   "seconds": time.perf_counter() - t0}]
+        for r in range(1, self.context_iterations + 1):
+            t1 = time.perf_counter()
+            moved, update_curves = self._update_medoids(medoids, label, rng)
+            new_label, new_dist, refined = self._assign_in_context(moved)
+            rounds.append({"round": r, "objective": float(new_dist.sum()), "curves": refined + update_curves,
+                           "moved": int((moved != medoids).sum()), "changed": int((new_label != label).sum()),
+                           "accepted": bool(new_dist.sum() < dist.sum()), "seconds": time.perf_counter() - t1})
+            if not new_dist.sum() < dist.sum():
+                break
+            medoids, label, dist = moved, new_label, new_dist
+        self.medoid_landmarks_, self.landmark_code_, self.landmark_distance_ = medoids, label, dist
+        self.codebook_ = self.landmarks_.points[medoids].astype(np.float32)
+        lo, hi = self._box()
+        return {"rounds": rounds, "objective": float(dist.sum()), "box_lo": lo.tolist(), "box_hi": hi.tolist(),
+                "seconds": time.perf_counter() - t0}
+
+    def _assign_in_context(self, medoids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Each landmark's d_i-nearest medoid (index into medoids) among its shortlist, d_i, curves refined."""
+        from geovq.geometry.curves import nearest_in_context
+
+        land = self.landmarks_
+        codes = land.points[medoids]
+        short = self._shortlist(land.points, self._landmark_metrics(), codes)
+        best, dist, refined = nearest_in_context(land, np.arange(land.n_nodes), codes[short], bounds=self._box(),
+                                                 **self._chunking)
+        label = short[np.arange(land.n_nodes), best]
+        label[medoids], dist[medoids] = np.arange(len(medoids)), 0.0  # a medoid is its own code
+        return label, dist, refined
+
+    def _update_medoids(self, medoids: np.ndarray, label: np.ndarray, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, int]:
+        """Each medoid moved to the candidate with the least Σ d_i over a sample of its cell (see _fit_in_context)."""
+        from geovq.geometry.curves import refine_curves, straight_curves
+
+        land, metrics = self.landmarks_, self._landmark_metrics()
+        sources, targets, cell = [], [], []
+        for c in range(len(medoids)):
+            members = np.flatnonzero(label == c)
+            sample = rng.choice(members, size=min(self.update_sample, len(members)), replace=False)
+            delta = land.points[members][None] - land.points[sample][:, None]  # (m, M, d)
+            first = np.sqrt(np.maximum(np.einsum("mjd,mde,mje->mj", delta, metrics[sample], delta), 0)).sum(0)
+            candidates = np.union1d(members[np.argsort(first, kind="stable")[:self.update_candidates]], medoids[c])
+            sources.append(np.repeat(sample, len(candidates)))
+            targets.append(np.tile(candidates, len(sample)))
+            cell.append(np.full(len(sample) * len(candidates), c))
+        sources, targets, cell = np.concatenate(sources), np.concatenate(targets), np.concatenate(cell)
+        lengths = refine_curves(straight_curves(land.points[sources], land.points[targets]), [(land, sources)],
+                                bounds=self._box(), **self._chunking).lengths
+        moved = medoids.copy()
+        for c in range(len(medoids)):
+            mine = cell == c
+            candidates, where = np.unique(targets[mine], return_inverse=True)
+            cost = np.bincount(where, weights=lengths[mine])
+            current = cost[np.searchsorted(candidates, medoids[c])]
+            if cost.min() < current * (1 - 1e-9):
+                moved[c] = candidates[np.argmin(cost)]
+        return moved, len(sources)
+
+    def _shortlist(self, points: np.ndarray, metrics: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """(n, S) the `shortlist` codes nearest each point by its own metric, ‖c − z‖_G (first-order d_i)."""
+        s = min(self.shortlist, len(codes))
+        out = np.empty((len(points), s), dtype=np.int64)
+        for start in range(0, len(points), METRIC_ROWS):
+            sl = slice(start, start + METRIC_ROWS)
+            first = metric_lengths(points[sl], metrics[sl], codes)
+            part = np.argpartition(first, s - 1, axis=1)[:, :s] if s < len(codes) else np.tile(
+                np.arange(len(codes)), (len(first), 1))
+            out[sl] = np.take_along_axis(part, np.argsort(np.take_along_axis(first, part, 1), axis=1), 1)
+        return out
+
+    def _box(self) -> tuple[np.ndarray, np.ndarray]:
+        """The latent box in-context curves stay in: the landmarks' range, widened by BOX_MARGIN each side.
+
+        Outside the latents the encoder produces, this decoder saturates, and curves that detour there (to
+        |z| ~ 50-100× the data's on MNIST) are shorter than any curve through images the VAE ever made."""
+        points = self.landmarks_.points
+        lo, hi = points.min(0), points.max(0)
+        return lo - BOX_MARGIN * (hi - lo), hi + BOX_MARGIN * (hi - lo)
 
     def coverage(self, latents: LatentSet) -> float:
         """Fraction of `latents`' tokens whose nearest landmark lies within the median k-NN edge length."""
@@ -183,9 +314,14 @@ class GeodesicQuantizer(Quantizer):
         return landmark_coverage(self.landmarks_.points, latents.token_mu, self.fit_info_["median_knn_edge"])
 
     # -- encode -------------------------------------------------------------------------------------
+    @property
+    def exact_rule(self) -> str:
+        """The rule that decides codes: "graph" insertion (paths="graph") or in-context curves ("context")."""
+        return self.paths
+
     def rule_for(self, latents: LatentSet) -> str:
-        """The exact rule "graph" for a split of at most `exact_encode_limit` tokens, else `approx_rule`."""
-        return "graph" if latents.n_tokens <= self.exact_encode_limit else self.approx_rule
+        """The exact rule for a split of at most `exact_encode_limit` tokens, else `approx_rule`."""
+        return self.exact_rule if latents.n_tokens <= self.exact_encode_limit else self.approx_rule
 
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
         return self.encode_tokens(latents, rule=self.rule_for(latents))
@@ -197,18 +333,25 @@ class GeodesicQuantizer(Quantizer):
         rule = self.rule_for(latents)
         info = {"rule": rule, "tokens": int(latents.n_tokens), "exact_encode_limit": self.exact_encode_limit,
                 "landmark_coverage": self.coverage(latents)}
-        if rule != "graph":
+        if rule != self.exact_rule:
             info.update(self.check_approximation(latents, codes))
         return info
 
-    def encode_tokens(self, latents: LatentSet, tokens: np.ndarray | None = None, rule: str = "graph",
+    def encode_tokens(self, latents: LatentSet, tokens: np.ndarray | None = None, rule: str | None = None,
                       ) -> np.ndarray:
-        """Codes of `tokens` (ids into latents' tokens; all when None) by `rule` (see ENCODE_RULES)."""
+        """Codes of `tokens` (ids into latents' tokens; all when None) by `rule` (see ENCODE_RULES; None: the
+        exact rule of this quantizer's `paths`). With paths="context", "landmark_metric" is the first-order
+        in-context rule argmin_c ‖c − z_q‖_G with G borrowed from landmarks (no graph, no decoder call)."""
         self._check_fitted()
+        rule = self.exact_rule if rule is None else rule
         if rule not in ENCODE_RULES:
             raise GeovqError(f"encode rule {rule!r} is unknown; valid: {', '.join(ENCODE_RULES)}")
         tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
         land = self.landmarks_
+        if rule == "context":
+            codes = [self._context_insert(latents, tokens[s:s + ENCODE_CHUNK], None)
+                     for s in range(0, len(tokens), ENCODE_CHUNK)]
+            return np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
         index = landmark_index(land.points, exact=rule == "graph")  # the exact rule searches exactly
         if rule == "nearest_landmark":
             _, nearest = index.search(np.ascontiguousarray(latents.token_mu[tokens], dtype=np.float32), 1)
@@ -217,9 +360,32 @@ class GeodesicQuantizer(Quantizer):
         if rule == "landmark_metric":  # landmarks by context, to borrow metric tensors from
             features = context_features(land.grids, land.image, land.channels)
             similar = landmark_index(features, exact=False, pca=CONTEXT_DIMS)
-        codes = [self._insert(latents, tokens[s:s + ENCODE_CHUNK], index, rule, similar)
-                 for s in range(0, len(tokens), ENCODE_CHUNK)]
+        insert = self._context_insert if self.paths == "context" and rule == "landmark_metric" else (
+            lambda latents, chunk, similar: self._insert(latents, chunk, index, rule, similar))
+        codes = [insert(latents, tokens[s:s + ENCODE_CHUNK], similar) for s in range(0, len(tokens), ENCODE_CHUNK)]
         return np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
+
+    def _context_insert(self, latents: LatentSet, tokens: np.ndarray, similar: faiss.Index | None) -> np.ndarray:
+        """In-context codes of one chunk of tokens: exact (similar=None: the token's own metric shortlists,
+        refined curves in its own image decide) or first-order with metrics borrowed through `similar`."""
+        from geovq.geometry.curves import nearest_in_context
+        from geovq.geometry.decoders import GridTokenDecoder
+        from geovq.geometry.lengths import node_metrics
+
+        codes = self.codebook_.astype(np.float64)
+        if similar is None:
+            queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
+            short = self._shortlist(queries.points, node_metrics(queries, **self._chunking), codes)
+            best, _, _ = nearest_in_context(queries, np.arange(len(tokens)), codes[short], bounds=self._box(),
+                                            **self._chunking)
+            return short[np.arange(len(tokens)), best]
+        points = latents.token_mu[tokens].astype(np.float64)
+        image, slot = np.divmod(tokens, latents.tokens_per_image)
+        _, alike = similar.search(context_features(latents.mu, image, latents.layout.flat_positions(slot)),
+                                  min(BORROWED, self.landmarks_.n_nodes))
+        borrowed = self._landmark_metrics()[alike].mean(axis=1)
+        return np.concatenate([metric_lengths(points[s:s + METRIC_ROWS], borrowed[s:s + METRIC_ROWS], codes)
+                               .argmin(1) for s in range(0, len(points), METRIC_ROWS)]).astype(np.int64)
 
     def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index, rule: str,
                 similar: faiss.Index | None) -> np.ndarray:
@@ -287,7 +453,7 @@ class GeodesicQuantizer(Quantizer):
         per_image = latents.tokens_per_image
         n_check = min(self.check_tokens, latents.n_tokens)
         sample = stratified_tokens(latents.n_images, per_image, n_check, np.random.default_rng(self.seed))
-        exact = self.encode_tokens(latents, sample, rule="graph")
+        exact = self.encode_tokens(latents, sample, rule=self.exact_rule)
         approx = np.asarray(codes).reshape(-1)[sample]
         differs = approx != exact
         images, local = np.unique(sample // per_image, return_inverse=True)
@@ -357,6 +523,12 @@ class GeodesicQuantizer(Quantizer):
         self.landmark_distance_, self.landmark_code_ = arrays["distance"], arrays["label"]
         self.medoid_landmarks_, self.landmark_neighbours_ = arrays["medoids"], arrays["neighbours"]
         self.landmark_metrics_ = None
+
+
+def metric_lengths(points: np.ndarray, metrics: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(n, K) ‖c_k − z_n‖_{G_n} = sqrt((c_k − z_n)ᵀ G_n (c_k − z_n)): each point's own metric (n, d, d)."""
+    delta = codes[None] - points[:, None]  # (n, K, d)
+    return np.sqrt(np.maximum(np.einsum("nkd,nde,nke->nk", delta, metrics, delta), 0.0))
 
 
 def context_features(grids: np.ndarray, image: np.ndarray, channels: np.ndarray) -> np.ndarray:

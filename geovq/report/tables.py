@@ -165,7 +165,7 @@ def progress(run_dir: Path) -> tuple[int, int]:
 
     cfg = SweepConfig.load(run_dir / "config.yaml")
     planned = plan_units(cfg)
-    return sum(RunDir(run_dir).unit_done(u, cfg.finetune_decoder) for u in planned), len(planned)
+    return sum(RunDir(run_dir).unit_done(u, cfg.finetune_decoder, cfg.prior) for u in planned), len(planned)
 
 
 def write_results(run_dir: Path) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import torch
 
 from geovq.config import SweepConfig
 from geovq.data import ImageSplits
+from geovq.io import write_json
 from geovq.metrics.latent import quantization_error
 from geovq.stages.common import Progress, decode_grids, load_splits, settings
 from geovq.stages.encode import encode_stage
@@ -54,16 +55,20 @@ def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, pr
     """Fit (or train), encode and score one unit, then fine-tune its decoder when the sweep asks; returns
     its row (the fine-tuned row's twin without fine-tuning)."""
     out = run.unit(unit)
-    if run.unit_done(unit, cfg.finetune_decoder):
+    if run.unit_done(unit, cfg.finetune_decoder, cfg.prior):
         return json.loads((out / "row.json").read_text())
     data = data or load_splits(cfg)
     t0 = time.time()
     if unit.end_to_end:
-        model = train_vqvae_stage(run, cfg, unit, data, device, progress)
-        info = encode_vqvae_stage(run, unit, model, data, device)
-        fit = json.loads((out / "fit.json").read_text())
-        extra = {**fit, "latent_error": info["test"]["latent_error"], "seconds": time.time() - t0}
-        return score_unit_stage(run, cfg, unit, data, device, vqvae_reconstruct(model, device), extra)
+        if (out / "row.json").exists():
+            row = json.loads((out / "row.json").read_text())
+        else:
+            model = train_vqvae_stage(run, cfg, unit, data, device, progress)
+            info = encode_vqvae_stage(run, unit, model, data, device)
+            fit = json.loads((out / "fit.json").read_text())
+            extra = {**fit, "latent_error": info["test"]["latent_error"], "seconds": time.time() - t0}
+            row = score_unit_stage(run, cfg, unit, data, device, vqvae_reconstruct(model, device), extra)
+        return prior_rows(run, cfg, unit, device, progress, data) if cfg.prior else row
     vae = load_vae(run, unit, device)
     quantizer = fit_stage(run, cfg, unit, device, vae, edge_lengths)
     info = encode_stage(run, unit, quantizer)
@@ -83,6 +88,35 @@ def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, pr
             return decode_grids(vae.decoder, test.layout.tokens_to_grid(quantizer.decode(codes)), device)
 
         row = score_unit_stage(run, cfg, unit, data, device, reconstruct, extra)
-    if cfg.finetune_decoder:
+    if cfg.finetune_decoder and not (out / "row_finetuned.json").exists():
         finetune_stage(run, cfg, unit, data, device, vae, quantizer, row, progress)
-    return row
+    return prior_rows(run, cfg, unit, device, progress, data) if cfg.prior else row
+
+
+#: samples.json fields renamed sample_* in a row (they would read as the row's own otherwise)
+SAMPLE_SETTINGS = ("n", "seed", "temperature", "top_k", "top_p", "decoder", "decode_seconds", "n_real", "n_samples")
+#: prior.json fields a results row carries (the validation curve and the prior's settings stay in prior.json)
+PRIOR_ROW_FIELDS = ("prior", "prior_bits_per_token", "prior_bits_per_image", "unigram_bits_per_image",
+                    "prior_val_bits_per_token", "prior_parameters", "prior_train_seconds")
+
+
+def prior_rows(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, progress: Progress,
+               data: ImageSplits) -> dict[str, Any]:
+    """Train the unit's prior and sample it (geovq.stages.prior); its rate goes into every row of the unit, the
+    sample metrics into the row of the decoder the samples were decoded by (the fine-tuned one where it
+    exists). Returns row.json."""
+    from geovq.stages.prior import prior_stage, sample_stage
+
+    prior = prior_stage(run, cfg, unit, device, progress, kind=cfg.prior, data=data)
+    samples = sample_stage(run, cfg, unit, device, progress, n=cfg.prior_samples, kind=cfg.prior, seed=unit.seed,
+                           data=data)
+    rate = {key: prior[key] for key in PRIOR_ROW_FIELDS}
+    sampled = {(f"sample_{key}" if key in SAMPLE_SETTINGS else key): value for key, value in samples.items()
+               if key not in ("prior", "prior_conditional")}
+    out = run.unit(unit)
+    tuned = out / "row_finetuned.json"
+    for path in [out / "row.json"] + ([tuned] if tuned.exists() else []):
+        row = json.loads(path.read_text())
+        own = samples["decoder"] == ("finetuned" if path == tuned else ("vqvae" if unit.end_to_end else "vae"))
+        write_json(path, {**row, **rate, **(sampled if own else {})})
+    return json.loads((out / "row.json").read_text())

@@ -15,12 +15,18 @@
         encode.json                      how each split was encoded (seconds, rules, agreement checks)
         row.json                         the scored test row: the unit is finished
         decoder_finetuned.pt, row_finetuned.json   with --finetune-decoder
+        prior-{kind}[-cond]/             a prior over its codes (see `RunDir.prior`)
+            prior.pt, prior.json             best-validation weights; test bits/token and bits/image
+            state.pt                         the resume point while it trains
+            samples-…/                       samples.png, samples.npz, samples.json (sample metrics)
+    domain/classifier.pt, classifier.json   the domain classifier of sample metrics (features, test accuracy)
     results.json, results.csv, report.md, figures/
     ray/                                 Ray Tune's own records
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +63,18 @@ class RunDir:
     def codes(self, unit: Unit, split: str) -> Path:
         return self.unit(unit) / f"codes_{split}.npy"
 
-    def unit_done(self, unit: Unit, finetune: bool) -> bool:
-        """Finished: its row exists, and when fine-tuning is asked of a post-hoc unit, its fine-tuned row too."""
+    def prior(self, unit: Unit, kind: str, conditional: bool = False) -> Path:
+        return self.unit(unit) / f"prior-{kind}{'-cond' if conditional else ''}"
+
+    @property
+    def domain(self) -> Path:
+        return self.root / "domain"
+
+    def unit_done(self, unit: Unit, finetune: bool, prior: str | None = None) -> bool:
+        """Finished: its row exists; when fine-tuning is asked of a post-hoc unit, its fine-tuned row too; when a
+        prior is asked, its row carries that prior's rate (and samples)."""
         out = self.unit(unit)
-        return (out / "row.json").exists() and (unit.end_to_end or not finetune or
-                                                (out / "row_finetuned.json").exists())
+        rows = [out / "row.json"] + ([out / "row_finetuned.json"] if finetune and not unit.end_to_end else [])
+        if not all(row.exists() for row in rows):
+            return False
+        return prior is None or json.loads(rows[0].read_text()).get("prior") == prior

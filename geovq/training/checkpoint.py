@@ -48,25 +48,32 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
 
 def load_model(path: str | os.PathLike, kind: str | None = None,
                device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild a VAE or VQ-VAE from its checkpoint alone, on `device`, in eval mode."""
+    """Rebuild a VAE, VQ-VAE, fine-tuned decoder, prior or domain classifier from its checkpoint alone, on
+    `device`, in eval mode."""
     from geovq.config import TrunkConfig, VQConfig
     from geovq.latents import TokenLayout
+    from geovq.models.classifier import DomainClassifier
+    from geovq.models.priors import build_prior
+    from geovq.models.trunk import Decoder
     from geovq.models.vae import GaussianVAE
     from geovq.models.vqvae import VQVAE
 
     payload = load_checkpoint(path, kind)
     config = payload["config"]
-    trunk = TrunkConfig(**config["trunk"])
     if payload["kind"] == "vae":
-        model = GaussianVAE(trunk)
+        model = GaussianVAE(TrunkConfig(**config["trunk"]))
     elif payload["kind"] == "vqvae":
-        model = VQVAE(trunk, TokenLayout(**config["layout"]), config["n_codes"], VQConfig(**config["vq"]))
-    elif payload["kind"] == "decoder":  # a decoder fine-tuned on a codebook
-        from geovq.models.trunk import Decoder
-
-        model = Decoder(trunk)
+        model = VQVAE(TrunkConfig(**config["trunk"]), TokenLayout(**config["layout"]), config["n_codes"],
+                      VQConfig(**config["vq"]))
+    elif payload["kind"] == "decoder":
+        model = Decoder(TrunkConfig(**config["trunk"]))
+    elif payload["kind"] == "prior":
+        model = build_prior(config)
+    elif payload["kind"] == "classifier":
+        model = DomainClassifier(**config)
     else:
-        raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, vqvae, decoder")
+        raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, vqvae, decoder, "
+                         "prior, classifier")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:

@@ -47,7 +47,26 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True)
 
 
+class _NoWriter:
+    """Stands in for TensorBoard's SummaryWriter where the tensorboard package is absent (a bare PyTorch
+    machine running bench/gpu_check.py): the training then logs nothing, rather than fail for want of a viewer."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def _summary_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
+    except ImportError:
+        log.warning("tensorboard is not installed: %s gets no TensorBoard events", log_dir)
+        return _NoWriter()
+    return SummaryWriter(str(log_dir))
+
+
 def _log_images(writer, tag: str, originals: torch.Tensor, recons: torch.Tensor, step: int) -> None:
+    if isinstance(writer, _NoWriter):  # nothing to log to (and torchvision may be absent too)
+        return
     from torchvision.utils import make_grid
 
     pairs = torch.cat([originals[:16], recons[:16]]).cpu()
@@ -70,8 +89,6 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
     it resumes from. `model` must already be on `device`.
     """
     stateful = stateful or {}
-    from torch.utils.tensorboard import SummaryWriter
-
     out_dir.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train_images) / cfg.batch_size)
@@ -91,7 +108,7 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
         for name, obj in stateful.items():
             obj.load_state_dict(state[name])
         log.info("%s: resuming from epoch %d of %d (%s)", desc, start_epoch, cfg.epochs, state_path)
-    writer = SummaryWriter(str(out_dir / "tb"))
+    writer = _summary_writer(out_dir / "tb")
     rng = np.random.default_rng(cfg.seed)
     for _ in range(start_epoch):  # replay the shuffles so a resumed run sees the same batches
         rng.permutation(len(train_images))
