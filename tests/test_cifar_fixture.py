@@ -116,7 +116,7 @@ def test_sweep_runs_cifar10_through_its_trunk(ray_local, tmp_path):
     result = CliRunner().invoke(app, ["sweep", "cifar10", "--data-root", str(tmp_path / "data"), "--quick", "--vae",
                                       "plain",
                                       "--methods", "kmeans,vqvae", "--codebook-sizes", "16", "--epochs", "1",
-                                      "--seeds", "1", "--out", str(out)])
+                                      "--seeds", "1", "--no-prior", "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert set(rows) == {"kmeans", "vqvae"}

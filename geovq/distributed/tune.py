@@ -56,10 +56,10 @@ def check_address(address: str) -> None:
 def start_ray(address: str | None) -> None:
     import ray
 
+    if address is not None:  # checked even when Ray is up already (tests, notebooks): a bad address is bad input
+        check_address(address)
     if ray.is_initialized():
         return
-    if address is not None:
-        check_address(address)
     # Local Ray on a laptop or CI box: no dashboard (it is reached by port-forwarding on clusters), and
     # a modest object store, since stages exchange files, not objects.
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
