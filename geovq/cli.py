@@ -112,6 +112,7 @@ def _sweep(
     max_failures: int = typer.Option(2, "--max-failures", help="retries of a crashed trial (killed worker, lost node); geovq errors are not retried"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
     verbose: bool = typer.Option(False, "--verbose", help="show Ray's own logs and tracebacks on the console"),
+    tuned: Optional[Path] = typer.Option(None, "--tuned", help="a `geovq tune` directory: each method at its own best validation configuration (K, d, VAE and its training, hyperparameters)"),
     **method_options: Any,
 ) -> None:
     """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory.
@@ -142,6 +143,18 @@ def _sweep(
                 raise GeovqError(f"--{method}-{name.replace('_', '-')} is given, but {method} is not among --methods")
             params.setdefault(method, {})[name] = value
     sizes = comma_list(codebook_sizes, "--codebook-sizes", int) if codebook_sizes else None
+    vaes, records = comma_list(vae, "--vae"), {}
+    if tuned is not None:  # each method at its tuned configuration, which fixes its rate, VAE and settings
+        clashing = [option for option, given in (("--codebook-sizes", codebook_sizes), ("--token-dim", token_dim),
+                                                 ("--vae", vae != "plain"), ("--tdc-bits", tdc_bits),
+                                                 ("--epochs", epochs), ("--quick", quick)) if given]
+        clashing += [f"--{m}-{n}".replace("_", "-") for m, given in params.items() for n in given]
+        if clashing or len(datasets) > 1:
+            raise GeovqError(f"--tuned fixes each method's rate, VAE and settings; drop {clashing[0]}" if clashing
+                             else "--tuned runs one dataset (the one it was tuned on)")
+        chosen, records = _tuned_records(tuned, datasets[0], chosen if methods else None)
+        sizes = sorted({r["n_codes"] for r in records.values()})
+        vaes = sorted({r["vae"] for r in records.values() if r["vae"]}) or ["plain"]
     embedded = [name for name in datasets if name not in READS_DATA_ROOT]
     if embedded and data_root is not None and len(embedded) == len(datasets):
         raise GeovqError(f"--data-root {data_root}: {embedded[0]} is embedded and reads no data root; "
@@ -156,7 +169,7 @@ def _sweep(
         data = load_dataset(name, root, download=download)  # fails early, before any run directory exists
         cfg = resolve_config(name, data.image_shape, chosen, sizes, seeds, epochs, quick, params,
                              data_root=str(root) if name in READS_DATA_ROOT else None, download=download,
-                             token_dim=token_dim, grouping=grouping, vaes=comma_list(vae, "--vae"),
+                             token_dim=token_dim, grouping=grouping, vaes=vaes, tuned=records,
                              tdc_bits=tdc_bits, finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
                              prior=None if no_prior else prior, prior_samples=prior_samples,
                              cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
@@ -167,7 +180,7 @@ def _sweep(
                 raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training "
                                  f"latents of {name} ({n_train} images × {cfg.tokens_per_image} tokens); choose a "
                                  "smaller K")
-        default = name + ("-quick" if quick else "")
+        default = name + ("-quick" if quick else "") + ("-tuned" if tuned is not None else "")
         run = RunDir((parent or Path("runs")) / default if parent or not out else out)
         if run.root.exists() and not run.root.is_dir():
             raise GeovqError(f"--out {run.root} is an existing file; give a folder for the run directory")
@@ -368,6 +381,142 @@ def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> No
                       f"{r['psnr']:.2f}",
                       f"{r['ssim']:.4f}", f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
     Console(stderr=True).print(table)
+
+
+# -- geovq tune ----------------------------------------------------------------------------------------------
+#: the space files shipped beside the package (a checkout, or an editable install)
+SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+
+
+@app.command()
+@user_errors
+def tune(
+    dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list \\[default: every method of the space file]"),
+    trials: int = typer.Option(20, "--trials", help="trials per method: every method gets the same budget"),
+    bits: Optional[int] = typer.Option(None, "--bits", help="bits per image, tokens × log2 K \\[default: the space file's]"),
+    pareto: bool = typer.Option(False, "--pareto", help="search K freely; bits per image become a second objective (ASHA off)"),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="trials at once \\[default: cluster CPUs / --cpus-per-trial]; 1: the same seed proposes the same configurations"),
+    seed: int = typer.Option(0, "--seed", help="seeds the TPE sampler and every model"),
+    space: Optional[Path] = typer.Option(None, "--space", help="search space file \\[default: tune_spaces/DATASET.yaml]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="search directory \\[default: runs/DATASET-tune]; re-run the same command to resume"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder \\[default: $GEOVQ_DATA or ~/.cache/geovq/data]"),
+    download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
+    cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address \\[default: start local Ray]"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Ray's own logs and tracebacks on the console"),
+) -> None:
+    """Search each method's hyperparameters, its VAE's training and its rate allocation on VALIDATION PSNR
+    (Ray Tune + Optuna TPE + ASHA); the test split is never read. `geovq sweep DATASET --tuned OUT` then scores
+    every method's best configuration on test."""
+    t_start = time.time()
+    from geovq.data import DATASETS, load_dataset, resolve_data_root
+
+    if dataset not in DATASETS:
+        raise GeovqError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    if trials < 1:
+        raise GeovqError(f"--trials {trials} must be >= 1 (trials per method)")
+    if pareto and bits is not None:
+        raise GeovqError("--pareto searches K freely and makes bits an objective; drop --bits (or --pareto)")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise GeovqError(f"--max-concurrent {max_concurrent} must be >= 1")
+    if seed < 0:
+        raise GeovqError(f"--seed {seed} must be >= 0")
+    if dataset not in READS_DATA_ROOT and data_root is not None:
+        raise GeovqError(f"--data-root {data_root}: {dataset} is embedded and reads no data root; drop --data-root")
+    root = resolve_data_root(data_root)
+    data = load_dataset(dataset, root, download=download)  # fails early, before anything is written
+    from geovq.search.driver import Search, SearchInterrupted, check_resumable, plan_search, run_search
+
+    space_path = space or SPACES_DIR / f"{dataset}.yaml"
+    cfg, studies = plan_search(dataset, data, str(root) if dataset in READS_DATA_ROOT else None, download, space_path,
+                               comma_list(methods, "--methods") if methods else None, bits, pareto, cpus_per_trial)
+    chosen, budget = list(studies), next(iter(studies.values())).bits
+    out = out or Path("runs") / f"{dataset}-tune"
+    if out.exists() and not out.is_dir():
+        raise GeovqError(f"--out {out} is an existing file; give a folder for the search directory")
+    identity = {"dataset": dataset, "methods": chosen, "trials": trials, "bits": budget, "pareto": pareto,
+                "seed": seed, "space": Path(space_path).read_text(), "config": cfg.identity()}
+    check_resumable(out, identity)
+    from geovq.distributed.tune import resolve_gpus_per_trial, start_ray
+
+    _quiet_ray(verbose)
+    start_ray(address)
+    import ray
+
+    cfg.gpus_per_trial = resolve_gpus_per_trial(None)
+    concurrent = max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
+    search = Search(dataset, tuple(chosen), trials, budget, seed, concurrent)
+    from geovq.io import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "search.yaml", yaml_dump(identity))
+    _setup_logging([out / "search.log"])
+    log = logging.getLogger("geovq")
+    log.info("search %s: %s, methods %s, %d trials each, %s, seed %d, %d at once, space %s", out, dataset,
+             ",".join(chosen), trials, "Pareto (K free)" if pareto else f"{budget} bits per image", seed,
+             concurrent, space_path)
+    try:
+        best = run_search(out, cfg, studies, search)
+    except SearchInterrupted as e:
+        log.error("interrupted: %s; re-run the same command to resume (finished trials are kept)", e)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        log.error("interrupted; re-run the same command to resume (finished trials are kept)")
+        raise typer.Exit(130) from None
+    _print_best(best)
+    log.info("trials: %s; best configurations: %s; `geovq sweep %s --tuned %s` scores them on test",
+             out / "trials.csv", out / "best.yaml", dataset, out)
+    log.info("done in %.1f s", time.time() - t_start)
+
+
+def yaml_dump(obj: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)
+
+
+def _print_best(best: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{best['dataset']}: best validation configuration per method")
+    for col in ("method", "finished", "val PSNR", "bits", "K", "d", "vae", "settings"):
+        table.add_column(col)
+    for method, entry in best["methods"].items():
+        if not entry:
+            table.add_row(method, "0", "—", "", "", "", "", "")
+            continue
+        for e in entry.get("front", [entry]):
+            t = e["tuned"]
+            settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in {**t["vae_overrides"], **t["params"]}.items())
+            table.add_row(method, f"{entry['finished']}/{entry['trials']}", f"{e['val_psnr']:.3f}",
+                          str(e["bits_per_image"]), str(t["n_codes"]), str(t["token_dim"]), t["vae"] or "—", settings)
+    Console(stderr=True).print(table)
+
+
+def _tuned_records(tune_dir: Path, dataset: str, methods: list[str] | None) -> tuple[list[str], dict[str, dict]]:
+    """(methods, {method: tuned record}) from a `geovq tune` directory's best.yaml, for `sweep --tuned`."""
+    import yaml
+
+    path = tune_dir / "best.yaml"
+    if not path.is_file():
+        raise GeovqError(f"--tuned {tune_dir} holds no best.yaml; give the --out of a finished `geovq tune`")
+    best = yaml.safe_load(path.read_text()) or {}
+    if best.get("dataset") != dataset:
+        raise GeovqError(f"--tuned {tune_dir} was tuned on {best.get('dataset')!r}, not {dataset!r}")
+    if best.get("pareto"):
+        raise GeovqError(f"--tuned {tune_dir} is a --pareto search (a front per method, no single best); tune "
+                         "with --bits B for a comparison at equal bits")
+    found = {m: e["tuned"] for m, e in (best.get("methods") or {}).items() if e}
+    if not found:
+        raise GeovqError(f"--tuned {tune_dir}: no method has a finished trial")
+    chosen = methods or list(found)
+    for m in chosen:
+        if m not in found:
+            raise GeovqError(f"--methods {m}: {tune_dir} has no tuned configuration for it; tuned: {', '.join(found)}")
+    return chosen, {m: found[m] for m in chosen}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -113,7 +114,13 @@ OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--co
            "tdc_bits": "--tdc-bits", "train.epochs": "--epochs", "max_train_images": "--quick",
            "finetune_epochs": "--finetune-epochs", "cpus_per_trial": "--cpus-per-trial",
            "gpus_per_trial": "--gpus-per-trial", "max_failures": "--max-failures", "prior": "--prior",
-           "prior_samples": "--prior-samples"}
+           "prior_samples": "--prior-samples", "tuned": "--tuned"}
+#: one tuned configuration: the rate (K codes of token_dim channels), the VAE variant (None: end to end) with its
+#: dotted training overrides ("train.lr", "tdc.factor"), and the method's hyperparameters (a quantizer's keyword
+#: arguments; for the VQ-VAE its "train.*"/"vq.*" overrides)
+TUNED_FIELDS = ("n_codes", "token_dim", "vae", "vae_overrides", "params")
+#: the training settings a dotted override may set, by section ("train.lr" -> TrainConfig.lr)
+OVERRIDE_SECTIONS = {"train": TrainConfig, "tdc": TDCConfig, "vq": VQConfig}
 
 
 def option_name(key: str) -> str:
@@ -121,6 +128,8 @@ def option_name(key: str) -> str:
     if key.startswith("method_params."):
         _, method, param = key.split(".", 2)
         return f"--{method}-{param}".replace("_", "-")
+    if key.startswith("tuned."):
+        return f"--tuned ({key[len('tuned.'):]})"
     return OPTIONS.get(key, key)
 
 
@@ -153,6 +162,9 @@ class SweepConfig:
     max_failures: int = 2  # retries of a crashed trial (killed worker, lost node); geovq errors are not retried
     gpus_per_trial: float | None = None  # None: auto (1 where the cluster has GPUs, else 0); fractions share one
     quick: bool = False
+    #: `geovq sweep --tuned`: {method: its best validation configuration} from `geovq tune` (see TUNED_FIELDS);
+    #: each method then runs at its own (K, d) on its own VAE instead of the codebook_sizes × vaes grid
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_format: int = RUN_FORMAT
 
     @property
@@ -330,8 +342,65 @@ def validate(cfg: SweepConfig) -> None:
         raise GeovqError(f"--prior-samples {cfg.prior_samples} must be >= 1")
     if cfg.max_failures < 0:
         raise GeovqError(f"--max-failures {cfg.max_failures} must be >= 0")
+    for method, record in cfg.tuned.items():
+        validate_tuned(cfg, method, record)
+    if cfg.tuned:
+        bits = {tokens_per_image(cfg, r["token_dim"]) * math.log2(r["n_codes"]) for r in cfg.tuned.values()}
+        if len(bits) > 1:
+            raise GeovqError(f"--tuned configurations must share one bit budget per image; got {sorted(bits)}")
     g = cfg.gpus_per_trial
     if g is not None and not (g >= 0 and (g <= 1 or float(g).is_integer())):
         raise GeovqError(f"--gpus-per-trial {g:g} must be auto, a fraction in [0, 1] (trials share a GPU) or a "
                          "whole number")
 
+
+
+def tokens_per_image(cfg: SweepConfig, token_dim: int) -> int:
+    return cfg.layout.with_token_dim(token_dim, cfg.grouping).tokens_per_image
+
+
+def check_override(key: str) -> type:
+    """The type of the setting a dotted override names ("train.lr" -> float); GeovqError for an unknown key."""
+    section, _, name = key.partition(".")
+    kind = OVERRIDE_SECTIONS.get(section)
+    hints = typing.get_type_hints(kind) if kind is not None else {}
+    if name not in hints or key == "train.seed":  # the seed belongs to the unit, never to an override
+        valid = ", ".join(f"{s}.{n}" for s, k in OVERRIDE_SECTIONS.items() for n in typing.get_type_hints(k)
+                          if f"{s}.{n}" != "train.seed")
+        raise GeovqError(f"unknown training setting {key!r}; valid: {valid}")
+    return hints[name]
+
+
+def validate_tuned(cfg: SweepConfig, method: str, record: dict[str, Any]) -> None:
+    """One --tuned record: its fields, rate, VAE variant, overrides and hyperparameters."""
+    where = f"--tuned {method}"
+    if method not in cfg.methods:
+        raise GeovqError(f"{where}: {method} is not among --methods ({', '.join(cfg.methods)})")
+    if not isinstance(record, dict) or set(record) != set(TUNED_FIELDS):
+        raise GeovqError(f"{where} must have exactly the fields {', '.join(TUNED_FIELDS)}; got "
+                         f"{', '.join(record) if isinstance(record, dict) else type(record).__name__}")
+    k, d = record["n_codes"], record["token_dim"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise GeovqError(f"{where}: n_codes {k!r} must be an integer >= 2")
+    c = cfg.trunk.latent_channels
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1 or c % d:
+        raise GeovqError(f"{where}: token_dim {d!r} must divide the latent channels C={c}")
+    end_to_end = method in END_TO_END
+    if (record["vae"] is None) != end_to_end or (not end_to_end and record["vae"] not in VAE_VARIANTS):
+        valid = "null (trained end to end)" if end_to_end else ", ".join(VAE_VARIANTS)
+        raise GeovqError(f"{where}: vae {record['vae']!r} is not valid; valid: {valid}")
+    overrides = dict(record["vae_overrides"] or {}) if not end_to_end else dict(record["params"] or {})
+    for key in overrides:
+        check_override(key)
+    if end_to_end:
+        if record["vae_overrides"]:
+            raise GeovqError(f"{where}: vae_overrides must be empty for a method trained end to end")
+        return
+    from geovq.quantize import get_quantizer_class
+
+    qcls = get_quantizer_class(method)
+    unknown = sorted(set(record["params"] or {}) - set(qcls.hyperparameters()))
+    if unknown:
+        raise GeovqError(f"{where}: {method} has no hyperparameter {unknown[0]!r}; valid: "
+                         f"{', '.join(qcls.hyperparameters())}")
+    qcls(n_codes=k, seed=0, **(record["params"] or {})).validate()

@@ -8,7 +8,8 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from geovq.report.tables import INTRO, SUMMARY_HEADER, ceiling_lines, summary_by_bits, title
+from geovq.report.tables import (INTRO, SETTINGS_HEADER, SUMMARY_HEADER, ceiling_lines, row_settings,
+                                 summary_by_bits, title)
 
 if TYPE_CHECKING:
     from geovq.report.build import Runs
@@ -39,6 +40,12 @@ def html_report(runs: Runs, figures: list[Figure], out: Path, config_yaml: str) 
                      str(line.n), *line.cells]
             parts.append(f"<tr{' class=best' if i == best else ''}>" + "".join(f"<td>{esc(c)}</td>" for c in cells)
                          + "</tr>")
+        parts.append("</table>")
+    settings = row_settings(runs.rows)
+    if settings:  # which settings each row used (a tuned sweep: every method its own)
+        parts.append("<h2>Settings of each row</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in SETTINGS_HEADER)
+                     + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in s) + "</tr>" for s in settings]
         parts.append("</table>")
     parts.append("<h2>Figures</h2>")
     for figure in figures:

@@ -124,11 +124,37 @@ def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], 
                 cells[0] = f"**{cells[0]}**"
             lines.append(f"| {line.method} | {line.vae or '—'} | {line.decoder} | {line.k} | {bits:g} | "
                          f"{line.bpp:.3f} | {line.n} | " + " | ".join(cells) + " |")
+    lines += settings_table(rows)
     reasons = sorted({r["lpips_reason"] for r in rows if r.get("lpips") is None and r.get("lpips_reason")})
     if reasons:
         lines += ["", "LPIPS n/a: " + "; ".join(reasons)]
     lines += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+SETTINGS_HEADER = ["method", "vae", "K", "d", "VAE training", "hyperparameters"]
+
+
+def row_settings(rows: list[dict[str, Any]]) -> list[tuple]:
+    """Which settings each row used (a tuned sweep gives every method its own), one tuple per distinct setting
+    (SETTINGS_HEADER): the VAE's training overrides and the method's hyperparameters; none when every row runs
+    the defaults."""
+    def fmt(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in sorted(values.items())) or "—"
+
+    seen = sorted({(r["method"], r.get("vae") or "—", r["K"], r.get("token_dim", "—"),
+                    fmt(r.get("vae_overrides") or {}), fmt(r.get("params") or {})) for r in rows})
+    return [] if all(vae == params == "—" for *_, vae, params in seen) else seen
+
+
+def settings_table(rows: list[dict[str, Any]]) -> list[str]:
+    """report.md's table of `row_settings`."""
+    seen = row_settings(rows)
+    if not seen:
+        return []
+    lines = ["", "## Settings of each row", "", "| " + " | ".join(SETTINGS_HEADER) + " |", "|" + "---|" * 6]
+    return lines + ["| " + " | ".join(map(str, s)) + " |" for s in seen]
 
 
 def progress(run_dir: Path) -> tuple[int, int]:

@@ -60,13 +60,15 @@ def score_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSpl
 
 
 def unit_row(cfg: SweepConfig, unit: Unit, data: ImageSplits) -> dict[str, Any]:
-    """The part of a results row that says what was measured: method, VAE, rate, seed, hyperparameters."""
+    """The part of a results row that says what was measured: method, VAE (and its training overrides), rate,
+    seed, hyperparameters."""
     layout = cfg.layout.with_token_dim(unit.token_dim, unit.grouping)
     bits = bits_per_image(layout.tokens_per_image, unit.n_codes)
     return {"dataset": cfg.dataset, "method": unit.method, "vae": None if unit.vae is None else unit.vae.variant,
             "finetuned": False, "K": unit.n_codes, "token_dim": unit.token_dim, "grouping": unit.grouping,
             "tokens_per_image": layout.tokens_per_image, "bits_per_image": bits,
             "bpp": bits_per_pixel(bits, data.native_hw), "seed": unit.seed, "params": dict(unit.params),
+            "vae_overrides": {} if unit.vae is None else dict(unit.vae.overrides),
             "unit": unit.key, "vae_key": None if unit.vae is None else unit.vae.key}
 
 

@@ -13,12 +13,13 @@ from geovq.latents import TokenLayout
 from geovq.stages.common import Progress, settings
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import VaeSpec
-from geovq.training.loop import train_vae
+from geovq.training.loop import EpochCallback, train_vae
 
 
 def train_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSplits, device: torch.device,
-                    progress: Progress) -> Path:
-    """Train (or resume training) the VAE of `spec` on `device`; returns its checkpoint, written last."""
+                    progress: Progress, on_epoch: EpochCallback | None = None) -> Path:
+    """Train (or resume training) the VAE of `spec` on `device`; returns its checkpoint, written last.
+    `on_epoch(epoch, model)` runs after each epoch trained here (a search reports validation PSNR with it)."""
     out = run.vae(spec)
     checkpoint = out / "model.pt"
     if checkpoint.exists():
@@ -26,7 +27,7 @@ def train_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSpl
     write_json(out / "spec.json", spec.to_dict())
     train, tdc, _ = settings(cfg, spec.overrides, spec.seed)
     layout = None if spec.token_dim is None else cfg.layout.with_token_dim(spec.token_dim, spec.grouping)
-    train_vae(cfg.trunk, train, data.train, data.val, out, progress, device, layout, spec.target_bits, tdc)
+    train_vae(cfg.trunk, train, data.train, data.val, out, progress, device, layout, spec.target_bits, tdc, on_epoch)
     return checkpoint
 
 

@@ -122,18 +122,36 @@ def work_from_dict(raw: dict[str, Any]) -> VaeSpec | Unit:
     return VaeSpec.from_dict(raw) if raw["kind"] == "vae" else Unit.from_dict(raw)
 
 
-def vae_spec(cfg: SweepConfig, variant: str, n_codes: int, seed: int) -> VaeSpec:
-    """The VAE a post-hoc unit of this sweep at K = n_codes uses."""
+def vae_spec(cfg: SweepConfig, variant: str, n_codes: int, seed: int, token_dim: int | None = None,
+             overrides: Params = ()) -> VaeSpec:
+    """The VAE a post-hoc unit at K = n_codes uses: the plain VAE serves every rate; a TDC VAE targets
+    log2 K bits per token of `token_dim` channels (default: the sweep's d). `overrides`: dotted training settings."""
     if variant == "plain":
-        return VaeSpec("plain", seed)
-    return VaeSpec("tdc", seed, target_bits=cfg.tdc_bits or math.log2(n_codes), token_dim=cfg.d,
-                   grouping=cfg.grouping)
+        return VaeSpec("plain", seed, overrides=overrides)
+    return VaeSpec("tdc", seed, target_bits=cfg.tdc_bits or math.log2(n_codes), token_dim=token_dim or cfg.d,
+                   grouping=cfg.grouping, overrides=overrides)
+
+
+def tuned_unit(cfg: SweepConfig, method: str, record: dict[str, Any], seed: int) -> Unit:
+    """The unit of one tuned configuration (config.TUNED_FIELDS: a `geovq tune` trial, or its best.yaml record)."""
+    from geovq.quantize.base import get_quantizer_class, quantizer_path
+
+    k, d = record["n_codes"], record["token_dim"]
+    common = dict(method=method, n_codes=k, seed=seed, token_dim=d, grouping=cfg.grouping,
+                  params=as_params(record["params"]))
+    if method in END_TO_END:
+        return Unit(**common)
+    vae = vae_spec(cfg, record["vae"], k, seed, token_dim=d, overrides=as_params(record["vae_overrides"]))
+    return Unit(**common, vae=vae, quantizer=quantizer_path(get_quantizer_class(method)))
 
 
 def plan_units(cfg: SweepConfig) -> list[Unit]:
-    """Every unit of a sweep: seeds × K × methods (× VAE variants for post-hoc methods)."""
+    """Every unit of a sweep: seeds × K × methods (× VAE variants for post-hoc methods); with --tuned, seeds ×
+    methods, each method at its own tuned configuration."""
     from geovq.quantize.base import get_quantizer_class, quantizer_path
 
+    if cfg.tuned:
+        return [tuned_unit(cfg, method, cfg.tuned[method], seed) for seed in range(cfg.seeds) for method in cfg.methods]
     units = []
     for seed in range(cfg.seeds):
         for k in cfg.codebook_sizes:

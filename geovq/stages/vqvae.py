@@ -18,12 +18,13 @@ from geovq.stages.encode import code_dtype
 from geovq.stages.rundir import SPLITS, RunDir
 from geovq.stages.units import Unit
 from geovq.training.checkpoint import load_model
-from geovq.training.loop import to_device, train_vqvae
+from geovq.training.loop import EpochCallback, to_device, train_vqvae
 
 
 def train_vqvae_stage(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
-                      progress: Progress) -> VQVAE:
-    """Train (or resume, or load) the unit's VQ-VAE on `device`."""
+                      progress: Progress, on_epoch: EpochCallback | None = None) -> VQVAE:
+    """Train (or resume, or load) the unit's VQ-VAE on `device`; `on_epoch(epoch, model)` runs after each
+    epoch trained here."""
     out = run.unit(unit)
     if (out / "model.pt").exists():
         return load_model(out / "model.pt", "vqvae", device)
@@ -31,7 +32,8 @@ def train_vqvae_stage(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSpli
     train, _, vq = settings(cfg, unit.params, unit.seed)
     layout = cfg.layout.with_token_dim(unit.token_dim, unit.grouping)
     t0 = time.time()
-    model = train_vqvae(cfg.trunk, layout, unit.n_codes, vq, train, data.train, data.val, out, progress, device)
+    model = train_vqvae(cfg.trunk, layout, unit.n_codes, vq, train, data.train, data.val, out, progress, device,
+                        on_epoch)
     write_json(out / "fit.json", {"fit_seconds": time.time() - t0})
     return model.eval()
 

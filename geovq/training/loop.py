@@ -28,6 +28,8 @@ from geovq.training.checkpoint import save_checkpoint
 from geovq.training.tdc import TDCController, token_kl_bits
 
 log = logging.getLogger("geovq")
+#: called as on_epoch(epoch, model) after each trained epoch (see train_model)
+EpochCallback = Callable[[int, nn.Module], None]
 
 
 def _batches(images: np.ndarray, batch_size: int, rng: np.random.Generator | None, device: torch.device):
@@ -74,12 +76,15 @@ def _log_images(writer, tag: str, originals: torch.Tensor, recons: torch.Tensor,
 def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, torch.Tensor]],
                 train_images: np.ndarray, val_images: np.ndarray, cfg: TrainConfig, out_dir: Path,
                 progress: Callable[..., Any], desc: str, device: torch.device,
-                stateful: dict[str, Any] | None = None) -> dict[str, float]:
+                stateful: dict[str, Any] | None = None, on_epoch: EpochCallback | None = None) -> dict[str, float]:
     """Optimise `model` with Adam (cosine decay) on `step_loss`; log to TensorBoard in out_dir/tb.
 
     `step_loss` returns scalars (logged; "loss" is minimised), "logits" (for image grids) and optional
     "hist_*" tensors (logged as histograms). `stateful` objects with state_dict()/load_state_dict() (e.g. the
-    TDC controller) are saved with every epoch's resume point. Returns the final validation losses.
+    TDC controller) are saved with every epoch's resume point. `on_epoch(epoch, model)` runs after each epoch
+    this call trains (1-based, once its resume point is written; a resumed training skips the epochs it already
+    has), e.g. to report a validation metric to a scheduler that may stop the training there. Returns the
+    final validation losses.
     Resumes from out_dir/state.pt when present (written device-independent: CPU tensors), logging the epoch
     it resumes from. `model` must already be on `device`.
     """
@@ -142,6 +147,8 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
                                 "torch_rng": torch.get_rng_state(),
                                 **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                                 **{name: obj.state_dict() for name, obj in stateful.items()}}), tmp)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
         bar.set_description(f"{desc} epoch {epoch + 1}/{cfg.epochs} val loss {val_losses['loss']:.4g}")
     bar.close()
     writer.close()
@@ -183,7 +190,8 @@ def evaluate_losses(model: nn.Module, step_loss, images: np.ndarray, batch_size:
 
 def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, val_images: np.ndarray,
               out_dir: Path, progress: Callable[..., Any], device: torch.device, layout: TokenLayout | None = None,
-              tdc_target_bits: float | None = None, tdc: TDCConfig | None = None) -> GaussianVAE:
+              tdc_target_bits: float | None = None, tdc: TDCConfig | None = None,
+              on_epoch: EpochCallback | None = None) -> GaussianVAE:
     """Train the Gaussian VAE on `device`; writes out_dir/model.pt (weights + config, and the TDC state if any).
 
     Plain: reconstruction NLL + β·KL, both summed per image. With `tdc_target_bits` T, the KL term is the
@@ -213,7 +221,7 @@ def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, va
 
     val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress,
                       "vae" if controller is None else f"vae tdc T={tdc_target_bits:g}", device,
-                      stateful={"tdc": controller} if controller is not None else None)
+                      stateful={"tdc": controller} if controller is not None else None, on_epoch=on_epoch)
     save_checkpoint(out_dir / "model.pt", "vae", model, {"trunk": trunk.as_dict(), "train": cfg.as_dict()},
                     {"val_losses": val, "tdc": controller.state_dict() if controller is not None else None})
     return model
@@ -221,7 +229,7 @@ def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, va
 
 def train_vqvae(trunk: TrunkConfig, layout: TokenLayout, n_codes: int, vq: VQConfig, cfg: TrainConfig,
                 train_images: np.ndarray, val_images: np.ndarray, out_dir: Path, progress: Callable[..., Any],
-                device: torch.device) -> VQVAE:
+                device: torch.device, on_epoch: EpochCallback | None = None) -> VQVAE:
     """Train the VQ-VAE on `device` (k-means init of the codebook first); writes out_dir/model.pt."""
     torch.manual_seed(cfg.seed)
     model = VQVAE(trunk, layout, n_codes, vq).to(device)
@@ -233,7 +241,7 @@ def train_vqvae(trunk: TrunkConfig, layout: TokenLayout, n_codes: int, vq: VQCon
         return {k: out[k] for k in ("loss", "nll", "commit", "restarted", "logits")}
 
     val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, f"vqvae K={n_codes}",
-                      device)
+                      device, on_epoch=on_epoch)
     save_checkpoint(out_dir / "model.pt", "vqvae", model,
                     {"trunk": trunk.as_dict(), "layout": layout.as_dict(), "n_codes": n_codes,
                      "vq": asdict(vq), "train": cfg.as_dict()}, {"val_losses": val})

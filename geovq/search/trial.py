@@ -1,0 +1,243 @@
+"""One trial of `geovq tune`, as a Tune worker runs it. Validation only: the test split is withheld.
+
+A post-hoc trial trains (or reuses) its Gaussian VAE, reporting the VAE's own validation PSNR after every
+epoch (ASHA's signal, epochs its resource), then fits its quantizer on the training latents, encodes the
+validation latents and reports validation PSNR at its bit budget (the objective). A VQ-VAE trial reports the
+VQ-VAE's validation PSNR after every epoch; its last is the objective.
+
+Trials that share a VAE configuration share one trained VAE: it lives in vae/{spec.key} (a hash of its whole
+configuration), a file lock lets one trial train it while the others wait, and its per-epoch validation PSNR
+(`val_psnr.json`) lets a later trial replay those epochs to the scheduler instead of training them again. A
+VAE that ASHA stopped keeps its resume point, so a later trial with the same configuration trains only the
+epochs it lacks. Every report carries `epochs_trained`: the epochs this trial itself trained.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from geovq.config import SweepConfig
+from geovq.data import ImageSplits
+from geovq.errors import GeovqError
+from geovq.io import write_json
+from geovq.stages.common import INFERENCE_BATCH, decode_grids, load_splits
+from geovq.stages.rundir import RunDir
+from geovq.stages.units import Unit, tuned_unit
+
+#: the metrics a trial reports: the scheduler's (every epoch) and the searcher's (once, at the end)
+EPOCH, EPOCH_METRIC, OBJECTIVE, BITS = "epoch", "epoch_val_psnr", "val_psnr", "bits"
+#: reported instead of the objective when a GeovqError ended the trial (a cause a retry cannot fix)
+GEOVQ_ERROR = "geovq_error"
+#: a model's per-epoch validation PSNR, {epoch: dB}, beside its checkpoint
+HISTORY = "val_psnr.json"
+Report = Callable[[dict[str, Any]], None]
+
+
+class WithheldSplitAccess(RuntimeError):
+    """A search touched the test split (a bug: a search must never read it)."""
+
+
+class WithheldSplits:
+    """A dataset's train and val splits; its test split is withheld: reading `test` or `test_labels` raises.
+    Stages read `data.train`, `data.val` and `data.native_hw`, so they run on it unchanged."""
+
+    def __init__(self, data: ImageSplits) -> None:
+        self.name, self.native_hw, self.description = data.name, data.native_hw, data.description
+        self.train, self.val = data.train, data.val
+        self.train_labels, self.val_labels = data.train_labels, data.val_labels
+
+    @property
+    def test(self) -> np.ndarray:
+        raise WithheldSplitAccess(f"the {self.name} test split is withheld during a search")
+
+    test_labels = test
+
+
+def search_splits(cfg: SweepConfig) -> WithheldSplits:
+    """The search's view of the dataset: train (capped by the space's max_train_images) and val, no test."""
+    return WithheldSplits(load_splits(cfg))
+
+
+class Diverged(Exception):
+    """A model's validation reconstruction is not finite: the trial ends without a score."""
+
+
+def search_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
+    """Tune's trainable: `config` is the sampled point (Study.sample's values), `job` the search's fixed part
+    (run_dir, config, study, seed)."""
+    import faiss
+    from ray import tune
+    from threadpoolctl import threadpool_limits
+
+    from geovq.distributed.tune import trial_device
+
+    cfg = SweepConfig.from_dict(job["config"])
+    torch.set_num_threads(cfg.cpus_per_trial)
+    faiss.omp_set_num_threads(cfg.cpus_per_trial)
+    study = job["study"]
+    candidate = study.candidate(config)
+    unit = tuned_unit(cfg, study.method, candidate.record(), job["seed"])
+    run = RunDir(Path(job["run_dir"]))
+    history = (run.unit(unit) if unit.end_to_end else run.vae(unit.vae)) / HISTORY
+    fixed = {BITS: candidate.bits, "unit": unit.key, "vae_key": unit.vae.key if unit.vae is not None else None,
+             "history": str(history)}
+    trained = {"epochs": 0}
+
+    def report(metrics: dict[str, Any]) -> None:
+        tune.report({**metrics, "epochs_trained": trained["epochs"], **fixed})
+
+    t0 = time.time()
+    with threadpool_limits(cfg.cpus_per_trial):
+        try:
+            final = run_candidate(run, cfg, unit, search_splits(cfg), trial_device(), report, trained)
+        except Diverged as e:
+            report({"diverged": 1, "reason": str(e), "seconds": time.time() - t0})
+            return
+        except GeovqError as e:  # e.g. a setting this dataset cannot take: recorded, not retried by Tune
+            report({GEOVQ_ERROR: str(e).splitlines()[0], "seconds": time.time() - t0})
+            return
+    report({**final, "seconds": time.time() - t0})
+
+
+def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplits, device: torch.device,
+                  report: Report, trained: dict[str, int]) -> dict[str, Any]:
+    """Train (or reuse) the unit's model reporting every epoch but its last; returns the final metrics: the
+    last epoch's (which reach the scheduler with the score, so it never stops a trial that has trained every
+    epoch before its quantizer is scored) and the objective."""
+    from filelock import FileLock
+
+    from geovq.stages.common import settings
+    from geovq.stages.fit import fit_stage
+    from geovq.stages.train_vae import train_vae_stage
+    from geovq.stages.vqvae import train_vqvae_stage
+    from geovq.training.checkpoint import load_model
+
+    if unit.end_to_end:
+        out = run.unit(unit)
+        out.mkdir(parents=True, exist_ok=True)
+        epochs = settings(cfg, unit.params, unit.seed)[0].epochs
+        with FileLock(str(out / ".train.lock")):
+            last = train_reporting(out / HISTORY, epochs, report, trained,
+                                   lambda on_epoch: train_vqvae_stage(run, cfg, unit, data, device, _quiet, on_epoch),
+                                   lambda model: vqvae_val_psnr(model, data.val, device))
+        return {EPOCH: epochs, EPOCH_METRIC: last, OBJECTIVE: last}
+    spec = run.vae(unit.vae)
+    spec.mkdir(parents=True, exist_ok=True)
+    epochs = settings(cfg, unit.vae.overrides, unit.seed)[0].epochs
+    with FileLock(str(spec / ".train.lock")):  # one trial trains a VAE; the others wait, then reuse it
+        last = train_reporting(spec / HISTORY, epochs, report, trained,
+                               lambda on_epoch: train_vae_stage(run, cfg, unit.vae, data, device, _quiet, on_epoch),
+                               lambda model: vae_val_psnr(model, data.val, device))
+        vae = load_model(spec / "model.pt", "vae", device)
+        extract_search_latents(run, cfg, unit, data, device, vae)
+    out = run.unit(unit)
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out / ".fit.lock")):
+        quantizer = fit_stage(run, cfg, unit, device, vae)
+        scored = score_val(run, unit, quantizer, vae, data, device)
+    return {EPOCH: epochs, EPOCH_METRIC: last, OBJECTIVE: scored[OBJECTIVE],
+            "val_usage_perplexity": scored["val_usage_perplexity"],
+            "fit_seconds": quantizer.fit_info_.get("fit_seconds")}
+
+
+def train_reporting(history_path: Path, epochs: int, report: Report, trained: dict[str, int],
+                    train: Callable[[Callable[[int, torch.nn.Module], None]], Any],
+                    val_psnr: Callable[[torch.nn.Module], float]) -> float:
+    """Replay the epochs a model already has (its `history_path`: {epoch: validation PSNR}) to the scheduler,
+    then train the rest (`train(on_epoch)`), recording each and reporting all but the last `epochs`-th;
+    returns the last epoch's PSNR. The scheduler may stop the trial at any report: the model keeps its resume
+    point and its history."""
+    history = {int(k): v for k, v in json.loads(history_path.read_text()).items()} if history_path.exists() else {}
+    for epoch in sorted(history):
+        if epoch < epochs:
+            report({EPOCH: epoch, EPOCH_METRIC: history[epoch]})
+
+    def on_epoch(epoch: int, model: torch.nn.Module) -> None:
+        value = val_psnr(model)
+        history[epoch] = value
+        write_json(history_path, {str(e): v for e, v in sorted(history.items())})
+        trained["epochs"] += 1
+        if epoch < epochs:
+            report({EPOCH: epoch, EPOCH_METRIC: value})
+
+    train(on_epoch)
+    if epochs not in history:
+        raise GeovqError(f"{history_path} lacks epoch {epochs} of a trained model; delete {history_path.parent} and "
+                         "its model is trained again")
+    return history[epochs]
+
+
+def extract_search_latents(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplits, device: torch.device,
+                           vae: torch.nn.Module) -> None:
+    """latents_{train,val}.npz of the unit's VAE (never test)."""
+    from geovq.stages.extract import extract_latents
+    from geovq.stages.train_vae import vae_layout
+
+    for split in ("train", "val"):
+        path = run.latents(unit.vae, split)
+        if not path.exists():
+            extract_latents(vae, getattr(data, split), vae_layout(cfg, unit.vae), device).save(path)
+
+
+def score_val(run: RunDir, unit: Unit, quantizer: Any, vae: torch.nn.Module, data: WithheldSplits,
+              device: torch.device) -> dict[str, float]:
+    """Validation PSNR of the quantized validation latents through the VAE's decoder (val.json, cached)."""
+    from geovq.metrics.codebook import usage_perplexity
+    from geovq.stages.fit import load_latents
+
+    path = run.unit(unit) / "val.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    val = load_latents(run, unit, "val")
+    codes, info = quantizer.encode_with_info(val)
+    recon = decode_grids(vae.decoder, val.layout.tokens_to_grid(quantizer.decode(codes)), device)
+    scored = {OBJECTIVE: mean_psnr(data.val, recon, device),
+              "val_usage_perplexity": usage_perplexity(codes, unit.n_codes), "encode_info": info}
+    write_json(path, scored)
+    return scored
+
+
+def mean_psnr(images: np.ndarray, recon: torch.Tensor, device: torch.device) -> float:
+    """Mean per-image PSNR; Diverged when the reconstruction is not finite (a diverged training)."""
+    from geovq.metrics.image import psnr
+    from geovq.training.loop import to_device
+
+    if not torch.isfinite(recon).all():
+        raise Diverged("the validation reconstruction is not finite")
+    return float(psnr(to_device(images, device), recon).mean())
+
+
+@torch.no_grad()
+def vae_val_psnr(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> float:
+    """The Gaussian VAE's own validation PSNR: each image decoded from its posterior mean μ."""
+    from geovq.stages.extract import encode_images
+
+    mu, _ = encode_images(model, images, device)
+    if not np.isfinite(mu).all():
+        raise Diverged("the validation posterior means are not finite")
+    return mean_psnr(images, decode_grids(model.decoder, mu, device), device)
+
+
+@torch.no_grad()
+def vqvae_val_psnr(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> float:
+    """The VQ-VAE's validation PSNR: each image through its own codes, codebook and decoder."""
+    from geovq.stages.vqvae import vqvae_reconstruct
+    from geovq.training.loop import to_device
+
+    model.eval()
+    codes = np.concatenate([model.encode_codes(to_device(images[s:s + INFERENCE_BATCH], device)).cpu().numpy()
+                            for s in range(0, len(images), INFERENCE_BATCH)])
+    return mean_psnr(images, vqvae_reconstruct(model, device)(codes), device)
+
+
+def _quiet(**kwargs: Any):
+    from tqdm import tqdm
+
+    return tqdm(disable=True, **kwargs)
+
