@@ -232,11 +232,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changed_options(old: SweepConfig, new: SweepConfig) -> list[str]:
-    """The options (or keys) whose values differ between two runs' identities, e.g. ['--epochs 20 -> 3']."""
+def changed_options(old: SweepConfig, new: SweepConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The options (or keys) whose values differ between two runs' identities, e.g. ['--epochs 20 -> 3'];
+    keys in `ignore` do not count."""
     before, after = _flatten(old.identity()), _flatten(new.identity())
     return [f"{option_name(k)} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
-            if before.get(k) != after.get(k)]
+            if before.get(k) != after.get(k) and k not in ignore]
 
 
 def union_config(previous: SweepConfig, current: SweepConfig) -> SweepConfig:

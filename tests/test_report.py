@@ -60,14 +60,14 @@ def test_figure_statistics_put_usage_on_a_fraction_of_k_and_one_ceiling_per_vari
 # -- reports of real runs ------------------------------------------------------------------------------------
 
 runner = CliRunner()
-TINY = ["sweep", "digits", "--quick", "--vae", "plain", "--codebook-sizes", "16", "--epochs", "2", "--no-prior"]
+TINY = ["sweep", "digits", "--quick", "--vae", "plain", "--codebook-sizes", "16", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
 def two_runs(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
-    for name, methods in (("a", "kmeans,gq"), ("b", "vqvae")):
-        result = runner.invoke(app, TINY + ["--methods", methods, "--out", str(root / name)])
+    for name, methods, prior in (("a", "kmeans,gq,geodesic", ["--no-prior"]), ("b", "vqvae", ["--prior-samples", "50"])):
+        result = runner.invoke(app, TINY + prior + ["--methods", methods, "--out", str(root / name)])
         assert result.exit_code == 0, result.output
     return root / "a", root / "b"
 
@@ -83,18 +83,30 @@ def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path)
     result = runner.invoke(app, ["report", str(two_runs[0]), str(two_runs[1]), "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())
-    assert sorted((r["run"], r["method"]) for r in rows) == [("a", "gq"), ("a", "kmeans"), ("b", "vqvae")]
+    assert sorted((r["run"], r["method"]) for r in rows) == [("a", "geodesic"), ("a", "gq"), ("a", "kmeans"),
+                                                             ("b", "vqvae")]
     html = (out / "report.html").read_text()
     sidecars = sorted((out / "figures").glob("*.json"))
-    assert {p.stem for p in sidecars} == {"rate_distortion", "compare_64bits", "usage_64bits", "recon_64bits"}
+    assert {p.stem for p in sidecars} == {"rate_distortion", "compare_64bits", "usage_64bits", "recon_64bits",
+                                          "samples_64bits", "geometry_64bits"}
     for sidecar in sidecars:
         png = sidecar.with_suffix(".png")
         Image.open(png).verify()  # a valid PNG
         assert f"data-file='{png.name}'" in html  # embedded in the page
     assert html.count("<tr class=best>") == 1 and "<h2>64 bits per image</h2>" in html
-    lines = {"gq", "kmeans", "vqvae"}
-    assert set(json.loads((out / "figures" / "rate_distortion.json").read_text())["lines"]) == lines
-    assert json.loads((out / "figures" / "rate_distortion.json").read_text())["panels"][0] == "psnr"
+    lines = {"geodesic", "gq", "kmeans", "vqvae"}
+    rd = json.loads((out / "figures" / "rate_distortion.json").read_text())
+    assert set(rd["lines"]) == lines
+    assert rd["panels"][0] == "psnr" and rd["panels"][-1] == "psnr_vs_prior_bits"  # run b has a prior
+    # geodesic diagnostics: the geodesic row's sampled pairs and edges, both panels drawn
+    geometry = json.loads((out / "figures" / "geometry_64bits.json").read_text())
+    geodesic = next(r for r in rows if r["method"] == "geodesic")
+    sample = geodesic["fit_info"]["diagnostics"]
+    assert geometry["lines"] == ["geodesic"] and geometry["panels"] == 2
+    assert geometry["points"]["geodesic"] == {"pairs": len(sample["pairs"]["graph"]),
+                                              "edges": len(sample["edges"]["length"])} and len(sample["edges"]["length"]) == 400
+    # distinct landmarks: every sampled edge has a positive chord and a positive decoder-metric length
+    assert min(sample["edges"]["length"]) > 0 and min(sample["edges"]["euclidean"]) > 0
     assert set(json.loads((out / "figures" / "usage_64bits.json").read_text())["lines"]) == lines
     layout = json.loads((out / "figures" / "recon_64bits.json").read_text())
     assert layout["rows"][0] == "original" and set(layout["rows"][1:]) == lines
@@ -120,6 +132,18 @@ def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path)
         x = layout["left"] + j * (w + layout["pad"])
         want = np.kron(np.rint(decoded[j, 0] * 255), np.ones((layout["scale"], layout["scale"])))
         np.testing.assert_array_equal(picture[y:y + h, x:x + w, 0], want.astype(np.uint8))
+
+    # the sample grid's tiles are the first images the vqvae unit's prior drew, pixel for pixel
+    samples = json.loads((out / "figures" / "samples_64bits.json").read_text())
+    assert samples["rows"] == ["vqvae: transformer"]
+    with np.load(two_runs[1] / samples["files"]["vqvae"]) as z:
+        drawn = z["images"][:samples["n"], 0]
+    picture = np.asarray(Image.open(out / "figures" / "samples_64bits.png").convert("RGB"))
+    h, w = samples["tile"]
+    for j in range(samples["n"]):
+        x = samples["left"] + j * (w + samples["pad"])
+        want = np.kron(drawn[j], np.ones((samples["scale"], samples["scale"]), np.uint8))
+        np.testing.assert_array_equal(picture[samples["top"]:samples["top"] + h, x:x + w, 0], want)
 
 
 def edited_copy(run: Path, tmp_path: Path, name: str, **changes) -> Path:

@@ -170,3 +170,27 @@ def _as_points(latents) -> tuple[np.ndarray, torch.dtype]:
     if not np.isfinite(latents).all():
         raise GeovqError(f"latents contain {int((~np.isfinite(latents)).sum())} NaN or inf values")
     return latents.astype(np.float64), (torch.float32 if dtype == torch.float32 else torch.float64)
+
+
+def geometry_sample(points: np.ndarray, graph: GeodesicGraph, rng: np.random.Generator, n_sources: int = 20,
+                    n_pairs: int = 400, n_edges: int = 400) -> dict[str, dict[str, list[float]]]:
+    """What a report draws of a fitted graph (DESIGN.md §3): graph geodesic against Euclidean distance for
+    n_pairs landmark pairs (Dijkstra from n_sources landmarks), and the decoder-metric length of n_edges edges
+    against their Euclidean chords. 5 significant digits: a sample for a picture, small in fit_info."""
+    from scipy.sparse.csgraph import dijkstra
+
+    n = len(points)
+    sources = rng.choice(n, size=min(n_sources, n), replace=False)
+    targets = rng.choice(n, size=(len(sources), max(1, n_pairs // len(sources))))
+    dist = dijkstra(graph.graph, directed=True, indices=sources)[np.arange(len(sources))[:, None], targets]
+    chord = np.linalg.norm(points[sources][:, None] - points[targets], axis=-1)
+    keep = np.isfinite(dist) & (chord > 0)  # unreachable pairs and a source drawn as its own target say nothing
+    edges = rng.choice(len(graph.lengths), size=min(n_edges, len(graph.lengths)), replace=False)
+    i, j = graph.knn.edges[edges].T
+    edge_chord = np.linalg.norm(points[i] - points[j], axis=1)
+
+    def short(values: np.ndarray) -> list[float]:
+        return [float(f"{v:.5g}") for v in values]
+
+    return {"pairs": {"euclidean": short(chord[keep]), "graph": short(dist[keep])},
+            "edges": {"euclidean": short(edge_chord), "length": short(graph.lengths[edges])}}

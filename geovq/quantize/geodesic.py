@@ -156,7 +156,7 @@ class GeodesicQuantizer(Quantizer):
         process (e.g. `geovq.stages.edges` on Ray Data workers). Endpoint lengths from metric neighbours'
         tensors need no decoder call, so they are never handed out."""
         from geovq.geometry.decoders import GridTokenDecoder
-        from geovq.geometry.graph import build_geodesic_graph
+        from geovq.geometry.graph import build_geodesic_graph, geometry_sample
         from geovq.geometry.landmarks import landmark_coverage, stratified_tokens
         from geovq.geometry.medoids import kmedoids
         from geovq.geometry.paths import GraphSpace
@@ -208,6 +208,8 @@ class GeodesicQuantizer(Quantizer):
             # what decided the codes: graph distances, or curves in each token's own image (then "context"
             # has the rounds after the graph k-medoids that started them; "objective" above is the graph's)
             "paths": self.paths, **({} if context is None else {"context": context}),
+            # a sample of graph against Euclidean distances and of edge lengths, for the report's picture
+            "diagnostics": geometry_sample(self.landmarks_.points, graph, np.random.default_rng(self.seed + 1)),
         }
 
     def _fit_in_context(self, medoids: np.ndarray) -> dict[str, Any]:

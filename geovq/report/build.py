@@ -60,9 +60,10 @@ def load_runs(run_dirs: list[Path]) -> Runs:
         if cfg.dataset != first.dataset:
             raise GeovqError(f"{path} is a {cfg.dataset} run, {run_dirs[0]} a {first.dataset} run; a report "
                              "merges runs of one dataset")
-        changed = changed_options(first, cfg)
+        # the prior settings change no reconstruction: each row records its own prior and sample count
+        changed = changed_options(first, cfg, ignore=("prior", "prior_samples"))
         if changed:
-            raise GeovqError(f"{path} and {run_dirs[0]} differ in more than methods, K, seeds and VAE variants "
+            raise GeovqError(f"{path} and {run_dirs[0]} differ in more than methods, K, seeds, VAE variants and priors "
                              f"({'; '.join(changed)}); they cannot share a table")
     rows, ceilings, finished, planned = [], [], 0, 0
     for d in dirs:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from geovq.io import atomic_path, write_json
 from geovq.latents import LatentSet
 from geovq.report.tables import mean_ci
@@ -36,9 +38,10 @@ def write_figures(out: Path, runs: Runs) -> list[Figure]:
     for bits in by_bits:
         figures.append(compare_figure(out, runs.rows, runs.ceilings, bits))
         figures.append(usage_figure(out, runs, bits))
-        from geovq.report.recon import reconstruction_figure
+        from geovq.report.recon import reconstruction_figure, samples_figure
 
         figures.append(reconstruction_figure(out, runs, bits))
+        figures.extend(f for f in (samples_figure(out, runs, bits), geometry_figure(out, runs, bits)) if f)
     for run in runs.dirs:  # each VAE's KL figure, redrawn from its test latents
         for done in sorted((run.root / "vae").glob("*/ceiling.json")):
             ceiling = json.loads(done.read_text())
@@ -81,25 +84,40 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
         ["usage_perplexity"]
     names = {"psnr": "test PSNR (dB)", "ssim": "test SSIM", "lpips": "test LPIPS (AlexNet)",
              "usage_perplexity": "usage perplexity / K"}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
+    # with priors, PSNR again against the prior's code length: the rate an entropy coder driven by the prior
+    # would reach (mean over seeds on both axes; lines without a prior are left out of that panel)
+    with_prior = any(r.get("prior_bits_per_image") is not None for r in rows)
+    panels = metrics + (["psnr_vs_prior_bits"] if with_prior else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for label, by_bits in sorted(series.items()):
         bits = sorted(by_bits)
         for ax, metric in zip(axes, metrics):
             stats = [_stat(by_bits[b], metric) for b in bits]
             ax.errorbar(bits, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
                         label=label, color=colour[label])
+        if with_prior:
+            points = [(_stat(by_bits[b], "prior_bits_per_image")[0], *_stat(by_bits[b], "psnr")) for b in bits
+                      if all(r.get("prior_bits_per_image") is not None for r in by_bits[b])]
+            if points:
+                x, y, h = zip(*points)
+                axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, color=colour[label])
     for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
     for ax, metric in zip(axes, metrics):
         ax.set(xlabel="bits per image (fixed-length: tokens × log2 K)", ylabel=names[metric])
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-    axes[-1].set_ylim(0, 1.05)
+    axes[len(metrics) - 1].set_ylim(0, 1.05)
+    if with_prior:
+        axes[-1].set(xlabel="bits per image under the prior (test codes)", ylabel=names["psnr"],
+                     title="with the prior as entropy model")
+        axes[-1].grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     path = out / "figures" / "rate_distortion.png"
     _save(fig, path)
-    return Figure(path, "rate–distortion: test metrics against bits per image (mean ± 95% CI over seeds)",
-                  {"panels": metrics, "lines": sorted(series)})
+    return Figure(path, "rate–distortion: test metrics against bits per image (mean ± 95% CI over seeds)"
+                  + ("; last panel: PSNR against the prior's bits per image" if with_prior else ""),
+                  {"panels": panels, "lines": sorted(series)})
 
 
 def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], bits: float) -> Figure:
@@ -135,7 +153,6 @@ def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
     """Sorted code frequencies of the test codes, one curve per line (its lowest seed), annotated with usage
     perplexity and dead codes: how evenly each method spends its K codes."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from geovq.metrics.codebook import code_histogram, dead_codes, usage_perplexity
 
@@ -161,6 +178,42 @@ def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
     _save(fig, path)
     return Figure(path, f"sorted code frequencies at {bits:g} bits per image", {"lines": sorted(curves),
                                                                                 "curves": curves})
+
+
+def geometry_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
+    """Geodesic diagnostics of each geodesic line at one rate (lowest seed): graph geodesic against Euclidean
+    distance for sampled landmark pairs, and the edges' decoder-metric lengths against their chords. None
+    without a geodesic row that recorded them."""
+    import matplotlib.pyplot as plt
+
+    firsts: dict[str, dict[str, Any]] = {}
+    for r in sorted(runs.rows, key=lambda r: r["seed"]):
+        if r["bits_per_image"] == bits and not r["finetuned"] and (r.get("fit_info") or {}).get("diagnostics"):
+            firsts.setdefault(line_label(r), r)
+    if not firsts:
+        return None
+    colour = _colours(firsts)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    points = {}
+    for label, r in sorted(firsts.items()):
+        sample = r["fit_info"]["diagnostics"]
+        pairs, edges = sample["pairs"], sample["edges"]
+        axes[0].scatter(pairs["euclidean"], pairs["graph"], s=5, alpha=0.5, color=colour[label], label=label)
+        axes[1].hist(np.log10(np.divide(edges["length"], edges["euclidean"])), bins=40, histtype="step",
+                     color=colour[label], label=label)
+        points[label] = {"pairs": len(pairs["graph"]), "edges": len(edges["length"])}
+    axes[0].set(xlabel="Euclidean distance in latent space", ylabel="graph geodesic distance",
+                title=f"landmark pairs ({bits:g} bits per image)")
+    axes[1].set(xlabel="log10 (edge length under the decoder / Euclidean chord)", ylabel="edges",
+                title="edge-length distribution")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    path = out / "figures" / f"geometry_{bits:g}bits.png"
+    _save(fig, path)
+    return Figure(path, f"geodesic diagnostics at {bits:g} bits per image: graph against Euclidean distances and "
+                        "the edge lengths' stretch (decoder-metric length over chord)",
+                  {"panels": 2, "lines": sorted(firsts), "points": points})
 
 
 def _stat(rows: list[dict[str, Any]], metric: str) -> tuple[float, float]:
@@ -202,7 +255,6 @@ def token_kl_figure(vae_dir: Path, test: LatentSet, target_bits: float | None, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     kl = test.token_kl_bits_grid()
     fig, (hist, cells) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})

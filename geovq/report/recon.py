@@ -1,4 +1,5 @@
-"""Reconstruction grids: the same test images across every method, VAE variant and decoder at one rate.
+"""Reconstruction grids: the same test images across every method, VAE variant and decoder at one rate; and
+sample grids: the first images each unit's prior drew, decoded by the decoder its row names.
 
 The images are fixed by the split seed (`recon_images`), so every figure and every run shows the same ones.
 The grid is assembled pixel for pixel (each tile the decoded image, upscaled by an integer factor, no
@@ -73,6 +74,26 @@ def reconstruction_figure(out: Path, runs: Runs, bits: float) -> Figure:
     return Figure(path, f"reconstructions at {bits:g} bits per image: the same {len(images)} test images (fixed by "
                         "the split seed) for every method; first row: the originals",
                   {"images": images.tolist(), "rows": list(rows), **layout})
+
+
+def samples_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
+    """The first N_IMAGES samples of each line's prior (lowest seed) at one rate; None when no row has samples."""
+    firsts: dict[str, dict[str, Any]] = {}
+    for r in sorted(runs.rows, key=lambda r: r["seed"]):
+        if r["bits_per_image"] == bits and r.get("samples_path"):
+            firsts.setdefault(line_label(r), r)
+    if not firsts:
+        return None
+    rows, files = {}, {}
+    for label, r in sorted(firsts.items()):
+        files[label] = str(Path(r["samples_path"]) / "samples.npz")
+        with np.load(runs.run_of(r).root / files[label]) as z:
+            rows[f"{label}: {r['prior']}"] = z["images"][:N_IMAGES].astype(np.float64) / 255
+    path = out / "figures" / f"samples_{bits:g}bits.png"
+    layout = write_mosaic(path, rows, f"prior samples at {bits:g} bits per image")
+    return Figure(path, f"samples at {bits:g} bits per image: the first {N_IMAGES} codes each prior drew (seeded), "
+                        "decoded by the decoder of their row", {"rows": list(rows), "files": files,
+                                                                 "n": N_IMAGES, **layout})
 
 
 def write_mosaic(path: Path, rows: dict[str, np.ndarray], title: str) -> dict[str, Any]:

@@ -226,4 +226,5 @@ def sample_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device
     if metrics:
         result.update(sample_metrics(run, cfg, data, images, device, progress, seed))
     write_json(out / "samples.json", result)
-    return result
+    # where they lie, for reports (relative to the run, so a copied run still finds them)
+    return {**result, "samples_path": str(out.relative_to(run.root)) if out.is_relative_to(run.root) else str(out)}
