@@ -100,7 +100,7 @@ def _sweep(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     token_dim: Optional[int] = typer.Option(None, "--token-dim", help="channels per token d [default: C, one token per cell]"),
     grouping: str = typer.Option("contiguous", "--grouping", help="contiguous or interleaved channel groups"),
-    vae: str = typer.Option("plain", "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC targets log2 K)"),
+    vae: str = typer.Option("plain,tdc", "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC: its tokens carry log2 K bits)"),
     tdc_bits: Optional[float] = typer.Option(None, "--tdc-bits", help="TDC target bits per token [default: log2 K]"),
     prior: str = typer.Option("transformer", "--prior", help="the prior trained over every unit's codes: transformer or pixelcnn"),
     no_prior: bool = typer.Option(False, "--no-prior", help="train no prior (no prior rate, no samples)"),
