@@ -18,6 +18,7 @@ from geovq.latents import LatentSet
 from geovq.quantize import Quantizer, make_quantizer
 from geovq.quantize.geodesic import CONTEXT_WEIGHT, POSITION_WEIGHT, context_features
 from geovq.quantize.wasserstein import w2_points
+from toy_decoders import ConvDecoder
 
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
@@ -32,18 +33,6 @@ class FlatGrid(nn.Module):
 
     def forward(self, grids: torch.Tensor) -> torch.Tensor:
         return self.flat(grids.reshape(grids.shape[0], -1))
-
-
-class ConvDecoder(nn.Module):
-    """μ-grids (B, h, w, C) -> images (B, 1, 2h, 2w), a 3×3 conv mixing neighbouring cells."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.mix = nn.Conv2d(channels, 8, 3, padding=1)
-        self.up = nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1)
-
-    def forward(self, grids: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.up(torch.tanh(self.mix(grids.permute(0, 3, 1, 2)))))
 
 
 def flat_latents(points: np.ndarray) -> LatentSet:

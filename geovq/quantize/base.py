@@ -92,6 +92,13 @@ class Quantizer(ABC):
         self.n_codes = n_codes
         self.seed = seed
 
+    def _check_decoder(self) -> None:
+        """For geometry-aware methods: the decoder is a runtime argument, not a hyperparameter, so it is
+        checked where it is used (fit, encode), not in `_validate_params`."""
+        if self.needs_decoder and getattr(self, "decoder", None) is None:
+            raise GeovqError(f"the {self.name} quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to "
+                             "images")
+
     # -- hyperparameters ----------------------------------------------------------------------------
     @classmethod
     def hyperparameters(cls) -> dict[str, Hyperparameter]:

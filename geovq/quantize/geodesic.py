@@ -140,10 +140,6 @@ class GeodesicQuantizer(Quantizer):
         if self.chunk_elements is not None and self.chunk_elements < 1:
             raise GeovqError(f"geodesic chunk_elements={self.chunk_elements} must be >= 1 (or None)")
 
-    def _check_decoder(self) -> None:
-        if self.decoder is None:  # a runtime argument, not a hyperparameter: checked where it is used
-            raise GeovqError("the geodesic quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to images")
-
     @property
     def _chunking(self) -> dict[str, int]:
         return {} if self.chunk_elements is None else {"chunk_elements": self.chunk_elements}

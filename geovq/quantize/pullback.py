@@ -257,10 +257,6 @@ class PullbackQuantizer(Quantizer):
         if self.chunk_elements is not None and self.chunk_elements < 1:
             raise GeovqError(f"pullback chunk_elements={self.chunk_elements} must be >= 1 (or None)")
 
-    def _check_decoder(self) -> None:
-        if self.decoder is None:  # a runtime argument, not a hyperparameter: checked where it is used
-            raise GeovqError("the pullback quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to images")
-
     def _chunking(self, dec: GridTokenDecoder) -> int:
         from geovq.geometry.lengths import CHUNK_ELEMENTS
 
