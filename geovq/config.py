@@ -149,7 +149,7 @@ class SweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tdc: TDCConfig = field(default_factory=TDCConfig)
     vq: VQConfig = field(default_factory=VQConfig)
-    vaes: list[str] = field(default_factory=lambda: ["plain", "tdc"])  # Gaussian VAE variants: plain, tdc
+    vaes: list[str] = field(default_factory=lambda: ["plain"])  # Gaussian VAE variants (the CLI runs plain,tdc)
     tdc_bits: float | None = None  # TDC target; None = log2 K for each K
     #: hyperparameters of post-hoc methods, {method: {name: value}}: their constructors' keyword arguments
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
