@@ -100,7 +100,7 @@ def _sweep(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     token_dim: Optional[int] = typer.Option(None, "--token-dim", help="channels per token d [default: C, one token per cell]"),
     grouping: str = typer.Option("contiguous", "--grouping", help="contiguous or interleaved channel groups"),
-    vae: str = typer.Option("plain,tdc", "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC: its tokens carry log2 K bits)"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC: its tokens carry log2 K bits) [default: plain,tdc]"),
     tdc_bits: Optional[float] = typer.Option(None, "--tdc-bits", help="TDC target bits per token [default: log2 K]"),
     prior: str = typer.Option("transformer", "--prior", help="the prior trained over every unit's codes: transformer or pixelcnn"),
     no_prior: bool = typer.Option(False, "--no-prior", help="train no prior (no prior rate, no samples)"),
@@ -143,10 +143,11 @@ def _sweep(
                 raise GeovqError(f"--{method}-{name.replace('_', '-')} is given, but {method} is not among --methods")
             params.setdefault(method, {})[name] = value
     sizes = comma_list(codebook_sizes, "--codebook-sizes", int) if codebook_sizes else None
-    vaes, records = comma_list(vae, "--vae"), {}
+    # both VAEs by default: on the plain one every post-hoc method sits at the VAE's own low-rate ceiling
+    vaes, records = comma_list(vae or "plain,tdc", "--vae"), {}
     if tuned is not None:  # each method at its tuned configuration, which fixes its rate, VAE and settings
         clashing = [option for option, given in (("--codebook-sizes", codebook_sizes), ("--token-dim", token_dim),
-                                                 ("--vae", vae != "plain"), ("--tdc-bits", tdc_bits),
+                                                 ("--vae", vae), ("--tdc-bits", tdc_bits),
                                                  ("--epochs", epochs), ("--quick", quick)) if given]
         clashing += [f"--{m}-{n}".replace("_", "-") for m, given in params.items() for n in given]
         if clashing or len(datasets) > 1:
