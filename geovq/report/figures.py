@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -60,6 +60,17 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, dict[float, list[dict]]]:
     for r in rows:
         series[line_label(r)][r["bits_per_image"]].append(r)
     return series
+
+
+def first_seed_rows(rows: list[dict[str, Any]], bits: float,
+                    keep: Callable[[dict[str, Any]], Any] = lambda r: True) -> dict[str, dict[str, Any]]:
+    """{line label: its lowest-seed row} among the rows at `bits` that `keep` accepts: what a figure drawing
+    one example per line shows."""
+    firsts: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        if r["bits_per_image"] == bits and keep(r):
+            firsts.setdefault(line_label(r), r)
+    return firsts
 
 
 def line_label(row: dict[str, Any]) -> str:
@@ -156,10 +167,7 @@ def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
 
     from geovq.metrics.codebook import code_histogram, dead_codes, usage_perplexity
 
-    firsts: dict[str, dict] = {}
-    for r in runs.rows:
-        if r["bits_per_image"] == bits and not r["finetuned"]:  # fine-tuning keeps the codes
-            firsts.setdefault(line_label(r), r)
+    firsts = first_seed_rows(runs.rows, bits, lambda r: not r["finetuned"])  # fine-tuning keeps the codes
     colour = _colours(firsts)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     curves = {}
@@ -186,10 +194,8 @@ def geometry_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
     without a geodesic row that recorded them."""
     import matplotlib.pyplot as plt
 
-    firsts: dict[str, dict[str, Any]] = {}
-    for r in sorted(runs.rows, key=lambda r: r["seed"]):
-        if r["bits_per_image"] == bits and not r["finetuned"] and (r.get("fit_info") or {}).get("diagnostics"):
-            firsts.setdefault(line_label(r), r)
+    firsts = first_seed_rows(runs.rows, bits,
+                             lambda r: not r["finetuned"] and (r.get("fit_info") or {}).get("diagnostics"))
     if not firsts:
         return None
     colour = _colours(firsts)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geovq.report.figures import Figure, line_label
+from geovq.report.figures import Figure, first_seed_rows
 
 if TYPE_CHECKING:
     from geovq.report.build import Runs
@@ -38,10 +38,7 @@ def decode_rows(runs: Runs, bits: float, images: np.ndarray) -> dict[str, np.nda
     from geovq.training.checkpoint import load_model
 
     cpu = torch.device("cpu")
-    firsts: dict[str, dict[str, Any]] = {}
-    for r in sorted(runs.rows, key=lambda r: r["seed"]):
-        if r["bits_per_image"] == bits:
-            firsts.setdefault(line_label(r), r)
+    firsts = first_seed_rows(runs.rows, bits)
     out = {}
     for label, r in sorted(firsts.items()):
         unit_dir = runs.run_of(r).root / Path(r["codes_path"]).parent
@@ -78,10 +75,7 @@ def reconstruction_figure(out: Path, runs: Runs, bits: float) -> Figure:
 
 def samples_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
     """The first N_IMAGES samples of each line's prior (lowest seed) at one rate; None when no row has samples."""
-    firsts: dict[str, dict[str, Any]] = {}
-    for r in sorted(runs.rows, key=lambda r: r["seed"]):
-        if r["bits_per_image"] == bits and r.get("samples_path"):
-            firsts.setdefault(line_label(r), r)
+    firsts = first_seed_rows(runs.rows, bits, lambda r: r.get("samples_path"))
     if not firsts:
         return None
     rows, files = {}, {}
