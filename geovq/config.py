@@ -106,7 +106,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 # `--quick`: a few-minute smoke configuration on 2 CPU cores.
 QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_train_images": 2000,
          "prior_samples": 2000,
-         "method_params": {"geodesic": {"max_landmarks": 5000}, "pullback": {"max_tokens": 5000}}}
+         "method_params": {"geodesic": {"max_landmarks": 2000}, "pullback": {"max_tokens": 5000}}}
 
 #: the command-line option behind each configuration key, so that errors name what the user typed
 OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--codebook-sizes", "seeds": "--seeds",

@@ -11,7 +11,8 @@ from torch import nn
 
 from geovq.errors import GeovqError
 from geovq.geometry import FlatTokenDecoder, GridTokenDecoder, geodesic_distances
-from geovq.geometry.curves import refine_curves, refine_pairs, resample_paths, straight_curves, subdivide
+from geovq.geometry.curves import (nearest_in_context, refine_curves, refine_pairs, resample_paths,
+                                  straight_curves, subdivide)
 from geovq.geometry.manifolds import make
 from geovq.geometry.paths import path_nodes, shortest_path_trees
 from geovq.latents import LatentSet
@@ -128,6 +129,27 @@ def test_in_context_curves_use_their_own_images():
     both = refine_pairs(dec, src, tgt, context="both", tol=1e-6)
     per_map = [refine_curves(np.stack(both.points), [(dec, nodes)], max_iter=0).lengths for nodes in (src, tgt)]
     np.testing.assert_allclose(both.lengths, 0.5 * (per_map[0] + per_map[1]), rtol=1e-6)
+
+
+def test_nearest_in_context_prunes_to_the_choice_of_refining_every_candidate():
+    """Against brute force: every (node, candidate) curve refined from the straight segment in the node's own
+    context, argmin per node. Pruning (chords, then straight lengths) must not change a choice, and the
+    refined lengths of the survivors are those of refining them alone; lengths=False decides the rows that
+    pruning leaves with one candidate without refining them."""
+    dec = grid_decoder()
+    rng = np.random.default_rng(5)
+    nodes = np.arange(0, dec.n_nodes, 2)
+    targets = dec.points[rng.integers(0, dec.n_nodes, (len(nodes), 5))] + 0.05 * rng.standard_normal((len(nodes), 5, 4))
+    n, s, d = targets.shape
+    every = refine_curves(straight_curves(np.repeat(dec.points[nodes], s, 0), targets.reshape(-1, d)),
+                          [(dec, np.repeat(nodes, s))]).lengths.reshape(n, s)
+    best, dist, refined = nearest_in_context(dec, nodes, targets)
+    np.testing.assert_array_equal(best, every.argmin(1))
+    np.testing.assert_allclose(dist, every.min(1), rtol=1e-6)
+    assert n <= refined < n * s  # pruning refined fewer than all, and at least one per node
+    quick, upper, fewer = nearest_in_context(dec, nodes, targets, lengths=False)
+    np.testing.assert_array_equal(quick, best)
+    assert fewer < refined and (upper >= dist * (1 - 1e-6)).all()  # unrefined rows report a straight length
 
 
 def test_bounded_curves_stay_in_their_box():

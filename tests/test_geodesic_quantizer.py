@@ -44,7 +44,7 @@ def test_geodesic_quantizer_runs_on_the_same_engine_as_geodesic_distances():
     torch.manual_seed(0)
     flat = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 5)).double()
     latents = flat_latents(np.random.default_rng(0).standard_normal((400, 3)))
-    q = make_quantizer("geodesic", 8, decoder=FlatGrid(flat), k=6, max_landmarks=400).fit(latents)
+    q = make_quantizer("geodesic", 8, decoder=FlatGrid(flat), k=6, paths="graph", max_landmarks=400).fit(latents)
     assert q.quadrature == "endpoint"  # the quantizer's default; geodesic_distances' is midpoint
     points = latents.token_mu.astype(np.float64)
     dist = geodesic_distances(points, flat, q.medoid_landmarks_, k=6, quadrature="endpoint")  # (K, N)
@@ -68,7 +68,7 @@ def test_graph_insertion_rule_matches_brute_force():
     rng = np.random.default_rng(1)
     train = flat_latents(rng.uniform(0, 3, (600, 2)))
     test = flat_latents(rng.uniform(0, 3, (300, 2)))
-    q = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, max_landmarks=600).fit(train)
+    q = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, paths="graph", max_landmarks=600).fit(train)
     landmarks = q.landmarks_.points
     queries = test.token_mu.astype(np.float64)
     dist = np.linalg.norm(queries[:, None] - landmarks[None], axis=-1)
@@ -129,7 +129,8 @@ def psnr_db(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("rule", ["landmark_metric", "nearest_landmark"])
 def test_large_splits_are_encoded_approximately_and_checked_against_the_exact_rule(rule):
-    q, decoder, test = grid_quantizer_and_test(20, exact_encode_limit=639, approx_rule=rule)  # 640 test tokens
+    # 640 test tokens; the approximations are checked against the graph rule here
+    q, decoder, test = grid_quantizer_and_test(20, exact_encode_limit=639, approx_rule=rule, paths="graph")
     codes, info = q.encode_with_info(test)
     json.dumps(info, allow_nan=False)  # the pipeline copies it into a results row
     assert info["rule"] == rule and info["tokens"] == 640
@@ -160,7 +161,7 @@ def test_large_splits_are_encoded_approximately_and_checked_against_the_exact_ru
 
 
 def test_small_splits_get_the_exact_rule_and_large_samples_are_stratified():
-    q, _, test = grid_quantizer_and_test(100, exact_encode_limit=3200)  # 3200 test tokens
+    q, _, test = grid_quantizer_and_test(100, exact_encode_limit=3200, paths="graph")  # 3200 test tokens
     codes, info = q.encode_with_info(test)
     assert info["rule"] == "graph" and "agreement" not in info
     np.testing.assert_array_equal(codes.ravel(), q.encode_tokens(test, rule="graph"))
@@ -284,7 +285,7 @@ def test_in_context_rule_on_an_isometric_decoder_is_the_nearest_medoid():
     np.testing.assert_allclose(info["context"]["objective"], q.landmark_distance_.sum())
     assert (q.encode(test).ravel() == cdist(test.token_mu, codes).argmin(1)).all()
     assert q.rule_for(test) == "context"
-    graph = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, max_landmarks=500).fit(train)
+    graph = make_quantizer("geodesic", 10, decoder=Cylinder(), k=8, paths="graph", max_landmarks=500).fit(train)
     assert graph.fit_info_["paths"] == "graph" and "context" not in graph.fit_info_
 
 

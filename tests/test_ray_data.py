@@ -37,8 +37,8 @@ def test_ray_data_extraction_writes_parquet_shards_with_the_in_process_latents(t
     from geovq.latents import LatentSet
 
     run, cfg, spec, data = trained
-    out = extract_latents_parquet(run.vae(spec) / "model.pt", cfg.as_dict(), "train", len(data.train),
-                                  tmp_path / "train", threads=1)
+    out = extract_latents_parquet(run.vae(spec) / "model.pt", data.train, data.train_labels, tmp_path / "train",
+                                  threads=1)
     shards = sorted(out.glob("*.parquet"))
     assert shards and set(pq.read_schema(shards[0]).names) == {"index", "mu", "logvar", "label"}
     layout = cfg.layout.with_token_dim(cfg.trunk.latent_channels)

@@ -352,8 +352,8 @@ def extract_on_cluster(jobs: list[Job]) -> None:
                 continue
             data = data or load_splits(job.cfg)
             t0 = time.time()
-            shards = extract_latents_parquet(run.vae(spec) / "model.pt", job.cfg.as_dict(), split,
-                                             len(getattr(data, split)), run.vae(spec) / f"parquet_{split}",
+            shards = extract_latents_parquet(run.vae(spec) / "model.pt", getattr(data, split),
+                                             getattr(data, f"{split}_labels"), run.vae(spec) / f"parquet_{split}",
                                              num_gpus=job.cfg.gpus_per_trial or 0.0)
             latents, _ = latents_from_parquet(shards, vae_layout(job.cfg, spec))
             latents.save(run.latents(spec, split))

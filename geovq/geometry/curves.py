@@ -135,7 +135,8 @@ def _finer(segments: int, coarse_len: np.ndarray, fine_len: np.ndarray, resoluti
 def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float = TOL, max_iter: int = MAX_ITER,
                   metrics: np.ndarray | None = None, bounds: tuple[np.ndarray, np.ndarray] | None = None,
                   resolution: float = RESOLUTION, max_segments: int = MAX_SEGMENTS,
-                  chunk_elements: int = CHUNK_ELEMENTS) -> Curves:
+                  chunk_elements: int = CHUNK_ELEMENTS,
+                  measured: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Curves:
     """Minimise the energy of each starting curve (B, T+1, d) over its interior points; ends stay fixed.
 
     contexts: one or two (decoder, nodes (B,)) maps; curve b is decoded in node nodes[b]'s context of each,
@@ -149,7 +150,9 @@ def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float
     (its chords cut corners, or jump between sheets of the decoded manifold that are close in the output
     but far along it): it is subdivided (T -> 2T, up to `max_segments`) before it is minimised and again
     after, and minimised at the finer T. Curves are refined in chunks of about `chunk_elements` decoder
-    output values per decoder call (per map).
+    output values per decoder call (per map). measured: the starting curves' (coarse, fine, along) of
+    `_midpoint_lengths` in these contexts, when the caller has them (`nearest_in_context` pruned by them):
+    they are not decoded again.
     """
     curves = np.asarray(curves, np.float64)
     if curves.ndim != 3 or curves.shape[1] < 2:
@@ -186,7 +189,10 @@ def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float
                     None if metrics is None else metrics[idx[rows]],
                     None if bounds is None else tuple(v[idx[rows]] for v in bounds))
 
-        coarse_len, fine_len, along, _ = _midpoint_lengths(level, at(np.arange(len(idx)))[0], chunk_elements)
+        if measured is not None:  # the starting level: all curves, in order, measured by the caller
+            (coarse_len, fine_len, along), measured = measured, None
+        else:
+            coarse_len, fine_len, along, _ = _midpoint_lengths(level, at(np.arange(len(idx)))[0], chunk_elements)
         coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
         for more in np.unique(coarse[coarse > 0]):  # too coarse to start from: subdivide before minimising
             pick = coarse == more
@@ -486,31 +492,69 @@ def refine_pairs(dec: TokenDecoder, sources: np.ndarray, targets: np.ndarray, *,
 
 
 def nearest_in_context(dec: TokenDecoder, nodes: np.ndarray, targets: np.ndarray, *, margin: float = PRUNE_MARGIN,
-                       **options) -> tuple[np.ndarray, np.ndarray, int]:
+                       lengths: bool = True, **options) -> tuple[np.ndarray, np.ndarray, int]:
     """For each node, the nearest of its candidate latent points by refined curve length in its own context.
 
     nodes (N,) node ids of `dec`; targets (N, S, d) each node's S candidates (e.g. codewords). Returns (index
     into S (N,), that curve's length (N,), curves refined). Exact pruning: a curve is no shorter than the
     chord ‖f(c) − f(z)‖ between its ends' outputs, and the refined curve is no longer than the straight
     segment (up to `margin`, the length that trading speed for energy may add), so a candidate whose chord
-    exceeds (1 + margin) × the least straight length in its row is never refined. `options`: refine_curves'.
+    exceeds (1 + margin) × the least straight length in its row is never refined. The chords cost one
+    decoder pass per candidate and the straight lengths 2T − 1, so the straight length is measured first for
+    each row's least-chord candidate, and then only for the candidates whose chord does not already exceed
+    (1 + margin) × that: a candidate pruned by it has a straight length above the row's least, so the
+    survivors are those of the full rule. lengths=False (an encoder, which needs only the choice): a row
+    that pruning leaves with one candidate takes it unrefined, and reports its straight length (an upper
+    bound). `options`: refine_curves'.
     """
     nodes = np.asarray(nodes, dtype=np.int64)
     targets = np.asarray(targets, np.float64)
     n, s, d = targets.shape
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0), 0
+    chunk = options.get("chunk_elements", CHUNK_ELEMENTS)
     flat_nodes = np.repeat(nodes, s)
     straight = straight_curves(np.repeat(dec.points[nodes], s, axis=0), targets.reshape(-1, d),
                                options.pop("n_segments", N_SEGMENTS))
-    _, upper, _, chord = _midpoint_lengths(straight, [(dec, flat_nodes)],
-                                           options.get("chunk_elements", CHUNK_ELEMENTS))
-    upper, chord = upper.reshape(n, s), chord.reshape(n, s)
+    chord = _chords(dec, nodes, targets, chunk)  # (n, s) lower bounds
+    upper, measured = np.full((n, s), np.inf), {}
+    first = np.zeros((n, s), dtype=bool)
+    first[np.arange(n), chord.argmin(1)] = True
+    for stage in (first, ~first):  # stage 2: what the least-chord candidates' straight lengths leave standing
+        stage = stage & (chord <= (1 + margin) * upper.min(1, keepdims=True))
+        rows, cols = np.nonzero(stage)
+        if len(rows):
+            coarse, fine, along, _ = _midpoint_lengths(straight[rows * s + cols], [(dec, flat_nodes[rows * s + cols])],
+                                                       chunk)
+            upper[rows, cols] = fine
+            measured.update(zip(rows * s + cols, zip(coarse, fine, along)))
     live = chord <= (1 + margin) * upper.min(1, keepdims=True)
     live[np.arange(n), upper.argmin(1)] = True
-    rows, cols = np.nonzero(live)
     dist = np.full((n, s), np.inf)
-    dist[rows, cols] = refine_curves(straight[rows * s + cols], [(dec, flat_nodes[rows * s + cols])],
-                                     **options).lengths
+    if not lengths:  # decided by pruning alone
+        alone = live.sum(1) == 1
+        dist[alone] = np.where(live[alone], upper[alone], np.inf)
+        live[alone] = False
+    rows, cols = np.nonzero(live)
+    flat = rows * s + cols
+    if len(flat):
+        dist[rows, cols] = refine_curves(straight[flat], [(dec, flat_nodes[flat])], **options, measured=tuple(
+            np.array(v) for v in zip(*(measured[i] for i in flat)))).lengths
     best = dist.argmin(1)
     return best, dist[np.arange(n), best], len(rows)
+
+
+def _chords(dec: TokenDecoder, nodes: np.ndarray, targets: np.ndarray, chunk_elements: int) -> np.ndarray:
+    """(N, S) ‖f_i(c) − f_i(z_i)‖: each node's output distance to each of its S candidates, in its context."""
+    n, s, _ = targets.shape
+    rows = max(1, chunk_elements // (dec.out_dim * (s + 1)))  # nodes per decoder call
+    out = np.empty((n, s))
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            m = len(nodes[sl])
+            points = np.concatenate([dec.points[nodes[sl]][:, None], targets[sl]], 1).reshape(-1, targets.shape[2])
+            f = dec.decode(dec.tensor(points), dec.tensor(np.repeat(nodes[sl], s + 1), torch.long))
+            f = f.double().reshape(m, s + 1, -1)
+            out[sl] = (f[:, 1:] - f[:, :1]).norm(dim=2).cpu().numpy()
+    return out

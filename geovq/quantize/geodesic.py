@@ -27,10 +27,10 @@ Every approximately encoded split is measured against the exact rule on a strati
 (`check_approximation`); `encode_with_info` returns the figures, and the unit's row keeps them. `encode_tokens(..., rule=...)` runs any rule on any subset of tokens.
 
 paths (what decides a code; recorded in fit_info["paths"]):
-- "graph" (default, the behaviour above): graph distances. A path between tokens of different images runs
-  through other images' contexts; on MNIST it hops into border cells, where the decoder hardly reacts, and
-  is then the length of no curve in any image (bench/geodesic_context.py).
-- "context": replacing token i by code c changes image n(i) only, so the distance that decides i's code is
+- "graph" (the behaviour above; the default before in-context distances): graph distances. A path between
+  tokens of different images runs through other images' contexts; on MNIST it hops into border cells, where
+  the decoder hardly reacts, and is then the length of no curve in any image (bench/geodesic_context.py).
+- "context" (default): replacing token i by code c changes image n(i) only, so the distance that decides i's code is
   d_i(c), the length of the shortest curve from z_i to c in image n(i) (DESIGN.md §3.9; refined by
   `geovq.geometry.curves` inside the latent box of the landmarks, since outside the latents the encoder
   produces the decoder saturates and curves escaping there are shorter than any through real images). The
@@ -97,7 +97,7 @@ class GeodesicQuantizer(Quantizer):
                  k: int = 10, quadrature: str = "endpoint", neighbours: str = "metric", max_landmarks: int = 20_000,
                  index: str = "auto", exact_encode_limit: int = 10_000, approx_rule: str = "landmark_metric",
                  check_tokens: int = MIN_CHECK_TOKENS, exact_limit: int = 2000, n_blocks: int = 0,
-                 chunk_elements: int | None = None, paths: str = "graph", shortlist: int = 4,
+                 chunk_elements: int | None = None, paths: str = "context", shortlist: int = 4,
                  context_iterations: int = 1, update_sample: int = 16, update_candidates: int = 4) -> None:
         super().__init__(n_codes, seed)
         self.decoder = decoder  # a callable from μ-grids (B, h, w, C) to images, in eval mode
@@ -112,7 +112,7 @@ class GeodesicQuantizer(Quantizer):
         self.exact_limit = exact_limit  # k-medoids: full distance matrix + FasterPAM up to this many nodes
         self.n_blocks = n_blocks  # k-medoids: CLARA-style FasterPAM blocks after alternate iterations
         self.chunk_elements = chunk_elements  # decoder output values per JVP call (None: the engine's default)
-        self.paths = paths  # what decides a code: "graph" (shortest graph paths, mixing images) or "context"
+        self.paths = paths  # what decides a code: "context" (curves in the token's own image) or "graph"
         self.shortlist = shortlist  # paths=context: codes per token refined as curves in its own image
         self.context_iterations = context_iterations  # paths=context: medoid-update rounds after graph k-medoids
         self.update_sample = update_sample  # paths=context: members of a cell that score candidate medoids
@@ -375,7 +375,7 @@ class GeodesicQuantizer(Quantizer):
             queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
             short = self._shortlist(queries.points, node_metrics(queries, **self._chunking), codes)
             best, _, _ = nearest_in_context(queries, np.arange(len(tokens)), codes[short], bounds=self._box(),
-                                            **self._chunking)
+                                            lengths=False, **self._chunking)
             return short[np.arange(len(tokens)), best]
         points = latents.token_mu[tokens].astype(np.float64)
         image, slot = np.divmod(tokens, latents.tokens_per_image)
