@@ -20,8 +20,12 @@ QUICK = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kme
          "--prior", "transformer", "--geodesic-paths", "graph", "--geodesic-max-landmarks", "5000"]
 
 # The pinned results of QUICK: (method, K) -> (test PSNR dB, usage perplexity, bits per image), measured before
-# the stages were reshaped (commit 10acae2) and unchanged by it. A change that moves them on purpose re-pins
-# them and says why in its commit message.
+# the stages were reshaped (commit 10acae2) and unchanged by it (bit for bit, on that machine). A change that
+# moves them on purpose re-pins them and says why in its commit message. Across CPU types the same code
+# drifts (other SIMD kernels, amplified by 20 epochs of training): on an AMD EPYC development machine by up to
+# 0.054 dB PSNR and 6% usage perplexity. The tolerances sit above that drift, so a regression smaller than
+# them goes unseen here (the closed-form and invariant tests of each stage are the finer net).
+PSNR_TOLERANCE_DB, USAGE_TOLERANCE = 0.1, 0.1
 PINNED = {
     ("geodesic", 16): (18.0760, 11.9276, 64),
     ("gq", 16): (18.2649, 8.9189, 64),
@@ -53,8 +57,8 @@ def test_pinned_quick_results(quick_run):
     assert {(r["method"], r["K"]) for r in rows} == set(PINNED)
     for r in rows:
         psnr, usage, bits = PINNED[r["method"], r["K"]]
-        assert r["psnr"] == pytest.approx(psnr, abs=0.01), r["method"]
-        assert r["usage_perplexity"] == pytest.approx(usage, abs=0.01), r["method"]
+        assert r["psnr"] == pytest.approx(psnr, abs=PSNR_TOLERANCE_DB), r["method"]
+        assert r["usage_perplexity"] == pytest.approx(usage, rel=USAGE_TOLERANCE), r["method"]
         assert r["bits_per_image"] == bits
 
 
