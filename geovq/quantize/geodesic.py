@@ -37,8 +37,10 @@ paths (what decides a code; recorded in fit_info["paths"]):
   graph k-medoids only starts the fit: each landmark then takes the d_i-nearest medoid among its `shortlist`
   nearest by its own metric tensor (first-order d_i), and `context_iterations` rounds move medoids by Σ d_i
   over a sample of each cell (see `_fit_in_context`). Encode: the exact rule "context" (the query's own metric
-  shortlists, its refined curves decide); for larger splits "landmark_metric" is the first-order in-context
-  rule argmin_c ‖c − z_q‖_G with G borrowed as above, and "nearest_landmark" the landmark's in-context code.
+  shortlists, its refined curves decide; a code that chord and straight-segment bounds leave alone is taken
+  without refining, see `nearest_in_context`); for larger splits "landmark_metric" is the first-order
+  in-context rule argmin_c ‖c − z_q‖_G with G borrowed as above, and "nearest_landmark" the landmark's
+  in-context code.
 
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
