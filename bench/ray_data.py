@@ -6,7 +6,7 @@
 Both arms run the same encoder code (`geovq.stages.extract.encode_images`) with the same torch threads, from
 the split in the driver's memory (as the sweep's driver holds it): the loop encodes it in one process, and
 Ray Data's `map_batches` sends its blocks through the object store to an actor pool that loads the model
-from its checkpoint and whose output Ray Data writes as Parquet shards. The loop writes nothing, so the
+from its checkpoint and writes each batch's latents as a Parquet shard. The loop writes nothing, so the
 Ray Data arm also pays for its 350 MB of Parquet. `ray.init` is timed apart (start-up, paid once per sweep);
 the ratio is the loop's wall time over Ray Data's (target >= 0.85).
 """

@@ -16,7 +16,6 @@ the cluster free for Ray Data's own read and write tasks (a pool that reserves e
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -112,8 +111,9 @@ def extract_latents_parquet(checkpoint: Path, images: np.ndarray, labels: np.nda
         fn_constructor_kwargs=dict(checkpoint=str(checkpoint), out_dir=str(out_dir), num_gpus=num_gpus,
                                    threads=threads),
         **actor_pool(num_gpus)).take_all()
-    if sum(int(shard["rows"]) for shard in shards) != len(images):
-        raise GeovqError(f"{out_dir}: the shards hold {sum(int(s['rows']) for s in shards)} of {len(images)} images")
+    written = sum(int(shard["rows"]) for shard in shards)
+    if written != len(images):
+        raise GeovqError(f"{out_dir}: the shards hold {written} of {len(images)} images")
     return out_dir
 
 

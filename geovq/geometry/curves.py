@@ -192,7 +192,7 @@ def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float
         if measured is not None:  # the starting level: all curves, in order, measured by the caller
             (coarse_len, fine_len, along), measured = measured, None
         else:
-            coarse_len, fine_len, along, _ = _midpoint_lengths(level, at(np.arange(len(idx)))[0], chunk_elements)
+            coarse_len, fine_len, along = _midpoint_lengths(level, at(np.arange(len(idx)))[0], chunk_elements)
         coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
         for more in np.unique(coarse[coarse > 0]):  # too coarse to start from: subdivide before minimising
             pick = coarse == more
@@ -209,7 +209,7 @@ def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float
         done = _minimise(level, *at(np.arange(len(idx))), tol, max_iter, chunk_elements)
         out.evaluations += done.evaluations
         out.iterations[idx] += done.iterations
-        coarse_len, fine_len, along, _ = _midpoint_lengths(done.points, at(np.arange(len(idx)))[0], chunk_elements)
+        coarse_len, fine_len, along = _midpoint_lengths(done.points, at(np.arange(len(idx)))[0], chunk_elements)
         coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
         for more in np.unique(coarse[coarse > 0]):  # the minimiser cut a corner between its points: resolve it
             pick = coarse == more
@@ -240,13 +240,13 @@ def _minimise(curves: np.ndarray, contexts, metrics, bounds, tol: float, max_ite
 
 
 def _midpoint_lengths(curves: np.ndarray, contexts, chunk_elements: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lengths of the latent polylines (B, T+1, d) measured at their T+1 points (B,) and, finer, with their
-    segments' midpoints added (B,), the finer cumulative length at each of the 2T+1 points (B, 2T+1), and
-    the chord between the two ends (B,): means over the contexts, by decoder forward passes only."""
+    segments' midpoints added (B,), and the finer cumulative length at each of the 2T+1 points (B, 2T+1):
+    means over the contexts, by decoder forward passes only."""
     fine = subdivide(curves)
     per_chunk = max(1, chunk_elements // (fine.shape[1] * max(dec.out_dim for dec, _ in contexts)))
-    coarse_len, chord, along = np.zeros(len(curves)), np.zeros(len(curves)), np.zeros(fine.shape[:2])
+    coarse_len, along = np.zeros(len(curves)), np.zeros(fine.shape[:2])
     with torch.no_grad():
         for start in range(0, len(curves), per_chunk):
             sl = slice(start, start + per_chunk)
@@ -257,11 +257,10 @@ def _midpoint_lengths(curves: np.ndarray, contexts, chunk_elements: int
                 out = out.double().reshape(rows, fine.shape[1], -1)
                 along[sl, 1:] += (out[:, 1:] - out[:, :-1]).norm(dim=2).cumsum(1).cpu().numpy()
                 coarse_len[sl] += (out[:, 2::2] - out[:, :-2:2]).norm(dim=2).sum(1).cpu().numpy()
-                chord[sl] += (out[:, -1] - out[:, 0]).norm(dim=1).cpu().numpy()
     if not (np.isfinite(along).all() and np.isfinite(coarse_len).all()):
         raise GeovqError("curve lengths are NaN or inf: the decoder returned non-finite values along the curves")
     along /= len(contexts)
-    return coarse_len / len(contexts), along[:, -1], along, chord / len(contexts)
+    return coarse_len / len(contexts), along[:, -1], along
 
 
 class _Minimiser:
@@ -517,17 +516,17 @@ def nearest_in_context(dec: TokenDecoder, nodes: np.ndarray, targets: np.ndarray
     straight = straight_curves(np.repeat(dec.points[nodes], s, axis=0), targets.reshape(-1, d),
                                options.pop("n_segments", N_SEGMENTS))
     chord = _chords(dec, nodes, targets, chunk)  # (n, s) lower bounds
-    upper, measured = np.full((n, s), np.inf), {}
+    # each measured candidate's `_midpoint_lengths`: coarse and (its straight length) fine, cumulative along
+    coarse, upper = np.full((n, s), np.nan), np.full((n, s), np.inf)
+    along = np.zeros((n, s, 2 * straight.shape[1] - 1))
     first = np.zeros((n, s), dtype=bool)
     first[np.arange(n), chord.argmin(1)] = True
     for stage in (first, ~first):  # stage 2: what the least-chord candidates' straight lengths leave standing
-        stage = stage & (chord <= (1 + margin) * upper.min(1, keepdims=True))
-        rows, cols = np.nonzero(stage)
+        rows, cols = np.nonzero(stage & (chord <= (1 + margin) * upper.min(1, keepdims=True)))
         if len(rows):
-            coarse, fine, along, _ = _midpoint_lengths(straight[rows * s + cols], [(dec, flat_nodes[rows * s + cols])],
-                                                       chunk)
-            upper[rows, cols] = fine
-            measured.update(zip(rows * s + cols, zip(coarse, fine, along)))
+            flat = rows * s + cols
+            coarse[rows, cols], upper[rows, cols], along[rows, cols] = _midpoint_lengths(
+                straight[flat], [(dec, flat_nodes[flat])], chunk)
     live = chord <= (1 + margin) * upper.min(1, keepdims=True)
     live[np.arange(n), upper.argmin(1)] = True
     dist = np.full((n, s), np.inf)
@@ -538,8 +537,8 @@ def nearest_in_context(dec: TokenDecoder, nodes: np.ndarray, targets: np.ndarray
     rows, cols = np.nonzero(live)
     flat = rows * s + cols
     if len(flat):
-        dist[rows, cols] = refine_curves(straight[flat], [(dec, flat_nodes[flat])], **options, measured=tuple(
-            np.array(v) for v in zip(*(measured[i] for i in flat)))).lengths
+        dist[rows, cols] = refine_curves(straight[flat], [(dec, flat_nodes[flat])], **options,
+                                         measured=(coarse[rows, cols], upper[rows, cols], along[rows, cols])).lengths
     best = dist.argmin(1)
     return best, dist[np.arange(n), best], len(rows)
 
