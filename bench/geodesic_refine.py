@@ -3,8 +3,8 @@
     python bench/geodesic_refine.py --run /tmp/mnist_tdc     # 16-D analytic cases + MNIST TDC pairs, 1 thread
 
 For each case both methods get the same pairs and the same decoder, in this one process:
-- geovq: `refine_pairs` on all pairs at once (straight start, T = 8 segments, subdivided where chords do not
-  resolve the decoder, tol = 1e-3; its defaults). Reported distance: the curve's length.
+- geovq: `refine_pairs` on all pairs at once (straight start, T = 4 segments, subdivided where chords do not
+  resolve the decoder, tol = 1e-2, resolution 4e-2; its defaults). Reported distance: the curve's length.
 - StochMan: its documented call per pair, `manifold.connecting_geodesic(p0, p1)` on an `EmbeddedManifold`
   whose `embed` is the decoder (a `CubicSpline` with its default 5 nodes, `geodesic_minimizing_energy`: Adam,
   lr 0.1, up to 150 steps on 20 curve points). Reported distance: `manifold.curve_length` at 100 points.

@@ -131,6 +131,26 @@ def test_in_context_curves_use_their_own_images():
     np.testing.assert_allclose(both.lengths, 0.5 * (per_map[0] + per_map[1]), rtol=1e-6)
 
 
+def test_chunks_and_reused_outputs_change_no_number():
+    """refine_curves measures, minimises and re-measures chunk by chunk, handing the ends its first measurement
+    decoded to the minimiser and measuring the final curves from the outputs the minimiser's last step
+    decoded. Chunks of one curve (every output decoded afresh for each) must give the same numbers, and the
+    reported length must be the final curve's, measured again from scratch."""
+    from geovq.geometry.curves import _extrapolated, _midpoint_lengths
+
+    dec = grid_decoder()
+    src, tgt = np.array([0, 10, 20, 30, 5]), np.array([50, 40, 9, 1, 33])
+    starts = straight_curves(dec.points[src], dec.points[tgt])
+    whole = refine_curves(starts, [(dec, src), (dec, tgt)])
+    one_by_one = refine_curves(starts, [(dec, src), (dec, tgt)], chunk_elements=1)
+    np.testing.assert_allclose(one_by_one.lengths, whole.lengths, rtol=1e-12)
+    np.testing.assert_allclose(one_by_one.energies, whole.energies, rtol=1e-12)
+    for b in range(len(src)):
+        coarse, fine, _ = _midpoint_lengths(whole.points[b][None], [(dec, src[b:b + 1]), (dec, tgt[b:b + 1])],
+                                            chunk_elements=1)
+        np.testing.assert_allclose(whole.lengths[b], _extrapolated(coarse, fine)[0], rtol=1e-12)
+
+
 def test_nearest_in_context_prunes_to_the_choice_of_refining_every_candidate():
     """Against brute force: every (node, candidate) curve refined from the straight segment in the node's own
     context, argmin per node. Pruning (chords, then straight lengths) must not change a choice, and the

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -25,7 +26,7 @@ from geovq.data import load_dataset
 from geovq.errors import GeovqError
 from geovq.latents import TokenLayout
 from geovq.search.space import load_space, parse_space
-from geovq.search.trial import WithheldSplitAccess, WithheldSplits
+from geovq.search.trial import VAE_HISTORY, WithheldSplitAccess, WithheldSplits
 from geovq.training.loop import train_vae
 
 runner = CliRunner()
@@ -230,6 +231,29 @@ def test_the_test_split_is_withheld():
             getattr(data, name)
 
 
+def test_asha_sees_the_vae_reconstruct_a_fixed_posterior_sample():
+    """vae_val_psnr: the mean per-image PSNR of decode(μ + σ·ε), ε ~ N(0, I) from seed 0, recomputed here from
+    the model's own encoder and decoder; the same noise on every call (paired comparisons), not μ's PSNR."""
+    from geovq.models.vae import GaussianVAE
+    from geovq.search.trial import vae_val_psnr
+
+    torch.manual_seed(0)
+    vae = GaussianVAE(TrunkConfig(image_size=(16, 16), hidden=8, latent_channels=4, res_blocks=1)).eval()
+    images = np.random.default_rng(1).random((40, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        mu, logvar = vae.encode(torch.as_tensor(images))
+        eps = torch.as_tensor(np.random.default_rng(0).standard_normal(
+            tuple(mu.permute(0, 2, 3, 1).shape), dtype=np.float32)).permute(0, 3, 1, 2)
+        def psnr(z):
+            mse = ((vae.decoder.mean(z) - torch.as_tensor(images)) ** 2).flatten(1).mean(1)
+            return float((10 * torch.log10(1 / mse)).mean())
+        sampled, at_mean = psnr(mu + (0.5 * logvar).exp() * eps), psnr(mu)
+    got = vae_val_psnr(vae, images, torch.device("cpu"))
+    assert got == pytest.approx(sampled, abs=1e-4)
+    assert abs(got - at_mean) > 1e-3
+    assert vae_val_psnr(vae, images, torch.device("cpu")) == got
+
+
 # -- searches on local Ray (each Tune experiment starts fresh workers: tens of seconds each) -----------------
 def tune_args(space: Path, out: Path, *extra: str) -> list[str]:
     return ["tune", "digits", "--space", str(space), "--out", str(out), *extra]
@@ -302,7 +326,7 @@ def test_trials_sharing_a_vae_reuse_it_and_no_epoch_is_trained_twice(search):
     assert len({r["vae_key"] for r in rows}) == len(vaes)
     trained = sum(int(r["epochs_trained"]) for r in rows)
     # every epoch of every VAE was trained by exactly one trial (ASHA-stopped ones resumed, not restarted)
-    assert trained == sum(len(json.loads((v / "val_psnr.json").read_text())) for v in vaes)
+    assert trained == sum(len(json.loads((v / VAE_HISTORY).read_text())) for v in vaes)
     assert trained < EPOCHS * len(rows)
 
 

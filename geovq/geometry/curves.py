@@ -18,16 +18,27 @@ per-curve metric tensor G instead of s·I). The tridiagonal part removes the T²
 curve energies; the quasi-Newton updates learn the rest (anisotropy, curvature). Steps are accepted by a
 backtracking Armijo line search (quadratic interpolation). A curve stops (`converged`) when its last step
 lowered E by less than `tol`·E and the quasi-Newton model predicts no more than that for the next full
-step, or after `max_iter` iterations.
+step, or after `max_iter` iterations. Since L ≤ √E with equality at the constant-speed minimiser, stopping
+with E within about tol·E of its minimum leaves the length at most about tol/2 long. The default tol = 1e-2
+balances that against the chords' own error at T = 4 (a few tenths of a percent on the MNIST decoder): on
+MNIST TDC pairs the median error against a 256-segment reference is 0.43% at tol = 1e-3 and 0.49% at 1e-2,
+which takes half the decoder passes; the analytic 16-D cases stay below 0.3% (bench/geodesic_accuracy.py).
 
 Resolution: chords see the decoder only at the curve's points. A curve whose length grows by more than
 `resolution` when its segments' midpoints are added is subdivided (to the T its 1/T² error asks for) and
 minimised again (`refine_curves`); a curve that passes has its length extrapolated from its chords on T and
 2T segments (Richardson), which is what `Curves.lengths` reports. Starting curves are first moved along
-themselves to constant output speed (what an energy minimiser spends its first steps on).
+themselves to constant output speed (what an energy minimiser spends its first steps on). Richardson removes
+the chords' 1/T² error, so what is left of a curve that passes is of the order of the square of its share:
+the default resolution = 4e-2 (against 2e-2) keeps the same median error on MNIST TDC pairs (0.49%) and
+≤ 0.4% on the analytic cases up to 16-D, with a fifth fewer decoder passes (fewer curves go to T = 8).
 
-Speed on 2 shared CPU cores (bench/geodesic_refine.py): a few thousand curves per second in 16-D analytic
-cases, tens per second on the MNIST decoder, where each curve evaluation is T−1 decoder passes.
+The decoder passes per curve (one map, T = 4, not subdivided): 2T+1 to measure the start (ends, points,
+midpoints), T−1 forward and backward per evaluation (a few: the first, each accepted or rejected step), and T
+for the final measurement, whose points' outputs are the last evaluation's.
+
+Speed on 2 shared CPU cores, one thread (bench/geodesic_refine.py): several thousand curves per CPU second in
+the 16-D analytic cases, tens per CPU second on the MNIST decoder.
 """
 
 from __future__ import annotations
@@ -43,11 +54,11 @@ from geovq.geometry.decoders import TokenDecoder
 from geovq.geometry.lengths import CHUNK_ELEMENTS
 
 N_SEGMENTS = 4
-TOL = 1e-3
+TOL = 1e-2
 MAX_ITER = 200
 MEMORY = 8  # L-BFGS correction pairs kept per curve
 ARMIJO = 1e-4  # sufficient-decrease constant of the line search
-RESOLUTION = 2e-2  # a curve is subdivided when its midpoints lengthen it by more than this share
+RESOLUTION = 4e-2  # a curve is subdivided when its midpoints lengthen it by more than this share
 MAX_SEGMENTS = 256
 PRUNE_MARGIN = 0.01  # nearest_in_context: slack on "refined <= straight" before a candidate is pruned
 MAX_BACKTRACKS = 30  # steps cut this often (by 2-10× each) are < 1e-9 of the model's: no descent left
@@ -180,102 +191,120 @@ def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float
     out = Curves([None] * n_curves, np.zeros(n_curves), np.zeros(n_curves), np.full(n_curves, np.nan),
                  np.zeros(n_curves, dtype=np.int64), np.zeros(n_curves, dtype=bool), 0)
     levels = {n_points - 1: [(np.arange(n_curves), curves)]}  # segments -> curves waiting at that resolution
-    while levels:
-        segments = min(levels)
-        idx, level = (np.concatenate(parts) for parts in zip(*levels.pop(segments)))
 
-        def at(rows):  # the contexts, metrics and bounds of curves idx[rows]
-            return ([(dec, nodes[idx[rows]]) for dec, nodes in contexts],
-                    None if metrics is None else metrics[idx[rows]],
-                    None if bounds is None else tuple(v[idx[rows]] for v in bounds))
-
-        if measured is not None:  # the starting level: all curves, in order, measured by the caller
-            (coarse_len, fine_len, along), measured = measured, None
-        else:
-            coarse_len, fine_len, along = _midpoint_lengths(level, at(np.arange(len(idx)))[0], chunk_elements)
-        coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
-        for more in np.unique(coarse[coarse > 0]):  # too coarse to start from: subdivide before minimising
-            pick = coarse == more
+    def defer(idx: np.ndarray, level: np.ndarray, along: np.ndarray, factor: np.ndarray) -> None:
+        """Curves idx whose `_finer` factor is > 0 wait at that finer T, resampled at constant output speed."""
+        for more in np.unique(factor[factor > 0]):
+            pick = factor == more
             levels.setdefault(segments * more, []).append(
                 (idx[pick], resample_paths(subdivide(level[pick]), segments * more, along[pick])))
-        keep = coarse == 0
-        # start at about constant speed in the output (what a minimiser of E reaches anyway, at a cost)
-        idx, fine_len = idx[keep], fine_len[keep]
-        level = resample_paths(subdivide(level[keep]), segments, along[keep])
-        if len(idx) == 0:
-            continue
-        first = np.isnan(out.initial_lengths[idx])
-        out.initial_lengths[idx[first]] = _extrapolated(coarse_len[keep][first], fine_len[first])
-        done = _minimise(level, *at(np.arange(len(idx))), tol, max_iter, chunk_elements)
-        out.evaluations += done.evaluations
-        out.iterations[idx] += done.iterations
-        coarse_len, fine_len, along = _midpoint_lengths(done.points, at(np.arange(len(idx)))[0], chunk_elements)
-        coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
-        for more in np.unique(coarse[coarse > 0]):  # the minimiser cut a corner between its points: resolve it
-            pick = coarse == more
-            levels.setdefault(segments * more, []).append(
-                (idx[pick], resample_paths(subdivide(done.points[pick]), segments * more, along[pick])))
-        ok = coarse == 0
-        out.lengths[idx[ok]] = _extrapolated(coarse_len[ok], fine_len[ok])
-        out.energies[idx[ok]] = done.energies[ok]
-        out.converged[idx[ok]] = done.converged[ok]
-        for i, curve in zip(idx[ok], done.points[ok]):
-            out.points[i] = curve
+
+    while levels:
+        segments = min(levels)
+        idx_all, level_all = (np.concatenate(parts) for parts in zip(*levels.pop(segments)))
+        given, measured = measured, None  # the starting level: all curves, in order, measured by the caller
+        # chunks of about chunk_elements decoder outputs per call (per map), each measured, minimised and
+        # measured again before the next, so that the ends decoded by the first measurement serve the minimiser
+        per_chunk = max(1, chunk_elements // ((2 * segments + 1) * max(dec.out_dim for dec, _ in contexts)))
+        for first in range(0, len(idx_all), per_chunk):
+            chunk = slice(first, first + per_chunk)
+            idx, level = idx_all[chunk], level_all[chunk]
+
+            def at(rows):  # the contexts, metrics and bounds of curves idx[rows]
+                return ([(dec, nodes[idx[rows]]) for dec, nodes in contexts],
+                        None if metrics is None else metrics[idx[rows]],
+                        None if bounds is None else tuple(v[idx[rows]] for v in bounds))
+
+            if given is not None:
+                (coarse_len, fine_len, along), ends = (v[chunk] for v in given), None
+            else:
+                coarse_len, fine_len, along, ends = _midpoint_lengths(level, at(slice(None))[0], chunk_elements,
+                                                                      ends=True)
+            coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
+            defer(idx, level, along, coarse)  # too coarse to start from: subdivided before minimising
+            keep = coarse == 0
+            if not keep.any():
+                continue
+            first_time = np.isnan(out.initial_lengths[idx[keep]])
+            out.initial_lengths[idx[keep][first_time]] = _extrapolated(coarse_len[keep][first_time],
+                                                                        fine_len[keep][first_time])
+            # start at about constant speed in the output (what a minimiser of E reaches anyway, at a cost)
+            start_curves = resample_paths(subdivide(level[keep]), segments, along[keep])
+            minimiser = _Minimiser(start_curves, *at(keep), None if ends is None else [e[keep] for e in ends])
+            done = minimiser.run(tol, max_iter)
+            coarse_len, fine_len, along = minimiser.midpoint_lengths()
+            idx = idx[keep]
+            out.evaluations += done.evaluations
+            out.iterations[idx] += done.iterations
+            coarse = _finer(segments, coarse_len, fine_len, resolution, max_segments)
+            defer(idx, done.points, along, coarse)  # the minimiser cut a corner between its points: resolve it
+            ok = coarse == 0
+            out.lengths[idx[ok]] = _extrapolated(coarse_len[ok], fine_len[ok])
+            out.energies[idx[ok]] = done.energies[ok]
+            out.converged[idx[ok]] = done.converged[ok]
+            for i, curve in zip(idx[ok], done.points[ok]):
+                out.points[i] = curve
     return out
 
 
-def _minimise(curves: np.ndarray, contexts, metrics, bounds, tol: float, max_iter: int,
-              chunk_elements: int) -> Curves:
-    """`_Minimiser` over chunks of curves that share T; points come back as one (B, T+1, d) array."""
-    per_chunk = max(1, chunk_elements // (curves.shape[1] * max(dec.out_dim for dec, _ in contexts)))
-    parts = []
-    for start in range(0, len(curves), per_chunk):
-        sl = slice(start, start + per_chunk)
-        parts.append(_Minimiser(curves[sl], [(dec, nodes[sl]) for dec, nodes in contexts],
-                                None if metrics is None else metrics[sl],
-                                None if bounds is None else tuple(v[sl] for v in bounds)).run(tol, max_iter))
-    return Curves(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                    ("points", "lengths", "energies", "initial_lengths", "iterations", "converged")),
-                  sum(p.evaluations for p in parts))
-
-
-def _midpoint_lengths(curves: np.ndarray, contexts, chunk_elements: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _midpoint_lengths(curves: np.ndarray, contexts, chunk_elements: int, ends: bool = False):
     """Lengths of the latent polylines (B, T+1, d) measured at their T+1 points (B,) and, finer, with their
     segments' midpoints added (B,), and the finer cumulative length at each of the 2T+1 points (B, 2T+1):
-    means over the contexts, by decoder forward passes only."""
+    means over the contexts, by decoder forward passes only. ends: also return each context's decoded end
+    points, (B, 2, P) float64 tensors (what `_Minimiser` would otherwise decode again)."""
     fine = subdivide(curves)
     per_chunk = max(1, chunk_elements // (fine.shape[1] * max(dec.out_dim for dec, _ in contexts)))
-    coarse_len, along = np.zeros(len(curves)), np.zeros(fine.shape[:2])
+    parts, end_parts = [], []
     with torch.no_grad():
         for start in range(0, len(curves), per_chunk):
             sl = slice(start, start + per_chunk)
             rows = len(fine[sl])
-            for dec, nodes in contexts:
-                out = dec.decode(dec.tensor(fine[sl].reshape(-1, fine.shape[2])),
-                                 dec.tensor(np.repeat(nodes[sl], fine.shape[1]), torch.long))
-                out = out.double().reshape(rows, fine.shape[1], -1)
-                along[sl, 1:] += (out[:, 1:] - out[:, :-1]).norm(dim=2).cumsum(1).cpu().numpy()
-                coarse_len[sl] += (out[:, 2::2] - out[:, :-2:2]).norm(dim=2).sum(1).cpu().numpy()
-    if not (np.isfinite(along).all() and np.isfinite(coarse_len).all()):
+            outputs = [dec.decode(dec.tensor(fine[sl].reshape(-1, fine.shape[2])),
+                                  dec.tensor(np.repeat(nodes[sl], fine.shape[1]), torch.long)
+                                  ).double().reshape(rows, fine.shape[1], -1) for dec, nodes in contexts]
+            parts.append(_chord_lengths(outputs))
+            if ends:
+                end_parts.append([out[:, [0, -1]] for out in outputs])
+    if parts:
+        lengths = tuple(np.concatenate(p) for p in zip(*parts))
+    else:
+        lengths = np.zeros(0), np.zeros(0), np.zeros((0, fine.shape[1]))
+    if not ends:
+        return lengths
+    if not end_parts:
+        return (*lengths, [torch.zeros(0, 2, dec.out_dim, dtype=torch.float64, device=dec.device)
+                           for dec, _ in contexts])
+    return (*lengths, [torch.cat(per_map) for per_map in zip(*end_parts)])
+
+
+def _chord_lengths(outputs: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_midpoint_lengths` from the decoded points of each context, (B, 2T+1, P) each: a curve's points at
+    even positions, its segments' midpoints at odd ones."""
+    along = sum((out[:, 1:] - out[:, :-1]).norm(dim=2).cumsum(1) for out in outputs) / len(outputs)
+    coarse = sum((out[:, 2::2] - out[:, :-2:2]).norm(dim=2).sum(1) for out in outputs) / len(outputs)
+    along = torch.cat([along.new_zeros(len(along), 1), along], 1).cpu().numpy()
+    coarse = coarse.cpu().numpy()
+    if not (np.isfinite(along).all() and np.isfinite(coarse).all()):
         raise GeovqError("curve lengths are NaN or inf: the decoder returned non-finite values along the curves")
-    along /= len(contexts)
-    return coarse_len / len(contexts), along[:, -1], along
+    return coarse, along[:, -1], along
 
 
 class _Minimiser:
     """Batched L-BFGS over the interior points of one chunk of curves (see the module docstring)."""
 
     def __init__(self, curves: np.ndarray, contexts: Sequence[Context], metrics: np.ndarray | None,
-                 bounds: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 bounds: tuple[np.ndarray, np.ndarray] | None = None,
+                 ends: Sequence[torch.Tensor] | None = None) -> None:
+        """ends: each context's decoded end points (B, 2, P) float64, when the caller has them."""
         self.n, n_points, self.d = curves.shape
         self.segments = n_points - 1
         self.maps = []
         with torch.no_grad():
-            for dec, nodes in contexts:  # the fixed ends' outputs, once
+            for m, (dec, nodes) in enumerate(contexts):  # the fixed ends' outputs, once
                 node_t = dec.tensor(nodes, torch.long)
-                ends = [dec.decode(dec.tensor(curves[:, i]), node_t).double() for i in (0, -1)]
-                self.maps.append((dec, node_t, ends[0], ends[1]))
+                pair = ([ends[m][:, 0], ends[m][:, 1]] if ends is not None else
+                        [dec.decode(dec.tensor(curves[:, i]), node_t).double() for i in (0, -1)])
+                self.maps.append((dec, node_t, pair[0], pair[1]))
         self.device = self.maps[0][0].device
         z = torch.as_tensor(curves, dtype=torch.float64, device=self.device)
         self.lo = self.hi = None
@@ -297,9 +326,10 @@ class _Minimiser:
                                                                                    device=self.device))
         self.evaluations = 0
 
-    def evaluate(self, x: torch.Tensor, rows: torch.Tensor,
-                 trial: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Energies (b,), lengths (b,) and energy gradients (b, T−1, d) of curves `rows` at interior points x.
+    def evaluate(self, x: torch.Tensor, rows: torch.Tensor, trial: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energies (b,), lengths (b,), energy gradients (b, T−1, d) and the decoded interior points
+        (b, maps, T−1, P) of curves `rows` at interior points x.
 
         A trial point of the line search may leave the region where the decoder is finite (a warp that
         overflows far out): its energy counts as +inf, so the step is rejected and shortened. Anywhere else a
@@ -308,11 +338,13 @@ class _Minimiser:
         energy = x.new_zeros(len(rows))
         length = x.new_zeros(len(rows))
         inner = self.segments - 1
+        decoded = []
         for dec, nodes, first, last in self.maps:
             out = first.new_zeros(len(rows), 0, first.shape[1])  # T = 1: no interior point to decode
             if inner:
                 out = dec.decode(x.reshape(-1, self.d).to(dec.dtype), nodes[rows].repeat_interleave(inner))
                 out = out.double().reshape(len(rows), inner, first.shape[1])
+            decoded.append(out.detach())
             seq = torch.cat([first[rows, None], out, last[rows, None]], 1)  # (b, T+1, P)
             sq = ((seq[:, 1:] - seq[:, :-1]) ** 2).sum(-1)  # (b, T) squared segment lengths in the output
             energy = energy + self.segments * sq.sum(1)
@@ -325,7 +357,23 @@ class _Minimiser:
                              f"returned non-finite values along the curves")
         self.evaluations += len(rows)
         grad = torch.autograd.grad(energy.sum(), x)[0] if inner else torch.zeros_like(x)
-        return energy.detach(), length.detach(), grad
+        return energy.detach(), length.detach(), grad, torch.stack(decoded, 1)
+
+    def midpoint_lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`_midpoint_lengths` of the curves `run` returned: their points' outputs are the ones its last
+        accepted evaluation decoded, so only the T segment midpoints are decoded here."""
+        rows = torch.arange(self.n, device=self.device)
+        full = self._full(self.x, rows)  # (n, T+1, d)
+        mids = full[:, :-1] + 0.5 * (full[:, 1:] - full[:, :-1])  # as `subdivide` places them
+        outputs = []
+        with torch.no_grad():
+            for m, (dec, nodes, first, last) in enumerate(self.maps):
+                half = dec.decode(mids.reshape(-1, self.d).to(dec.dtype), nodes.repeat_interleave(self.segments))
+                seq = first.new_empty(self.n, 2 * self.segments + 1, first.shape[1])
+                seq[:, 0::2] = torch.cat([first[:, None], self.decoded[:, m], last[:, None]], 1)
+                seq[:, 1::2] = half.double().reshape(self.n, self.segments, -1)
+                outputs.append(seq)
+        return _chord_lengths(outputs)
 
     def precondition(self, g: torch.Tensor, rows: torch.Tensor, stretch: torch.Tensor) -> torch.Tensor:
         """(2T (L ⊗ G))⁻¹ g for g (b, T−1, d): G = the curve's metric tensor, else stretch · I."""
@@ -339,10 +387,10 @@ class _Minimiser:
         all_rows = torch.arange(n, device=dev)
         x = self.x
         if self.segments == 1:  # no interior point: the straight segment is the only curve
-            energy, length, _ = self.evaluate(x, all_rows)
+            energy, length, _, self.decoded = self.evaluate(x, all_rows)
             return self._result(x, energy, length, length, torch.zeros(n, dtype=torch.long, device=dev),
                                 torch.ones(n, dtype=torch.bool, device=dev))
-        energy, length, grad = self.evaluate(x, all_rows)
+        energy, length, grad, self.decoded = self.evaluate(x, all_rows)
         initial_length = length.clone()
         full = self._full(x, all_rows)
         steps = (full[:, 1:] - full[:, :-1]).pow(2).sum((1, 2))
@@ -376,16 +424,17 @@ class _Minimiser:
             if len(rows) == 0:
                 break
             alpha = x.new_ones(len(rows))
-            new = [x.new_empty(len(rows)), x.new_empty(len(rows)), torch.empty_like(grad[rows]), torch.empty_like(g)]
+            new = [x.new_empty(len(rows)), x.new_empty(len(rows)), torch.empty_like(grad[rows]),
+                   torch.empty_like(self.decoded[rows]), torch.empty_like(g)]
             pending = torch.ones(len(rows), dtype=bool, device=dev)
             for _ in range(MAX_BACKTRACKS):
                 idx = torch.nonzero(pending).flatten()
                 trial = self._project(x[rows[idx]] + (alpha[idx, None] * direction[idx]).view_as(x[rows[idx]]),
                                       rows[idx])
                 taken = (trial - x[rows[idx]]).flatten(1)  # the step, after projection
-                e, ln, gr = self.evaluate(trial, rows[idx], trial=True)
+                e, ln, gr, decoded = self.evaluate(trial, rows[idx], trial=True)
                 ok = e <= energy[rows[idx]] + ARMIJO * (g[idx] * taken).sum(1)
-                for store, value in zip(new, (e, ln, gr, taken)):
+                for store, value in zip(new, (e, ln, gr, decoded, taken)):
                     store[idx[ok]] = value[ok]
                 pending[idx[ok]] = False
                 # rejected: the minimiser of the quadratic through E(0), E'(0) and E(alpha), within [0.1, 0.5]·alpha
@@ -398,7 +447,7 @@ class _Minimiser:
             stuck = rows[pending]  # no step lowered E: a (numerical) minimum
             active[stuck] = False
             rows, g = rows[moved], g[moved]
-            e_new, l_new, g_new, step = (v[moved] for v in new)
+            e_new, l_new, g_new, decoded, step = (v[moved] for v in new)
             change = g_new.flatten(1) - g
             curvature = (step * change).sum(1)
             keep = curvature > 1e-12 * (step.norm(dim=1) * change.norm(dim=1))
@@ -411,8 +460,9 @@ class _Minimiser:
             last_decrease[rows] = energy[rows] - e_new
             x = x.clone()
             x[rows] = x[rows] + step.view(len(rows), *x.shape[1:])
-            energy[rows], length[rows], grad[rows] = e_new, l_new, g_new
+            energy[rows], length[rows], grad[rows], self.decoded[rows] = e_new, l_new, g_new, decoded
             iterations[rows] += 1
+        self.x = x
         return self._result(x, energy, length, initial_length, iterations, converged)
 
     def _two_loop(self, g, s_hist, y_hist, rho, gamma, rows, stretch) -> torch.Tensor:
