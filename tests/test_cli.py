@@ -1,5 +1,6 @@
 """Bad input: a short error naming the bad value, exit code 2, no traceback, no run directory."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -87,3 +88,34 @@ def test_real_console_script_bad_input_has_no_traceback(tmp_path):
     proc = subprocess.run(["geovq", "sweep", "nope", "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rays_token_auth_notice_is_dropped_and_its_warning_kept():
+    """Ray's own functions log both messages: the notice that token authentication is on (the default) is
+    dropped without --verbose and shown with it; the warning that it is off always reaches the console."""
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from geovq.cli import _quiet_ray
+
+    class Keep(logging.Handler):  # Ray's loggers do not propagate to the root logger that caplog watches
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    kept = Keep()
+    auth.logger.addHandler(kept)
+    try:
+        _quiet_ray(verbose=False)
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+        assert ["disabled" in m for m in kept.messages] == [True]
+        kept.messages.clear()
+        _quiet_ray(verbose=True)
+        auth._warn_token_auth_enabled()
+        assert ["enabled" in m for m in kept.messages] == [True]
+    finally:
+        auth.logger.removeHandler(kept)
+        _quiet_ray(verbose=True)  # leave Ray's loggers as found for the other tests
