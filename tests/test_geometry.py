@@ -286,7 +286,7 @@ def test_trunk_decoders_own_jvp_equals_torch_func_and_gives_the_same_lengths():
 
 
 def test_trunk_jvp_rule_table_refuses_layers_it_has_no_rule_for():
-    from geovq.models.trunk import JVP_RULES, layer_jvp
+    from geovq.models.trunk import JVP_RULES, SubPixelConvTranspose2d, layer_jvp
 
     x, dx = torch.randn(2, 3), torch.randn(4, 3)  # 2 tangents per row
     with pytest.raises(TypeError, match="no JVP rule for Tanh"):
@@ -298,7 +298,7 @@ def test_trunk_jvp_rule_table_refuses_layers_it_has_no_rule_for():
 
     with pytest.raises(TypeError, match="no JVP rule for LeakyReLU"):
         layer_jvp(LeakyReLU(), x, dx)
-    assert set(JVP_RULES) == {nn.Sequential, nn.ReLU, nn.Conv2d, nn.ConvTranspose2d, ResBlock}
+    assert set(JVP_RULES) == {nn.Sequential, nn.ReLU, nn.Conv2d, nn.ConvTranspose2d, ResBlock, SubPixelConvTranspose2d}
     y, dy = layer_jvp(nn.ReLU(), x, dx)
     torch.testing.assert_close(dy, dx * (x > 0).repeat(2, 1))
 

@@ -91,3 +91,25 @@ def test_checkpoint_round_trip_and_rejection(tmp_path):
     with pytest.raises(GeovqError, match="not a readable geovq checkpoint") as refused:
         load_model(tmp_path / "evil.pt")
     assert "weights_only" not in str(refused.value)  # never advise loading an untrusted file unsafely
+
+
+@pytest.mark.parametrize("channels", [(32, 1), (16, 3)])
+def test_subpixel_last_layer_is_the_transposed_convolution_it_replaces(channels):
+    """Same state dict, same outputs and gradients (input, weight, bias) as torch's ConvTranspose2d(4, 2, 1), in
+    float64; a checkpoint of either loads into the other."""
+    from torch import nn
+
+    from geovq.models.trunk import SubPixelConvTranspose2d
+
+    torch.manual_seed(0)
+    fast = SubPixelConvTranspose2d(*channels).double()
+    plain = nn.ConvTranspose2d(*channels, 4, stride=2, padding=1).double()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, channels[0], 7, 5, dtype=torch.float64, requires_grad=True)
+    y_fast, y_plain = fast(x), plain(x)
+    assert y_fast.shape == (3, channels[1], 14, 10)
+    torch.testing.assert_close(y_fast, y_plain, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(y_plain)
+    for a, b in zip(torch.autograd.grad(y_fast, (x, fast.weight, fast.bias), upstream),
+                    torch.autograd.grad(y_plain, (x, plain.weight, plain.bias), upstream)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)

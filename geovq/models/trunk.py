@@ -15,7 +15,7 @@ from torch import nn
 
 from geovq.config import TrunkConfig
 
-__all__ = ["Decoder", "Encoder", "JVP_RULES", "ResBlock", "TrunkConfig", "layer_jvp"]
+__all__ = ["Decoder", "Encoder", "JVP_RULES", "ResBlock", "SubPixelConvTranspose2d", "TrunkConfig", "layer_jvp"]
 
 
 class ResBlock(nn.Module):
@@ -30,6 +30,47 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+class SubPixelConvTranspose2d(nn.ConvTranspose2d):
+    """ConvTranspose2d(kernel 4, stride 2, padding 1) computed as one 3×3 convolution into 4× the channels and
+    a pixel shuffle: the same parameters (state dicts are interchangeable), the same map up to float rounding.
+
+    Why: on CPU, torch's transposed convolution to a few channels (the decoder's last layer, to the image)
+    runs about 3× slower than this form (bench: 32 -> 1 channels, 14×14 -> 28×28, 111 images: 7.1 ms against
+    2.4 ms; 8×8 -> 16×16, 300 images: 6.6 against 2.3), and that layer is most of a small decoder's time in
+    the geometry engine's curve minimisation. For many output channels the transposed convolution is faster
+    (64 -> 32: 5.9 against 14.4 ms), so only the last layer uses this.
+
+    Output pixel (2m + a, 2n + b) of a stride-2, kernel-4 transposed convolution sums input pixels m − 1 + a and
+    m + a (rows; columns alike) times kernel rows 3 − 2t (a = 0) or 2 − 2t (a = 1): each of the four output
+    phases (a, b) is a 3×3 convolution whose kernel holds those 2×2 taps, and the four phases interleave by
+    `pixel_shuffle`.
+    """
+
+    # for output phase a (rows; columns alike) and 3×3 tap t: the transposed kernel's row, and whether the tap
+    # is used (a = 0: taps 0, 1 <- rows 3, 1; a = 1: taps 1, 2 <- rows 2, 0)
+    TAP_ROW = ((3, 1, 0), (0, 2, 0))
+    TAP_USED = ((1.0, 1.0, 0.0), (0.0, 1.0, 1.0))
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 4, stride=2, padding=1)
+
+    def phase_weight(self) -> torch.Tensor:
+        """(4·out, in, 3, 3): the four phases' 3×3 kernels, in pixel_shuffle's channel order (o, a, b)."""
+        row = torch.tensor(self.TAP_ROW, device=self.weight.device)  # (2, 3)
+        used = torch.tensor(self.TAP_USED, dtype=self.weight.dtype, device=self.weight.device)
+        taps = self.weight[:, :, row[:, None, :, None], row[None, :, None, :]]  # (in, out, a, b, ty, tx)
+        taps = taps * (used[:, None, :, None] * used[None, :, None, :])
+        return taps.permute(1, 2, 3, 0, 4, 5).reshape(4 * self.out_channels, self.in_channels, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.repeat_interleave(4)
+        return F.pixel_shuffle(F.conv2d(x, self.phase_weight(), bias, padding=1), 2)
+
+    def linear(self, dx: torch.Tensor) -> torch.Tensor:
+        """The layer without its bias (its Jacobian applied to dx)."""
+        return F.pixel_shuffle(F.conv2d(dx, self.phase_weight(), None, padding=1), 2)
 
 
 class Encoder(nn.Module):
@@ -63,7 +104,8 @@ class Decoder(nn.Module):
         for i in range(cfg.downsamples):
             last = i == cfg.downsamples - 1
             out = cfg.in_channels if last else cfg.hidden // 2
-            layers += [nn.ReLU(), nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)]
+            up = SubPixelConvTranspose2d(ch, out) if last else nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)
+            layers += [nn.ReLU(), up]
             ch = out
         self.net = nn.Sequential(*layers)
 
@@ -124,12 +166,17 @@ def _conv_transpose_jvp(layer: nn.ConvTranspose2d, x: torch.Tensor, dx: torch.Te
                                         layer.groups, layer.dilation)
 
 
+def _subpixel_jvp(layer: SubPixelConvTranspose2d, x: torch.Tensor, dx: torch.Tensor):
+    return layer(x), layer.linear(dx)
+
+
 JVP_RULES: dict[type[nn.Module], JvpRule] = {
     nn.Sequential: _sequential_jvp,
     ResBlock: _residual_jvp,
     nn.ReLU: _relu_jvp,
     nn.Conv2d: _conv_jvp,
     nn.ConvTranspose2d: _conv_transpose_jvp,
+    SubPixelConvTranspose2d: _subpixel_jvp,
 }
 
 

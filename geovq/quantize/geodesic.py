@@ -47,6 +47,7 @@ The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -56,6 +57,8 @@ import numpy as np
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
 from geovq.quantize.base import Quantizer, register
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
     import torch
@@ -227,6 +230,9 @@ class GeodesicQuantizer(Quantizer):
         label, dist, refined = self._assign_in_context(medoids)
         rounds = [{"round": 0, "objective": float(dist.sum()), "curves": refined, "moved": 0, "changed": 0,
                    "seconds": time.perf_counter() - t0}]
+        # progress of the slowest part of a fit (tens of minutes on MNIST on a CPU), one line per round
+        log.info("geodesic in-context assignment of %d landmarks: objective %.6g, %d curves, %.0f s",
+                 len(dist), dist.sum(), refined, rounds[0]["seconds"])
         for r in range(1, self.context_iterations + 1):
             t1 = time.perf_counter()
             moved, update_curves = self._update_medoids(medoids, label, rng)
@@ -234,6 +240,10 @@ class GeodesicQuantizer(Quantizer):
             rounds.append({"round": r, "objective": float(new_dist.sum()), "curves": refined + update_curves,
                            "moved": int((moved != medoids).sum()), "changed": int((new_label != label).sum()),
                            "accepted": bool(new_dist.sum() < dist.sum()), "seconds": time.perf_counter() - t1})
+            log.info("geodesic in-context round %d of %d: %d medoids moved, objective %.6g (%s), %d curves, %.0f s",
+                     r, self.context_iterations, rounds[-1]["moved"], new_dist.sum(),
+                     "kept" if rounds[-1]["accepted"] else "no lower: undone", rounds[-1]["curves"],
+                     rounds[-1]["seconds"])
             if not new_dist.sum() < dist.sum():
                 break
             medoids, label, dist = moved, new_label, new_dist
