@@ -22,7 +22,8 @@ step, or after `max_iter` iterations. Since L ≤ √E with equality at the cons
 with E within about tol·E of its minimum leaves the length at most about tol/2 long. The default tol = 1e-2
 balances that against the chords' own error at T = 4 (a few tenths of a percent on the MNIST decoder): on
 MNIST TDC pairs the median error against a 256-segment reference is 0.43% at tol = 1e-3 and 0.49% at 1e-2,
-which takes half the decoder passes; the analytic 16-D cases stay below 0.3% (bench/geodesic_accuracy.py).
+which takes about half the time (two-thirds of the decoder rows); the analytic 16-D cases stay below 0.3%
+at this tol (bench/geodesic_accuracy.py).
 
 Resolution: chords see the decoder only at the curve's points. A curve whose length grows by more than
 `resolution` when its segments' midpoints are added is subdivided (to the T its 1/T² error asks for) and
