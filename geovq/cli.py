@@ -77,22 +77,21 @@ class _DropMessage(logging.Filter):
 
 #: Ray's WARNING that a local instance started with its default, token authentication, on: it reports the safe
 #: default, on every run. The opposite warning (authentication off) still reaches the console.
-_TOKEN_AUTH_ON = ("ray._private.authentication.authentication_token_setup",
-                  _DropMessage("Token authentication is enabled for this Ray cluster"))
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_ON = _DropMessage("Token authentication is enabled for this Ray cluster")
 
 
 def _quiet_ray(verbose: bool) -> None:
     """Without --verbose, Ray Tune's own per-trial tracebacks stay in the run directory's errors/ (geovq prints
     one line per failure) and Ray's notice that token authentication is on is dropped; with it, everything
     Ray logs reaches the console."""
-    logger, token_notice = logging.getLogger(_TOKEN_AUTH_ON[0]), _TOKEN_AUTH_ON[1]
     if not verbose:
         for name in ("ray.tune", "ray.train", "ray.air"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-block progress of the Ray Data stages
-        logger.addFilter(token_notice)  # (added once: a logger keeps a filter only once)
+        logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_TOKEN_AUTH_ON)  # (a logger keeps a filter only once)
     else:
-        logger.removeFilter(token_notice)
+        logging.getLogger(_RAY_AUTH_LOGGER).removeFilter(_TOKEN_AUTH_ON)
 
 
 def _setup_logging(log_paths: list[Path]) -> None:

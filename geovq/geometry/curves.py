@@ -249,10 +249,10 @@ def refine_curves(curves: np.ndarray, contexts: Sequence[Context], *, tol: float
 
 
 def _midpoint_lengths(curves: np.ndarray, contexts, chunk_elements: int, ends: bool = False):
-    """Lengths of the latent polylines (B, T+1, d) measured at their T+1 points (B,) and, finer, with their
-    segments' midpoints added (B,), and the finer cumulative length at each of the 2T+1 points (B, 2T+1):
-    means over the contexts, by decoder forward passes only. ends: also return each context's decoded end
-    points, (B, 2, P) float64 tensors (what `_Minimiser` would otherwise decode again)."""
+    """Lengths of the latent polylines (B, T+1, d), B >= 1, measured at their T+1 points (B,) and, finer, with
+    their segments' midpoints added (B,), and the finer cumulative length at each of the 2T+1 points
+    (B, 2T+1): means over the contexts, by decoder forward passes only. ends: also return each context's
+    decoded end points, (B, 2, P) float64 tensors (what `_Minimiser` would otherwise decode again)."""
     fine = subdivide(curves)
     per_chunk = max(1, chunk_elements // (fine.shape[1] * max(dec.out_dim for dec, _ in contexts)))
     parts, end_parts = [], []
@@ -266,16 +266,8 @@ def _midpoint_lengths(curves: np.ndarray, contexts, chunk_elements: int, ends: b
             parts.append(_chord_lengths(outputs))
             if ends:
                 end_parts.append([out[:, [0, -1]] for out in outputs])
-    if parts:
-        lengths = tuple(np.concatenate(p) for p in zip(*parts))
-    else:
-        lengths = np.zeros(0), np.zeros(0), np.zeros((0, fine.shape[1]))
-    if not ends:
-        return lengths
-    if not end_parts:
-        return (*lengths, [torch.zeros(0, 2, dec.out_dim, dtype=torch.float64, device=dec.device)
-                           for dec, _ in contexts])
-    return (*lengths, [torch.cat(per_map) for per_map in zip(*end_parts)])
+    lengths = tuple(np.concatenate(p) for p in zip(*parts))
+    return (*lengths, [torch.cat(per_map) for per_map in zip(*end_parts)]) if ends else lengths
 
 
 def _chord_lengths(outputs: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -65,12 +65,14 @@ class SubPixelConvTranspose2d(nn.ConvTranspose2d):
         return taps.permute(1, 2, 3, 0, 4, 5).reshape(4 * self.out_channels, self.in_channels, 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.repeat_interleave(4)
-        return F.pixel_shuffle(F.conv2d(x, self.phase_weight(), bias, padding=1), 2)
+        return self.shuffled(x, self.phase_weight(), self.bias)
 
-    def linear(self, dx: torch.Tensor) -> torch.Tensor:
-        """The layer without its bias (its Jacobian applied to dx)."""
-        return F.pixel_shuffle(F.conv2d(dx, self.phase_weight(), None, padding=1), 2)
+    @staticmethod
+    def shuffled(x: torch.Tensor, phase_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer on x (B, in, h, w) -> (B, out, 2h, 2w) given its `phase_weight()`; bias None: its linear
+        part (the Jacobian applied to a tangent)."""
+        bias = None if bias is None else bias.repeat_interleave(4)
+        return F.pixel_shuffle(F.conv2d(x, phase_weight, bias, padding=1), 2)
 
 
 class Encoder(nn.Module):
@@ -167,7 +169,8 @@ def _conv_transpose_jvp(layer: nn.ConvTranspose2d, x: torch.Tensor, dx: torch.Te
 
 
 def _subpixel_jvp(layer: SubPixelConvTranspose2d, x: torch.Tensor, dx: torch.Tensor):
-    return layer(x), layer.linear(dx)
+    weight = layer.phase_weight()  # once for the primal and the tangents
+    return layer.shuffled(x, weight, layer.bias), layer.shuffled(dx, weight, None)
 
 
 JVP_RULES: dict[type[nn.Module], JvpRule] = {

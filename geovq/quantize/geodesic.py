@@ -30,8 +30,8 @@ paths (what decides a code; recorded in fit_info["paths"]):
 - "graph" (the behaviour above; the default before in-context distances): graph distances. A path between
   tokens of different images runs through other images' contexts; on MNIST it hops into border cells, where
   the decoder hardly reacts, and is then the length of no curve in any image (bench/geodesic_context.py).
-- "context" (default): replacing token i by code c changes image n(i) only, so the distance that decides i's code is
-  d_i(c), the length of the shortest curve from z_i to c in image n(i) (DESIGN.md §3.9; refined by
+- "context" (default): replacing token i by code c changes image n(i) only, so the distance that decides i's
+  code is d_i(c), the length of the shortest curve from z_i to c in image n(i) (DESIGN.md §3.9; refined by
   `geovq.geometry.curves` inside the latent box of the landmarks, since outside the latents the encoder
   produces the decoder saturates and curves escaping there are shorter than any through real images). The
   graph k-medoids only starts the fit: each landmark then takes the d_i-nearest medoid among its `shortlist`

@@ -1,15 +1,16 @@
 """One trial of `geovq tune`, as a Tune worker runs it. Validation only: the test split is withheld.
 
 A post-hoc trial trains (or reuses) its Gaussian VAE, reporting the VAE's own validation PSNR after every
-epoch (ASHA's signal, epochs its resource: see `vae_val_psnr` for which reconstruction), then fits its quantizer on the training latents, encodes the
-validation latents and reports validation PSNR at its bit budget (the objective). A VQ-VAE trial reports the
-VQ-VAE's validation PSNR after every epoch; its last is the objective.
+epoch (ASHA's signal, epochs its resource: see `vae_val_psnr` for which reconstruction), then fits its
+quantizer on the training latents, encodes the validation latents and reports validation PSNR at its bit
+budget (the objective). A VQ-VAE trial reports the VQ-VAE's validation PSNR after every epoch; its last is the
+objective.
 
 Trials that share a VAE configuration share one trained VAE: it lives in vae/{spec.key} (a hash of its whole
 configuration), a file lock lets one trial train it while the others wait, and its per-epoch validation PSNR
-(`val_psnr_sampled.json`) lets a later trial replay those epochs to the scheduler instead of training them again. A
-VAE that ASHA stopped keeps its resume point, so a later trial with the same configuration trains only the
-epochs it lacks. Every report carries `epochs_trained`: the epochs this trial itself trained.
+(`val_psnr_sampled.json`) lets a later trial replay those epochs to the scheduler instead of training them
+again. A VAE that ASHA stopped keeps its resume point, so a later trial with the same configuration trains
+only the epochs it lacks. Every report carries `epochs_trained`: the epochs this trial itself trained.
 """
 
 from __future__ import annotations
