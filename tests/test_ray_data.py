@@ -37,8 +37,7 @@ def test_ray_data_extraction_writes_parquet_shards_with_the_in_process_latents(t
     from geovq.latents import LatentSet
 
     run, cfg, spec, data = trained
-    out = extract_latents_parquet(run.vae(spec) / "model.pt", data.train, data.train_labels, tmp_path / "train",
-                                  threads=1)
+    out = extract_latents_parquet(run.vae(spec) / "model.pt", data.train, data.train_labels, tmp_path / "train")
     shards = sorted(out.glob("*.parquet"))
     assert shards and set(pq.read_schema(shards[0]).names) == {"index", "mu", "logvar", "label"}
     layout = cfg.layout.with_token_dim(cfg.trunk.latent_channels)
@@ -67,3 +66,14 @@ def test_ray_data_edge_reweighting_gives_the_in_process_lengths(trained, tmp_pat
                                edges, "midpoint", tmp_path / "edges", threads=1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert (tmp_path / "edges" / "edges.parquet").exists() and list((tmp_path / "edges" / "lengths").glob("*.parquet"))
+
+
+def test_cpu_actor_pools_use_every_core_once_and_spare_one_cpu_for_read_tasks(ray_local):
+    from geovq.distributed.data import actor_pool
+
+    cpus = ray_local.cluster_resources()["CPU"]
+    for read_tasks in (False, True):
+        pool = actor_pool(0.0, read_tasks)
+        assert pool.size * pool.threads == cpus  # every core busy, none oversubscribed
+        reserved = pool.size * pool.num_cpus
+        assert reserved == (cpus - 1 if read_tasks else cpus)  # a read task can always be scheduled

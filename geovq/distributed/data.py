@@ -10,13 +10,14 @@ MNIST's 350 MB of latents cost 4x what pyarrow takes to write them (bench/ray_da
 output is small, and Ray Data writes it.
 
 The sweep runs these from the driver between Tune phases when it runs on a cluster (`--address`): inside a
-trial, a Ray Data job would wait for CPUs that the trials hold. Actor CPU reservations always leave one CPU of
-the cluster free for Ray Data's own read and write tasks (a pool that reserves every CPU hangs).
+trial, a Ray Data job would wait for CPUs that the trials hold. When Ray Data reads a stage's input (the edge
+table), the actors' CPU reservations leave one CPU of the cluster free for the read tasks: a pool that
+reserves every CPU hangs.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +31,42 @@ EXTRACT_BATCH = 2048
 EDGE_BATCH = 65536
 
 
-def actor_pool(num_gpus: float, cpus_per_actor: float = 1.0) -> dict[str, Any]:
-    """map_batches resources: as many actors as the cluster's GPUs allow (num_gpus > 0), else as its CPUs
-    allow minus one CPU kept for Ray Data's read/write tasks."""
+@dataclass(frozen=True)
+class ActorPool:
+    """An actor pool's shape: how many actors, what each reserves, and the torch threads each runs."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+    def map_batches_args(self) -> dict[str, Any]:
+        from ray.data import ActorPoolStrategy
+
+        return {"compute": ActorPoolStrategy(size=self.size), "num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+def actor_pool(num_gpus: float, read_tasks: bool) -> ActorPool:
+    """One actor per num_gpus of the cluster's GPUs (num_gpus > 0), else one single-threaded actor per CPU
+    (less one CPU for read tasks, whose threads the actors use meanwhile).
+
+    On CPUs one process per core beats one process with a thread per core: torch's intra-op threads scale
+    imperfectly on these small convolutions (2 single-threaded encoders do 1.3x the images/s of one encoder
+    with 2 threads, 2-core bench machine). A stage whose input Ray Data reads (read_tasks) keeps one CPU of the
+    cluster out of the actors' reservations for those tasks: a pool that reserves every CPU then hangs."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    spare = 1.0 if read_tasks and cpus > 1 else 0.0
     if num_gpus > 0:
         if gpus < num_gpus:
             raise GeovqError(f"Ray Data stage asks {num_gpus:g} GPU(s) per actor; the cluster has {gpus:g}")
         size = max(1, int(gpus // num_gpus))
-    else:
-        size = max(1, int((cpus - 1) // cpus_per_actor))
-    if size * cpus_per_actor > cpus - 1 and cpus > 1:  # keep one CPU for the read tasks
-        cpus_per_actor = max(0.1, (cpus - 1) / size)
-    return {"compute": ActorPoolStrategy(size=size), "num_gpus": num_gpus, "num_cpus": cpus_per_actor}
+        cpus_per_actor = min(1.0, (cpus - spare) / size)
+        return ActorPool(size, max(0.1, cpus_per_actor), num_gpus, max(1, int(cpus_per_actor)))
+    size = max(1, int(cpus - spare))
+    return ActorPool(size, 1.0, 0.0, max(1, round(cpus / size)))  # the spare CPU's threads: read tasks are brief
 
 
 def _actor_device(num_gpus: float):
@@ -101,16 +121,16 @@ def extract_latents_parquet(checkpoint: Path, images: np.ndarray, labels: np.nda
     from ray.data.extensions import ArrowTensorArray
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = threads or max(1, os.cpu_count() or 1)
     blocks = [pa.table({"index": np.arange(start, min(start + EXTRACT_BATCH, len(images))),
                         "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[start:start + EXTRACT_BATCH])),
                         "label": np.asarray(labels[start:start + EXTRACT_BATCH])})
               for start in range(0, len(images), EXTRACT_BATCH)]
+    pool = actor_pool(num_gpus, read_tasks=False)  # the blocks are in memory: no read task to wait for
     shards = ray.data.from_arrow(blocks).map_batches(
         LatentExtractor, batch_size=EXTRACT_BATCH,
         fn_constructor_kwargs=dict(checkpoint=str(checkpoint), out_dir=str(out_dir), num_gpus=num_gpus,
-                                   threads=threads),
-        **actor_pool(num_gpus)).take_all()
+                                   threads=threads or pool.threads),
+        **pool.map_batches_args()).take_all()
     written = sum(int(shard["rows"]) for shard in shards)
     if written != len(images):
         raise GeovqError(f"{out_dir}: the shards hold {written} of {len(images)} images")
@@ -164,13 +184,13 @@ def edge_lengths_parquet(checkpoint: Path, latents: Path, token_dim: int, groupi
     table = pa.table({"edge": np.arange(len(edges)), "a": edges[:, 0], "b": edges[:, 1]})
     pq.write_table(table, work_dir / "edges.parquet", row_group_size=EDGE_BATCH)
     lengths_dir = work_dir / "lengths"
-    threads = threads or max(1, os.cpu_count() or 1)
+    pool = actor_pool(num_gpus, read_tasks=True)
     ray.data.read_parquet(str(work_dir / "edges.parquet")).map_batches(
         EdgeMeasurer, batch_size=EDGE_BATCH,
         fn_constructor_kwargs=dict(checkpoint=str(checkpoint), latents=str(latents), token_dim=token_dim,
                                    grouping=grouping, tokens=tokens, quadrature=quadrature, num_gpus=num_gpus,
-                                   threads=threads),
-        **actor_pool(num_gpus)).write_parquet(str(lengths_dir))
+                                   threads=threads or pool.threads),
+        **pool.map_batches_args()).write_parquet(str(lengths_dir))
     result = _read(lengths_dir)
     out = np.full(len(edges), np.nan)
     out[result["edge"]] = result["length"]
