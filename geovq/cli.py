@@ -252,15 +252,19 @@ def _sweep(
     try:
         run_sweeps([(run, cfg) for run, cfg, *_ in runs], address)
     except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()  # stops the trials, so that none finishes a unit after it is counted
         log.error("interrupted: %d of %d units finished and are kept; re-run the same command to resume",
                   finished(), len(planned))
         raise typer.Exit(130) from None
     except RunFailed as e:
         for line in e.lines:
             log.error("%s", line)
-        log.error("%d of %d units failed (%d finished and are kept); no report was written: fix the cause and "
-                  "re-run the same command (`geovq report DIR` summarises a run's finished units, marked partial)",
-                  len(e.lines), len(planned), finished())
+        done = finished()  # the lines may also name a VAE, which is not a unit
+        log.error("%d of %d units failed or were not run (%d finished and are kept); no report was written: fix the "
+                  "cause and re-run the same command (`geovq report DIR` summarises a run's finished units, marked "
+                  "partial)", len(planned) - done, len(planned), done)
         raise typer.Exit(1) from None
     from geovq.metrics.image import lpips_weights_hint
     from geovq.report.tables import write_results

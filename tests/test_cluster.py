@@ -192,8 +192,8 @@ def test_several_datasets_share_one_sweep_each_with_its_own_run_directory(ray_lo
         rows = json.loads((parent / name / "results.json").read_text())
         assert [(r["dataset"], r["method"]) for r in rows] == [(name, "kmeans")]
         assert f"{name} report: {parent / name / 'report.html'} (and report.md)" in result.output
-    # one Tune experiment per phase for both datasets: their trials shared the cluster at once
-    phases = sorted(p.name.split("-")[0] for p in (parent / "ray").iterdir())
-    assert phases == ["posthoc", "train"]
-    trials = [p for p in (parent / "ray").glob("train-*/*") if p.is_dir()]
-    assert len(trials) == 2  # digits' VAE and npz's VAE, in one experiment
+    # one Tune experiment for both datasets: their trials shared the cluster at once
+    experiments = [p.name.split("-")[0] for p in (parent / "ray").iterdir()]
+    assert experiments == ["sweep"]
+    trials = [p for p in (parent / "ray").glob("sweep-*/*") if p.is_dir()]
+    assert len(trials) == 4  # digits' and npz's VAE, and the k-means unit on each

@@ -109,7 +109,31 @@ def test_a_corrupt_checkpoint_gives_one_line_naming_the_file(finished_run, tmp_p
     assert f"{model} is not a readable geovq checkpoint" in line and "delete it" in line
     trace = Path(re.search(r"full traceback: (\S+)\)", line).group(1))
     assert trace.parent == run / "errors" and "Traceback" in trace.read_text()  # copied into the run directory
-    assert "1 of 6 units failed (5 finished and are kept)" in result.output
+    assert "1 of 6 units failed or were not run (5 finished and are kept)" in result.output
+
+
+def test_units_on_a_failed_vae_are_named_not_run_and_the_others_finish(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (vae,) = run.glob("vae/*")
+    for name in ("ceiling.json", "model.pt"):  # not trained yet: it resumes from its state.pt, corrupt here
+        (vae / name).unlink()
+    (vae / "state.pt").write_bytes(np.random.default_rng(2).bytes(4096))
+    waiting = []
+    for method in ("kmeans", "gq", "vqvae"):  # two units on that VAE and the VQ-VAE, to be re-scored
+        unit = next(run.glob(f"units/{method}-*K16-*"))
+        (unit / "row.json").unlink()
+        waiting.append(unit.name)
+    result = runner.invoke(app, SMALL + ["--out", str(run)])
+    assert result.exit_code == 1, result.output
+    assert f"{vae.name} failed: {vae / 'state.pt'} is not a readable training resume point" in result.output
+    for name in waiting[:2]:
+        (line,) = [line for line in result.output.splitlines() if f"digits/{name}" in line]
+        assert f"digits/{name} was not run: its VAE {vae.name} failed" in line
+        assert not (run / "units" / name / "row.json").exists()
+    assert (run / "units" / waiting[2] / "row.json").exists()  # needs no VAE: it ran
+    assert "2 of 6 units failed or were not run (4 finished and are kept)" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_a_corrupt_quantizer_file_names_the_file_and_no_unsafe_hint(finished_run, tmp_path):

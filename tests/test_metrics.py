@@ -118,6 +118,14 @@ def test_lpips_unavailable_without_cached_weights(hub_dir):
     assert not (hub_dir / "checkpoints").exists()
 
 
+def test_lpips_looks_for_the_file_torchvision_names():
+    from torchvision.models import AlexNet_Weights
+
+    from geovq.metrics.image import ALEXNET_WEIGHTS_FILE
+
+    assert AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1] == ALEXNET_WEIGHTS_FILE
+
+
 def test_lpips_plumbing_with_fake_alexnet_weights(hub_dir):
     # Random AlexNet weights under the real file name: this checks plumbing only, never a real LPIPS value.
     torch.manual_seed(0)

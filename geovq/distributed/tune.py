@@ -6,8 +6,10 @@ knows about Ray. Ray starts itself locally when no `address` is given (`--addres
 cluster). Two small-machine traps hang Ray forever instead of failing, so this module guards both:
 - every trial reserves a fraction (80%) of the CPUs whose threads it uses, and at most
   floor(cluster CPUs / threads) trials run at once, so some CPU is always left for Ray's own tasks;
-- no trial asks for GPUs (yet), so none can wait forever for a GPU that a GPU-less cluster never offers.
-Resuming is by files, not by Tune state: a unit whose output exists is never scheduled again, so an
+- a GPU request that no node, and no node type the autoscaler may start, can meet fails at once
+  (`resolve_gpus_per_trial`) instead of leaving trials pending forever.
+A post-hoc unit waits for its VAE inside the same Tune experiment (`_prerequisites_searcher`), not behind a
+phase barrier. Resuming is by files, not by Tune state: a unit whose output exists is never scheduled again, so an
 interrupted sweep re-run with the same command loses no finished trial.
 """
 
@@ -223,12 +225,14 @@ def _unit_logger(total: int):
 @dataclass(frozen=True)
 class Job:
     """One trial's work: a VAE or unit of one run directory (several datasets' runs share one cluster).
-    `steps`: "all", or for a VAE on a cluster "train" (its latents come from the Ray Data stage)."""
+    `steps`: "all", or for a VAE on a cluster "train" (its latents come from the Ray Data stage). `after`: the
+    label of the job whose outputs this one needs (a post-hoc unit's VAE), run first in the same experiment."""
 
     run: RunDir
     cfg: SweepConfig
     work: VaeSpec | Unit
     steps: str = "all"
+    after: str | None = None
 
     @property
     def label(self) -> str:
@@ -244,8 +248,57 @@ class Job:
                    raw["steps"])
 
 
-def run_trials(jobs: list[Job], phase: str, storage: Path) -> dict[str, str]:
-    """Run the jobs as one Tune experiment; returns {label: one-line report} of the failed ones."""
+def _prerequisites_searcher(jobs: list[Job], failed: dict[str, str]):
+    """A Tune searcher that hands out each job once the job it comes `after` has finished, in the given order.
+
+    One experiment then runs a sweep's VAEs and the post-hoc units on them: a unit starts as soon as its own VAE
+    is done, no worker idles until the slowest training of a phase ends, and the workers (torch already
+    imported) stay for the next trial. A job whose prerequisite fails is not run and gets a failure line;
+    one whose own label failed in an earlier experiment (a VAE's training on a cluster) is left out."""
+    from ray.tune.search import Searcher
+
+    class AfterPrerequisites(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = [job for job in jobs if job.label not in failed]
+            self.running: dict[str, Job] = {}
+            self.done: set[str] = set()
+            self.not_run: dict[str, str] = {}
+            for label in failed:
+                self._drop_after(label)
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            for job in self.waiting:
+                if job.after is None or job.after in self.done:
+                    self.waiting.remove(job)
+                    self.running[trial_id] = job
+                    return {"job": job.to_dict()}
+            return None if self.waiting else Searcher.FINISHED  # None: ask again when a trial ends
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            job = self.running.pop(trial_id)
+            if error or (result or {}).get(GEOVQ_ERROR):
+                self._drop_after(job.label)
+            else:
+                self.done.add(job.label)
+
+        def _drop_after(self, label: str) -> None:
+            for job in [job for job in self.waiting if job.after == label]:  # its VAE failed: nothing to fit on
+                self.waiting.remove(job)
+                self.not_run[job.label] = f"{job.label} was not run: its VAE {job.work.vae.key} failed"
+
+        def save(self, checkpoint_path: str) -> None:
+            """Nothing to save: a sweep resumes from its run directory's files, not from Tune's state."""
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+    return AfterPrerequisites()
+
+
+def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str] | None = None) -> dict[str, str]:
+    """Run the jobs as one Tune experiment, each after its prerequisite (`Job.after`); returns {label: one-line
+    report} of the failed ones and of those not run because their prerequisite failed here or in `failed`."""
     import ray
     from ray import tune
 
@@ -260,14 +313,15 @@ def run_trials(jobs: list[Job], phase: str, storage: Path) -> dict[str, str]:
         cfg = config["job"]["config"]
         return {"cpu": cfg["cpus_per_trial"] * CPU_RESERVE_FRACTION, "gpu": cfg["gpus_per_trial"] or 0}
 
+    searcher = _prerequisites_searcher(jobs, failed or {})
     tuner = tune.Tuner(
         tune.with_resources(_trial, resources),
-        param_space={"job": tune.grid_search([job.to_dict() for job in jobs])},
         # reuse_actors: a finished trial's worker (torch already imported) takes the next unit
-        tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // threads)), reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(jobs),
+                                    max_concurrent_trials=max(1, int(cpus // threads)), reuse_actors=True),
         run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(storage.resolve()), verbose=0,
-                                  callbacks=[_unit_logger(len(jobs))],
+                                  callbacks=[_unit_logger(len(searcher.waiting))],
                                   # a crashed trial (killed worker, lost node) is retried; its stages resume
                                   # from their files (a training from its last epoch)
                                   failure_config=tune.FailureConfig(max_failures=max(j.cfg.max_failures
@@ -284,7 +338,7 @@ def run_trials(jobs: list[Job], phase: str, storage: Path) -> dict[str, str]:
         for path in failure_paths(job.run, job.work):
             path.unlink(missing_ok=True)
     results = tuner.fit()
-    failures = {}
+    failures = dict(searcher.not_run)
     for result in results:
         if result.error is not None or (result.metrics or {}).get(GEOVQ_ERROR):
             job = Job.from_dict(result.config["job"])
@@ -300,14 +354,15 @@ def run_sweep(run: RunDir, cfg: SweepConfig, address: str | None) -> None:
 def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> None:
     """Every planned unit of every run, the datasets' trials sharing the cluster at once.
 
-    Phase "train": the Gaussian VAEs, the VQ-VAEs, and post-hoc units whose VAE is already trained (a resumed
-    or extended run). On a cluster (`address`), the VAEs only train there; the driver then extracts their
-    latents with the Ray Data stage, and phase "score" scores them. Phase "posthoc": the post-hoc units on the
-    VAEs trained in this sweep. A unit whose VAE failed is reported, not run.
+    One Tune experiment runs the Gaussian VAEs, the VQ-VAEs and the post-hoc units, each post-hoc unit once its
+    VAE is trained (a unit whose VAE failed is reported, not run). On a cluster (`address`), the VAEs only
+    train in a first experiment; the driver then extracts their latents with the Ray Data stage, and a second
+    experiment scores them and runs the post-hoc units on them.
     """
     start_ray(address)
     on_cluster = address is not None
-    phases: dict[str, list[Job]] = {"train": [], "score": [], "posthoc": []}
+    first: list[Job] = []  # local: everything; cluster: what needs no Ray Data latents
+    second: list[Job] = []  # cluster: the VAEs' scoring and the post-hoc units on them
     for run, cfg in runs:
         units = plan_units(cfg)
         vaes = sorted({u.vae for u in units if not u.end_to_end}, key=lambda v: v.key)
@@ -315,25 +370,22 @@ def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> N
         pending = [u for u in units if not run.unit_done(u, cfg.finetune_decoder, cfg.prior)]
         for vae in vaes:
             if not ready[vae]:
-                phases["train"].append(Job(run, cfg, vae, "train" if on_cluster else "all"))
+                first.append(Job(run, cfg, vae, "train" if on_cluster else "all"))
                 if on_cluster:
-                    phases["score"].append(Job(run, cfg, vae))
-        phases["train"] += [Job(run, cfg, u) for u in pending if u.end_to_end or ready[u.vae]]
-        phases["posthoc"] += [Job(run, cfg, u) for u in pending if not u.end_to_end and not ready[u.vae]]
+                    second.append(Job(run, cfg, vae))
+        first += [Job(run, cfg, u) for u in pending if u.end_to_end or ready[u.vae]]
+        (second if on_cluster else first).extend(Job(run, cfg, u, after=f"{cfg.dataset}/{u.vae.key}")
+                                                 for u in pending if not u.end_to_end and not ready[u.vae])
         log.info("%s: %d units planned, %d pending; %d VAE(s) to train", cfg.dataset, len(units), len(pending),
                  sum(not r for r in ready.values()))
     storage = runs[0][0].root / "ray" if len(runs) == 1 else runs[0][0].root.parent / "ray"
     failures: dict[str, str] = {}
-    for phase, jobs in phases.items():
-        if phase == "score":  # between Tune phases: the VAEs' latents, sharded over the cluster by Ray Data
-            extract_on_cluster([job for job in jobs if f"{job.cfg.dataset}/{job.work.key}" not in failures])
-        blocked = [job for job in jobs if isinstance(job.work, Unit) and job.work.vae is not None
-                   and f"{job.cfg.dataset}/{job.work.vae.key}" in failures]
-        for job in blocked:  # its VAE failed: nothing to fit on
-            failures[job.label] = f"{job.label} was not run: its VAE {job.work.vae.key} failed"
+    for phase, jobs in (("train", first), ("posthoc", second)) if on_cluster else (("sweep", first),):
+        if phase == "posthoc":  # between the experiments: the VAEs' latents, sharded over the cluster by Ray Data
+            extract_on_cluster([job for job in jobs if isinstance(job.work, VaeSpec) and job.label not in failures])
         t0 = time.time()
-        failures.update(run_trials([job for job in jobs if job not in blocked], phase, storage))
-        log.info("phase %s: %d trials in %.1f s", phase, len(jobs) - len(blocked), time.time() - t0)
+        failures.update(run_trials(jobs, phase, storage, failures))
+        log.info("phase %s: %d trials in %.1f s", phase, len(jobs), time.time() - t0)
     if failures:
         raise RunFailed(list(failures.values()))
 

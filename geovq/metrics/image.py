@@ -18,8 +18,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import structural_similarity_index_measure
-from torchvision.models import AlexNet_Weights
 
 from geovq.errors import GeovqError
 from geovq.metrics._arrays import check_same_shape
@@ -31,6 +29,9 @@ SSIM_SIGMA = 1.5
 SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # 11
 SSIM_PAD = (SSIM_WINDOW - 1) // 2
 LPIPS_MIN_SIDE = 32  # AlexNet's pooling stack needs at least this many pixels per side
+# The file of torchvision's AlexNet_Weights.IMAGENET1K_V1 (a test checks they agree), named here rather than
+# read from torchvision: importing torchvision.models costs the console ~3 s, for one file name.
+ALEXNET_WEIGHTS_FILE = "alexnet-owt-7be5be79.pth"
 # Pixel values per chunk (the chunk size in images adapts to the image size): SSIM's intermediates then stay
 # near 100 MB; larger chunks are no faster on the CPU.
 CHUNK_ELEMENTS = 2**18
@@ -94,6 +95,9 @@ def psnr(originals: ImageBatch, recons: ImageBatch) -> np.ndarray:
 
 
 def _ssim_chunk(orig: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    # imported here: torchmetrics imports most of torchvision and scipy.signal (~4 s), which only scoring needs
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     # torchmetrics (1.9) reflect-pads and averages the SSIM map over the whole image, padded border included.
     # The reference definition (Wang et al. 2004; scikit-image) averages only where the window fits inside
     # the image, so we take the full map and crop the border of width SSIM_PAD ourselves.
@@ -115,8 +119,7 @@ def ssim(originals: ImageBatch, recons: ImageBatch) -> np.ndarray:
 
 def _alexnet_weights_path() -> Path:
     """Where torchvision looks for (and would download) the ImageNet AlexNet weights that LPIPS uses."""
-    filename = AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]  # alexnet-owt-7be5be79.pth
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS_FILE
 
 
 def lpips_status() -> tuple[bool, str]:
