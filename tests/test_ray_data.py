@@ -48,6 +48,28 @@ def test_ray_data_extraction_writes_parquet_shards_with_the_in_process_latents(t
     np.testing.assert_array_equal(labels, data.train_labels)
 
 
+def test_the_sweep_extracts_every_split_of_a_vae_in_one_job_with_the_in_process_latents(trained, tmp_path):
+    import shutil
+
+    from geovq.distributed.tune import Job, extract_on_cluster
+    from geovq.latents import LatentSet
+
+    run, cfg, spec, _ = trained
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.vae(spec), copy.vae(spec))
+    for split in ("val", "test"):  # as after an interrupted extraction: train is kept, its stale shards too
+        copy.latents(spec, split).unlink()
+    (copy.vae(spec) / "parquet").mkdir()
+    (copy.vae(spec) / "parquet" / "part-000009999.parquet").write_bytes(b"stale")
+    extract_on_cluster([Job(copy, cfg, spec)])
+    for split in ("train", "val", "test"):
+        got, want = LatentSet.load(copy.latents(spec, split)), LatentSet.load(run.latents(spec, split))
+        np.testing.assert_allclose(got.mu, want.mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.logvar, want.logvar, rtol=1e-5, atol=1e-6)
+    rows = sum(pq.read_metadata(f).num_rows for f in (copy.vae(spec) / "parquet").glob("*.parquet"))
+    assert rows == sum(LatentSet.load(run.latents(spec, split)).n_images for split in ("val", "test"))  # one job
+
+
 def test_ray_data_edge_reweighting_gives_the_in_process_lengths(trained, tmp_path):
     from geovq.distributed.data import edge_lengths_parquet
     from geovq.geometry import GridTokenDecoder, edge_lengths, knn_graph

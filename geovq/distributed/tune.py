@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -391,23 +392,36 @@ def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> N
 
 
 def extract_on_cluster(jobs: list[Job]) -> None:
-    """The latents of each VAE job that lacks them, by the Ray Data stage (Parquet shards -> latents_{split}.npz)."""
+    """The latents of each VAE job that lacks them, by the Ray Data stage: one job per VAE over its missing
+    splits, one after another (a job's fixed start-up, ~10 s on 2 cores, is then paid once per VAE rather than
+    per split); Parquet shards -> latents_{split}.npz."""
+    import numpy as np
+
     from geovq.distributed.data import extract_latents_parquet, latents_from_parquet
+    from geovq.latents import LatentSet
     from geovq.stages.common import load_splits
+    from geovq.stages.rundir import SPLITS
     from geovq.stages.train_vae import vae_layout
 
     for job in jobs:
         spec, run = job.work, job.run
-        data = None
-        for split in ("train", "val", "test"):
-            if run.latents(spec, split).exists():
-                continue
-            data = data or load_splits(job.cfg)
-            t0 = time.time()
-            shards = extract_latents_parquet(run.vae(spec) / "model.pt", getattr(data, split),
-                                             getattr(data, f"{split}_labels"), run.vae(spec) / f"parquet_{split}",
-                                             num_gpus=job.cfg.gpus_per_trial or 0.0)
-            latents, _ = latents_from_parquet(shards, vae_layout(job.cfg, spec))
-            latents.save(run.latents(spec, split))
-            log.info("%s: %s latents extracted by Ray Data in %.1f s (Parquet shards in %s)", job.label, split,
-                     time.time() - t0, shards)
+        missing = [split for split in SPLITS if not run.latents(spec, split).exists()]
+        if not missing:
+            continue
+        data = load_splits(job.cfg)
+        t0 = time.time()
+        parquet = run.vae(spec) / "parquet"
+        shutil.rmtree(parquet, ignore_errors=True)  # an interrupted job's shards may number another concatenation
+        # (N_1 + N_2 + ..., ch, H, W): a shard row's index is its place in this concatenation
+        shards = extract_latents_parquet(run.vae(spec) / "model.pt",
+                                         np.concatenate([getattr(data, split) for split in missing]),
+                                         np.concatenate([getattr(data, f"{split}_labels") for split in missing]),
+                                         parquet, num_gpus=job.cfg.gpus_per_trial or 0.0)
+        latents, _ = latents_from_parquet(shards, vae_layout(job.cfg, spec))
+        start = 0
+        for split in missing:
+            rows = slice(start, start + len(getattr(data, split)))
+            LatentSet(latents.mu[rows], latents.logvar[rows], latents.layout).save(run.latents(spec, split))
+            start = rows.stop
+        log.info("%s: %s latents extracted by one Ray Data job in %.1f s (Parquet shards in %s)", job.label,
+                 ", ".join(missing), time.time() - t0, shards)
