@@ -99,3 +99,5 @@ def test_cpu_actor_pools_use_every_core_once_and_spare_one_cpu_for_read_tasks(ra
         assert pool.size * pool.threads == cpus  # every core busy, none oversubscribed
         reserved = pool.size * pool.num_cpus
         assert reserved == (cpus - 1 if read_tasks else cpus)  # a read task can always be scheduled
+    one_block = actor_pool(0.0, False, max_actors=1)  # no actor Ray Data cannot feed; its threads use the cores
+    assert (one_block.size, one_block.threads) == (1, cpus)

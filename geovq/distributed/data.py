@@ -46,14 +46,16 @@ class ActorPool:
         return {"compute": ActorPoolStrategy(size=self.size), "num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
 
-def actor_pool(num_gpus: float, read_tasks: bool) -> ActorPool:
+def actor_pool(num_gpus: float, read_tasks: bool, max_actors: int | None = None) -> ActorPool:
     """One actor per num_gpus of the cluster's GPUs (num_gpus > 0), else one single-threaded actor per CPU
-    (less one CPU for read tasks, whose threads the actors use meanwhile).
+    (less one CPU for read tasks, whose threads the actors use meanwhile); at most `max_actors` (the blocks
+    there are to hand out: Ray Data warns of actors it cannot feed), each then with more threads.
 
-    On CPUs one process per core beats one process with a thread per core: torch's intra-op threads scale
-    imperfectly on these small convolutions (2 single-threaded encoders do 1.3x the images/s of one encoder
-    with 2 threads, 2-core bench machine). A stage whose input Ray Data reads (read_tasks) keeps one CPU of the
-    cluster out of the actors' reservations for those tasks: a pool that reserves every CPU then hangs."""
+    On CPUs one process per core can beat one process with a thread per core: torch's intra-op threads scale
+    imperfectly on these small convolutions (2 single-threaded encoders did up to 1.3x the images/s of one
+    encoder with 2 threads on the 2-core bench machine). A stage whose input Ray Data reads (read_tasks) keeps
+    one CPU of the cluster out of the actors' reservations for those tasks: a pool that reserves every CPU
+    then hangs."""
     import ray
 
     resources = ray.cluster_resources()
@@ -62,10 +64,10 @@ def actor_pool(num_gpus: float, read_tasks: bool) -> ActorPool:
     if num_gpus > 0:
         if gpus < num_gpus:
             raise GeovqError(f"Ray Data stage asks {num_gpus:g} GPU(s) per actor; the cluster has {gpus:g}")
-        size = max(1, int(gpus // num_gpus))
+        size = min(max(1, int(gpus // num_gpus)), max_actors or gpus)
         cpus_per_actor = min(1.0, (cpus - spare) / size)
         return ActorPool(size, max(0.1, cpus_per_actor), num_gpus, max(1, int(cpus_per_actor)))
-    size = max(1, int(cpus - spare))
+    size = min(max(1, int(cpus - spare)), max_actors or cpus)
     return ActorPool(size, 1.0, 0.0, max(1, round(cpus / size)))  # the spare CPU's threads: read tasks are brief
 
 
@@ -125,7 +127,7 @@ def extract_latents_parquet(checkpoint: Path, images: np.ndarray, labels: np.nda
                         "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[start:start + EXTRACT_BATCH])),
                         "label": np.asarray(labels[start:start + EXTRACT_BATCH])})
               for start in range(0, len(images), EXTRACT_BATCH)]
-    pool = actor_pool(num_gpus, read_tasks=False)  # the blocks are in memory: no read task to wait for
+    pool = actor_pool(num_gpus, read_tasks=False, max_actors=len(blocks))  # in-memory blocks: no read task
     shards = ray.data.from_arrow(blocks).map_batches(
         LatentExtractor, batch_size=EXTRACT_BATCH,
         fn_constructor_kwargs=dict(checkpoint=str(checkpoint), out_dir=str(out_dir), num_gpus=num_gpus,
