@@ -9,8 +9,8 @@ cluster). Two small-machine traps hang Ray forever instead of failing, so this m
 - a GPU request that no node, and no node type the autoscaler may start, can meet fails at once
   (`resolve_gpus_per_trial`) instead of leaving trials pending forever.
 A post-hoc unit waits for its VAE inside the same Tune experiment (`_prerequisites_searcher`), not behind a
-phase barrier. Resuming is by files, not by Tune state: a unit whose output exists is never scheduled again, so an
-interrupted sweep re-run with the same command loses no finished trial.
+phase barrier. Resuming is by files, not by Tune state: a unit whose output exists is never scheduled again,
+so an interrupted sweep re-run with the same command loses no finished trial.
 """
 
 from __future__ import annotations
