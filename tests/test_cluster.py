@@ -34,6 +34,12 @@ def test_trials_get_the_gpu_ray_assigns_and_fail_clearly_without_cuda(ray_cluste
     assert gpu_node.node_id in line
     assert ray.cluster_resources()["GPU"] == 1
 
+    from geovq.distributed.data import actor_pool
+
+    # Ray Data actor pools on this cluster: fractional GPUs share the one GPU, whole actors count per GPU
+    assert [actor_pool(gpus, False).size for gpus in (0.25, 0.5, 1.0)] == [4, 2, 1]
+    assert actor_pool(0.25, False, max_actors=3).size == 3
+
 
 def test_gpu_requests_no_node_can_meet_fail_at_once(ray_cluster, tmp_path, monkeypatch):
     from geovq.distributed.tune import resolve_gpus_per_trial

@@ -61,13 +61,13 @@ def actor_pool(num_gpus: float, read_tasks: bool, max_actors: int | None = None)
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     spare = 1.0 if read_tasks and cpus > 1 else 0.0
+    if num_gpus > 0 and gpus < num_gpus:
+        raise GeovqError(f"Ray Data stage asks {num_gpus:g} GPU(s) per actor; the cluster has {gpus:g}")
+    size = max(1, int(gpus // num_gpus) if num_gpus > 0 else int(cpus - spare))
+    size = min(size, max_actors or size)
     if num_gpus > 0:
-        if gpus < num_gpus:
-            raise GeovqError(f"Ray Data stage asks {num_gpus:g} GPU(s) per actor; the cluster has {gpus:g}")
-        size = min(max(1, int(gpus // num_gpus)), max_actors or gpus)
         cpus_per_actor = min(1.0, (cpus - spare) / size)
         return ActorPool(size, max(0.1, cpus_per_actor), num_gpus, max(1, int(cpus_per_actor)))
-    size = min(max(1, int(cpus - spare)), max_actors or cpus)
     return ActorPool(size, 1.0, 0.0, max(1, round(cpus / size)))  # the spare CPU's threads: read tasks are brief
 
 

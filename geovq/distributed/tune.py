@@ -403,12 +403,14 @@ def extract_on_cluster(jobs: list[Job]) -> None:
     from geovq.stages.rundir import SPLITS
     from geovq.stages.train_vae import vae_layout
 
+    data, data_of = None, None
     for job in jobs:
         spec, run = job.work, job.run
         missing = [split for split in SPLITS if not run.latents(spec, split).exists()]
         if not missing:
             continue
-        data = load_splits(job.cfg)
+        if data_of != run.root:  # a run's VAEs come one after another: its splits are loaded once
+            data, data_of = load_splits(job.cfg), run.root
         t0 = time.time()
         parquet = run.vae(spec) / "parquet"
         shutil.rmtree(parquet, ignore_errors=True)  # an interrupted job's shards may number another concatenation
