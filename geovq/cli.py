@@ -385,9 +385,12 @@ def sample(
     import torch
     from tqdm import tqdm
 
+    from geovq.stages.common import no_progress
     from geovq.stages.prior import sample_stage
 
-    result = sample_stage(run, cfg, chosen[0], torch.device("cuda" if torch.cuda.is_available() else "cpu"), tqdm,
+    progress = tqdm if sys.stderr.isatty() else no_progress  # no carriage-return redraws into a redirected log
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = sample_stage(run, cfg, chosen[0], device, progress,
                           n=n, kind=prior, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, out=out,
                           metrics=metrics)
     shown = {key: result[key] for key in ("domain_fid", "precision", "recall", "fid") if key in result}

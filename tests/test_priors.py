@@ -14,6 +14,7 @@ from geovq.models.priors import build_prior
 from geovq.models.priors.base import CodeGrid, filter_logits
 from geovq.models.priors.settings import PriorConfig, PriorTrainConfig
 from geovq.models.priors.unigram import UnigramPrior
+from geovq.stages.common import no_progress
 from geovq.training.checkpoint import load_model
 from geovq.training.prior import LN2, token_nll, train_prior
 
@@ -22,12 +23,6 @@ KINDS = ("transformer", "pixelcnn")
 #: small models that learn a 4-state chain in a few hundred steps
 SMALL = {"transformer": {"layers": 2, "heads": 2, "dim": 32, "dropout": 0.0},
          "pixelcnn": {"layers": 3, "hidden": 64, "kernel": 3, "dropout": 0.0}}
-
-
-def quiet(**kwargs):
-    from tqdm import tqdm
-
-    return tqdm(disable=True, **kwargs)
 
 
 def make_prior(kind: str, grid: CodeGrid, n_classes: int = 0, **model):
@@ -91,7 +86,7 @@ def test_each_prior_reaches_the_entropy_rate_of_a_markov_chain_along_its_order(k
     config = PriorConfig(kind, SMALL[kind], PriorTrainConfig(batch_size=128, lr=5e-3, max_steps=250, warmup_steps=20,
                                                              eval_every=50), conditional=conditional)
     model, record = train_prior(config, grid, len(chains) if conditional else 0, *splits["train"], *splits["val"],
-                                tmp_path, quiet, CPU)
+                                tmp_path, no_progress, CPU)
     nll = token_nll(model, *splits["test"], CPU) / LN2  # (N, T) bits
     unigram = token_nll(UnigramPrior(grid, splits["train"][0]), splits["test"][0], None, CPU) / LN2
     assert unigram.mean() > per_token + 0.3  # the chain's dependence is worth bits: the test can fail
@@ -267,11 +262,11 @@ def test_an_interrupted_prior_training_resumes_to_the_uninterrupted_weights(tmp_
     train, val = rng.integers(0, 5, (300, 8)), rng.integers(0, 5, (50, 8))
     config = PriorConfig("transformer", {**SMALL["transformer"], "dropout": 0.2},
                          PriorTrainConfig(batch_size=32, max_steps=40, warmup_steps=5, eval_every=10, patience=100))
-    whole, record = train_prior(config, grid, 0, train, None, val, None, tmp_path / "whole", quiet, CPU)
+    whole, record = train_prior(config, grid, 0, train, None, val, None, tmp_path / "whole", no_progress, CPU)
     with pytest.raises(Interrupt):
         train_prior(config, grid, 0, train, None, val, None, tmp_path / "cut", crashing_progress(25), CPU)
     assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "prior.pt").exists()
-    resumed, resumed_record = train_prior(config, grid, 0, train, None, val, None, tmp_path / "cut", quiet, CPU)
+    resumed, resumed_record = train_prior(config, grid, 0, train, None, val, None, tmp_path / "cut", no_progress, CPU)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert [c["step"] for c in resumed_record["val_curve"]] == [10, 20, 30, 40]
@@ -301,8 +296,8 @@ def build_unit(root, method: str, epochs: int, tiny: bool, finetune: bool = Fals
     data = load_splits(cfg)
     (unit,) = plan_units(cfg)
     if unit.vae is not None:
-        run_vae(run, cfg, unit.vae, CPU, quiet, data)
-    run_unit(run, cfg, unit, CPU, quiet, data)
+        run_vae(run, cfg, unit.vae, CPU, no_progress, data)
+    run_unit(run, cfg, unit, CPU, no_progress, data)
     return run, cfg, data, unit
 
 
@@ -319,7 +314,7 @@ def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(vqvae_unit):
     from geovq.stages.prior import prior_stage, sample_stage, unit_grid
 
     run, cfg, data, unit = vqvae_unit
-    result = prior_stage(run, cfg, unit, CPU, quiet, "transformer", data=data)
+    result = prior_stage(run, cfg, unit, CPU, no_progress, "transformer", data=data)
     assert json.loads((run.prior(unit, "transformer") / "prior.json").read_text()) == result
     assert result["prior_bits_per_image"] < result["unigram_bits_per_image"] < result["fixed_bits_per_image"] == 64
     assert result["prior_bits_per_image"] == pytest.approx(16 * result["prior_bits_per_token"])
@@ -327,9 +322,9 @@ def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(vqvae_unit):
     n = 2000  # the stage's default is 10k; 2000 keep the test fast and the seed spread well below the margin
     prior_fid, unigram_fid = [], []
     for seed in range(3):
-        s = sample_stage(run, cfg, unit, CPU, quiet, n=n, seed=seed, data=data)
+        s = sample_stage(run, cfg, unit, CPU, no_progress, n=n, seed=seed, data=data)
         prior_fid.append(s["domain_fid"])
-        unigram_fid.append(sample_stage(run, cfg, unit, CPU, quiet, n=n, seed=seed, data=data,
+        unigram_fid.append(sample_stage(run, cfg, unit, CPU, no_progress, n=n, seed=seed, data=data,
                                         prior=unigram)["domain_fid"])
     assert s["classifier_test_accuracy"] >= 0.9 and s["decoder"] == "vqvae" and s["n_samples"] == n
     assert s["fid"] is None and "not computed" in s["fid_reason"]  # no Inception weights on this machine
@@ -352,10 +347,10 @@ def test_class_conditional_samples_decode_through_the_fine_tuned_decoder(tmp_pat
     run, cfg, data, unit = build_unit(tmp_path, "kmeans", 2, tiny=True, finetune=True)
     config = PriorConfig("transformer", SMALL["transformer"], PriorTrainConfig(max_steps=20, eval_every=10),
                          conditional=True)
-    result = prior_stage(run, cfg, unit, CPU, quiet, "transformer", conditional=True, data=data, config=config)
+    result = prior_stage(run, cfg, unit, CPU, no_progress, "transformer", conditional=True, data=data, config=config)
     assert result["prior_conditional"] and result["prior_steps"] == 20
     out = tmp_path / "samples"
-    s = sample_stage(run, cfg, unit, CPU, quiet, n=50, conditional=True, top_k=4, seed=1, out=out, data=data,
+    s = sample_stage(run, cfg, unit, CPU, no_progress, n=50, conditional=True, top_k=4, seed=1, out=out, data=data,
                      metrics=False)
     assert s["decoder"] == "finetuned" and s["prior_conditional"] and "domain_fid" not in s
     with np.load(out / "samples.npz") as f:
@@ -380,8 +375,8 @@ def test_prior_and_sample_stages_refuse_a_unit_without_codes_or_prior(vqvae_unit
     run, cfg, data, unit = vqvae_unit
     other = replace(unit, seed=5)
     with pytest.raises(GeovqError, match="has no saved train, val, test codes"):
-        prior_stage(run, cfg, other, CPU, quiet, data=data)
+        prior_stage(run, cfg, other, CPU, no_progress, data=data)
     with pytest.raises(GeovqError, match="has no trained pixelcnn prior"):
-        sample_stage(run, cfg, unit, CPU, quiet, n=10, kind="pixelcnn", data=data)
+        sample_stage(run, cfg, unit, CPU, no_progress, n=10, kind="pixelcnn", data=data)
     with pytest.raises(GeovqError, match="prior 'gpt' is unknown"):
-        prior_stage(run, cfg, unit, CPU, quiet, "gpt", data=data)
+        prior_stage(run, cfg, unit, CPU, no_progress, "gpt", data=data)

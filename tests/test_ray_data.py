@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from geovq.config import TrainConfig, TrunkConfig, resolve_config
+from geovq.stages.common import no_progress
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import VaeSpec
 
@@ -17,8 +18,6 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
-    from tqdm import tqdm
-
     from geovq.stages.common import load_splits
     from geovq.stages.run import run_vae
 
@@ -28,7 +27,7 @@ def trained(ray_local, tmp_path_factory):
     run = RunDir(tmp_path_factory.mktemp("raydata"))
     spec = VaeSpec("plain", 0)
     data = load_splits(cfg)
-    run_vae(run, cfg, spec, CPU, lambda **k: tqdm(disable=True, **k), data)
+    run_vae(run, cfg, spec, CPU, no_progress, data)
     return run, cfg, spec, data
 
 

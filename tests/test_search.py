@@ -27,6 +27,7 @@ from geovq.errors import GeovqError
 from geovq.latents import TokenLayout
 from geovq.search.space import load_space, parse_space
 from geovq.search.trial import VAE_HISTORY, WithheldSplitAccess, WithheldSplits
+from geovq.stages.common import no_progress
 from geovq.training.loop import train_vae
 
 runner = CliRunner()
@@ -209,16 +210,11 @@ def test_epoch_callback_sees_each_trained_epoch_once_after_its_resume_point(tmp_
         if epoch == 1 and len(calls) == 1:
             raise Interrupt  # as if the scheduler had stopped the trial here
 
-    def quiet(**kwargs):
-        from tqdm import tqdm
-
-        return tqdm(disable=True, **kwargs)
-
     layout = TokenLayout(4, 4, 4, 4)
     with pytest.raises(Interrupt):
-        train_vae(trunk, cfg, digits.train[:128], digits.val[:32], out, quiet, torch.device("cpu"), layout,
+        train_vae(trunk, cfg, digits.train[:128], digits.val[:32], out, no_progress, torch.device("cpu"), layout,
                   on_epoch=on_epoch)
-    train_vae(trunk, cfg, digits.train[:128], digits.val[:32], out, quiet, torch.device("cpu"), layout,
+    train_vae(trunk, cfg, digits.train[:128], digits.val[:32], out, no_progress, torch.device("cpu"), layout,
               on_epoch=on_epoch)
     assert calls == [1, 2, 3]  # the resumed training did not call back for the epoch it already had
 

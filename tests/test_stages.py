@@ -15,16 +15,11 @@ import torch
 
 from geovq.config import SweepConfig, TrainConfig, TrunkConfig, resolve_config
 from geovq.errors import GeovqError
+from geovq.stages.common import no_progress
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit, VaeSpec, plan_units, work_from_dict
 
 CPU = torch.device("cpu")
-
-
-def quiet(**kwargs):
-    from tqdm import tqdm
-
-    return tqdm(disable=True, **kwargs)
 
 
 def tiny_config(methods: list[str], **options) -> SweepConfig:
@@ -86,7 +81,7 @@ def vae_run(tmp_path_factory):
     run = RunDir(tmp_path_factory.mktemp("stages"))
     data = load_splits(cfg)
     spec = VaeSpec("plain", 0)
-    ceiling = run_vae(run, cfg, spec, CPU, quiet, data)
+    ceiling = run_vae(run, cfg, spec, CPU, no_progress, data)
     return run, cfg, data, spec, ceiling
 
 
@@ -105,7 +100,7 @@ def test_each_stage_runs_alone_and_writes_its_files(vae_run):
     info = encode_stage(run, unit, quantizer)
     assert set(info) == {"train", "val", "test"}
     assert np.load(run.codes(unit, "val")).shape == (len(data.val), 16)
-    row = run_unit(run, cfg, unit, CPU, quiet, data)  # the composite resumes after encode: it only scores
+    row = run_unit(run, cfg, unit, CPU, no_progress, data)  # the composite resumes after encode: it only scores
     assert row["unit"] == unit.key and row["encode_info"] == info["test"]
     refit = fit_stage(run, cfg, unit, CPU)  # a second call loads the saved quantizer
     np.testing.assert_array_equal(refit.codebook_, quantizer.codebook_)

@@ -11,7 +11,7 @@ from geovq.latents import TokenLayout
 from geovq.config import TrainConfig, TrunkConfig
 from geovq.training.checkpoint import load_checkpoint, load_model
 from geovq.training.finetune import finetune_decoder
-from geovq.stages.common import decode_grids
+from geovq.stages.common import decode_grids, no_progress
 from geovq.stages.extract import extract_latents
 from geovq.training.loop import train_vae
 
@@ -29,14 +29,8 @@ class Interrupt(Exception):
     pass
 
 
-def quiet(**kwargs):
-    from tqdm import tqdm
-
-    return tqdm(disable=True, **kwargs)
-
-
 def interrupting_after_first_epoch(**kwargs):
-    bar = quiet(**kwargs)
+    bar = no_progress(**kwargs)
 
     def stop(*a, **k):  # set_description runs once per epoch, after the resume point is written
         raise Interrupt
@@ -48,11 +42,11 @@ def interrupting_after_first_epoch(**kwargs):
 def test_interrupted_tdc_training_resumes_exactly(tmp_path, digits):
     cfg = TrainConfig(epochs=2, batch_size=64)
     x_train, x_val = digits.train[:256], digits.val[:64]
-    straight = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "a", quiet, CPU, LAYOUT, tdc_target_bits=3.0)
+    straight = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "a", no_progress, CPU, LAYOUT, tdc_target_bits=3.0)
     with pytest.raises(Interrupt):
         train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "b", interrupting_after_first_epoch, CPU, LAYOUT, 3.0)
     assert not (tmp_path / "b" / "model.pt").exists()
-    resumed = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "b", quiet, CPU, LAYOUT, tdc_target_bits=3.0)
+    resumed = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "b", no_progress, CPU, LAYOUT, tdc_target_bits=3.0)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
     tdc_a = load_checkpoint(tmp_path / "a" / "model.pt")["extra"]["tdc"]
@@ -66,8 +60,8 @@ def test_tdc_raises_token_kl_towards_the_target(tmp_path, digits):
     """A β=1 VAE carries far below 4 bits per 2-channel token; TDC with T=4 must lift the mean KL."""
     cfg = TrainConfig(epochs=4, batch_size=32)
     x_train, x_val = digits.train[:512], digits.val[:64]
-    plain = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "plain", quiet, CPU, LAYOUT)
-    tdc = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "tdc", quiet, CPU, LAYOUT, tdc_target_bits=4.0)
+    plain = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "plain", no_progress, CPU, LAYOUT)
+    tdc = train_vae(TRUNK, cfg, x_train, x_val, tmp_path / "tdc", no_progress, CPU, LAYOUT, tdc_target_bits=4.0)
     kl_plain = extract_latents(plain, digits.test, LAYOUT, CPU).token_kl_bits().mean()
     kl_tdc = extract_latents(tdc, digits.test, LAYOUT, CPU).token_kl_bits().mean()
     assert abs(kl_tdc - 4.0) < abs(kl_plain - 4.0)
@@ -77,13 +71,14 @@ def test_decoder_finetune_improves_validation_and_keeps_the_original(tmp_path, d
     from geovq.quantize import make_quantizer
 
     x_train, x_val = digits.train[:400], digits.val
-    vae = train_vae(TRUNK, TrainConfig(epochs=3, batch_size=32), x_train, x_val, tmp_path / "v", quiet, CPU, LAYOUT)
+    vae = train_vae(TRUNK, TrainConfig(epochs=3, batch_size=32), x_train, x_val, tmp_path / "v", no_progress, CPU,
+                    LAYOUT)
     train_lat = extract_latents(vae, x_train, LAYOUT, CPU)
     val_lat = extract_latents(vae, x_val, LAYOUT, CPU)
     q = make_quantizer("kmeans", 8, seed=0).fit(train_lat)
     grid = lambda ls: ls.layout.tokens_to_grid(q.decode(q.encode(ls)))  # noqa: E731
     before = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
-    tuned, info = finetune_decoder(vae.decoder, grid(train_lat), x_train, grid(val_lat), x_val, "bce", 4, quiet,
+    tuned, info = finetune_decoder(vae.decoder, grid(train_lat), x_train, grid(val_lat), x_val, "bce", 4, no_progress,
                                    CPU, batch_size=32)
     assert info["val_nll_after"] <= info["val_nll_before"]
     assert 0 <= info["best_epoch"] <= info["epochs_run"] <= 4

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.experimental.tqdm_ray import tqdm
     from threadpoolctl import threadpool_limits
 
+    from geovq.stages.common import no_progress
     from geovq.stages.run import run_unit, run_vae
 
     # Concurrent trials must not oversubscribe the cores: torch, faiss and the BLAS/OpenMP pools behind
@@ -145,15 +147,16 @@ def _trial(config: dict[str, Any]) -> None:
     faiss.omp_set_num_threads(threads)
     job = Job.from_dict(config["job"])
     run, cfg, work = job.run, job.cfg, job.work
+    progress = tqdm if config["bars"] else no_progress
     _log_to_run(run)
     where = {"node_id": ray.get_runtime_context().get_node_id()}
     try:
         device = trial_device()
         with threadpool_limits(threads):
             if isinstance(work, VaeSpec):
-                result = run_vae(run, cfg, work, device, tqdm, train_only=job.steps == "train")
+                result = run_vae(run, cfg, work, device, progress, train_only=job.steps == "train")
             else:
-                result = run_unit(run, cfg, work, device, tqdm)
+                result = run_unit(run, cfg, work, device, progress)
     except GeovqError as e:
         # A geovq error names a cause a retry cannot fix (a corrupt file, a bad setting): record it and end
         # the trial without asking Tune for retries, which are kept for crashes (a killed worker, a lost node).
@@ -258,6 +261,10 @@ def _prerequisites_searcher(jobs: list[Job], failed: dict[str, str]):
     one whose own label failed in an earlier experiment (a VAE's training on a cluster) is left out."""
     from ray.tune.search import Searcher
 
+    # Ray's driver redraws a worker's bar with a carriage return per update: into a redirected log (`nohup geovq
+    # sweep ... > log`) that is one line of megabytes. There the "geovq: [k/N] finished" lines are the progress.
+    bars = sys.stderr.isatty()
+
     class AfterPrerequisites(Searcher):
         def __init__(self) -> None:
             super().__init__()
@@ -273,7 +280,7 @@ def _prerequisites_searcher(jobs: list[Job], failed: dict[str, str]):
                 if job.after is None or job.after in self.done:
                     self.waiting.remove(job)
                     self.running[trial_id] = job
-                    return {"job": job.to_dict()}
+                    return {"job": job.to_dict(), "bars": bars}
             return None if self.waiting else Searcher.FINISHED  # None: ask again when a trial ends
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

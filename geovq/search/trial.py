@@ -27,7 +27,7 @@ from geovq.config import SweepConfig
 from geovq.data import ImageSplits
 from geovq.errors import GeovqError
 from geovq.io import write_json
-from geovq.stages.common import INFERENCE_BATCH, decode_grids, load_splits
+from geovq.stages.common import INFERENCE_BATCH, decode_grids, load_splits, no_progress
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit, tuned_unit
 
@@ -125,7 +125,8 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
         epochs = settings(cfg, unit.params, unit.seed)[0].epochs
         with FileLock(str(out / ".train.lock")):
             last = train_reporting(out / HISTORY, epochs, report, trained,
-                                   lambda on_epoch: train_vqvae_stage(run, cfg, unit, data, device, _quiet, on_epoch),
+                                   lambda on_epoch: train_vqvae_stage(run, cfg, unit, data, device, no_progress,
+                                                                      on_epoch),
                                    lambda model: vqvae_val_psnr(model, data.val, device))
         return {EPOCH: epochs, EPOCH_METRIC: last, OBJECTIVE: last}
     spec = run.vae(unit.vae)
@@ -133,7 +134,8 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
     epochs = settings(cfg, unit.vae.overrides, unit.seed)[0].epochs
     with FileLock(str(spec / ".train.lock")):  # one trial trains a VAE; the others wait, then reuse it
         last = train_reporting(spec / VAE_HISTORY, epochs, report, trained,
-                               lambda on_epoch: train_vae_stage(run, cfg, unit.vae, data, device, _quiet, on_epoch),
+                               lambda on_epoch: train_vae_stage(run, cfg, unit.vae, data, device, no_progress,
+                                                                on_epoch),
                                lambda model: vae_val_psnr(model, data.val, device))
         vae = load_model(spec / "model.pt", "vae", device)
         extract_search_latents(run, cfg, unit, data, device, vae)
@@ -245,10 +247,4 @@ def vqvae_val_psnr(model: torch.nn.Module, images: np.ndarray, device: torch.dev
     codes = np.concatenate([model.encode_codes(to_device(images[s:s + INFERENCE_BATCH], device)).cpu().numpy()
                             for s in range(0, len(images), INFERENCE_BATCH)])
     return mean_psnr(images, vqvae_reconstruct(model, device)(codes), device)
-
-
-def _quiet(**kwargs: Any):
-    from tqdm import tqdm
-
-    return tqdm(disable=True, **kwargs)
 

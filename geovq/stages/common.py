@@ -17,6 +17,14 @@ from geovq.stages.units import Params
 from geovq.training.loop import to_device
 
 Progress = Callable[..., Any]
+
+
+def no_progress(**kwargs: Any) -> Any:
+    """A `Progress` that draws nothing: for searches (one line per trial instead), logs and tests."""
+    from tqdm import tqdm
+
+    return tqdm(disable=True, **kwargs)
+
 #: images per decoder or encoder call outside training (fixed: batch size can change float rounding)
 INFERENCE_BATCH = 512
 log = logging.getLogger("geovq")
