@@ -114,16 +114,21 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
                 axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, color=colour[label])
     for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
+    rates = sorted({b for by_bits in series.values() for b in by_bits})
     for ax, metric in zip(axes, metrics):
         ax.set(xlabel="bits per image (fixed-length: tokens × log2 K)", ylabel=names[metric])
         ax.set_xscale("log", base=2)
+        # ticks at the measured rates: a log axis would label powers of 2 only (96 bits got no tick)
+        ax.set_xticks(rates, [f"{b:g}" for b in rates])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[len(metrics) - 1].set_ylim(0, 1.05)
     if with_prior:
         axes[-1].set(xlabel="bits per image under the prior (test codes)", ylabel=names["psnr"],
                      title="with the prior as entropy model")
         axes[-1].grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    # one legend beside the panels: inside the first it hid the curves once a run has 20 lines
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.0, 0.97), fontsize=7)
     path = out / "figures" / "rate_distortion.png"
     _save(fig, path)
     return Figure(path, "rate–distortion: test metrics against bits per image (mean ± 95% CI over seeds)"
@@ -245,7 +250,7 @@ def _save(fig, path: Path) -> None:
 
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")  # "tight" keeps a legend beside the axes
     plt.close(fig)
 
 
