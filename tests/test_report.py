@@ -57,6 +57,23 @@ def test_figure_statistics_put_usage_on_a_fraction_of_k_and_one_ceiling_per_vari
                                         "continuous VAE (tdc, T=8)": (28.0, ":")}
 
 
+def test_a_rates_comparison_shows_only_the_ceilings_of_the_vaes_quantized_at_that_rate(tmp_path):
+    """TDC trains one VAE per rate (T = log2 K): at 96 bits the T=4 VAE of the 64-bit rows is no ceiling."""
+    from geovq.report.figures import compare_figure
+
+    (tmp_path / "figures").mkdir()
+    rows = [dict(row(method, vae, k, 0, 20.0 + k / 16), vae_key=key) for method, vae, k, key in [
+        ("kmeans", "plain", 16, "plain-0"), ("kmeans", "plain", 64, "plain-0"), ("kmeans", "tdc", 16, "tdc-T4"),
+        ("kmeans", "tdc", 64, "tdc-T6"), ("vqvae", None, 64, None)]]
+    ceilings = [{"vae": "plain", "vae_key": "plain-0", "tdc_target_bits": None, "psnr": 21.0},
+                {"vae": "tdc", "vae_key": "tdc-T4", "tdc_target_bits": 4.0, "psnr": 25.0},
+                {"vae": "tdc", "vae_key": "tdc-T6", "tdc_target_bits": 6.0, "psnr": 26.0}]
+    shown = {bits: compare_figure(tmp_path, rows, ceilings, bits).data["ceilings"] for bits in (64, 96)}
+    assert shown == {64: ["continuous VAE (plain)", "continuous VAE (tdc, T=4)"],
+                     96: ["continuous VAE (plain)", "continuous VAE (tdc, T=6)"]}
+    assert Image.open(tmp_path / "figures" / "compare_96bits.png").format == "PNG"
+
+
 # -- reports of real runs ------------------------------------------------------------------------------------
 
 runner = CliRunner()
