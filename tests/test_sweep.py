@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -116,7 +117,16 @@ def test_run_directory_layout_csv_report_and_checkpoints(quick_run):
     assert vae_dir.name.startswith("plain-seed0-")
     assert {r["vae_key"] for r in rows if r["vae"]} == {vae_dir.name}
     assert (vae_dir / "kl_histogram.png").stat().st_size > 1000
-    assert (quick_run / "sweep.log").read_text().count("finished") >= len(rows)
+    log = (quick_run / "sweep.log").read_text().splitlines()
+    assert sum("finished" in line for line in log) >= len(rows)
+    # every training's epochs and every prior's validations, named by their directories: the progress that a
+    # sweep redirected to a file (no bars) keeps
+    for name in [vae_dir.name] + [r["unit"] for r in rows if r["method"] == "vqvae"]:
+        epochs = [int(re.search(r" epoch (\d+)/20: val loss ", line).group(1)) for line in log
+                  if line.endswith(f"({name})") and " epoch " in line]
+        assert epochs == list(range(1, 21)), name
+    for unit in {r["unit"] for r in rows}:
+        assert any("prior transformer step " in line and line.endswith(f"({unit})") for line in log), unit
     vae = load_model(vae_dir / "model.pt", "vae")
     assert not vae.training
     assert not list(quick_run.rglob("*.tmp"))  # atomic writes leave no temporaries

@@ -150,6 +150,9 @@ def train_model(model: nn.Module, step_loss: Callable[[torch.Tensor], dict[str, 
         if on_epoch is not None:
             on_epoch(epoch + 1, model)
         bar.set_description(f"{desc} epoch {epoch + 1}/{cfg.epochs} val loss {val_losses['loss']:.4g}")
+        # the progress a redirected sweep (no bars) keeps: `tail -f RUN/sweep.log`
+        log.info("%s epoch %d/%d: val loss %.4g, %.0f s (%s)", desc, epoch + 1, cfg.epochs, val_losses["loss"],
+                 time.time() - t0, out_dir.name)
     bar.close()
     writer.close()
     model.eval()

@@ -136,6 +136,8 @@ def train_prior(config: PriorConfig, grid: CodeGrid, n_classes: int, train_codes
                 best_weights = _cpu_copy(model)
             record["seconds"], record["cpu_seconds"] = time.time() - t0, time.process_time() - cpu0
             bar.set_description(f"prior {config.kind} step {step} val {val:.4f} bits/token")
+            log.info("prior %s step %d/%d: val %.4f bits/token (%s)", config.kind, step, cfg.max_steps, val,
+                     out_dir.parent.name)
             with atomic_path(state_path) as tmp:
                 torch.save(_to_cpu({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scheduler": sched.state_dict(), "step": step, "record": record,
