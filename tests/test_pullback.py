@@ -242,6 +242,24 @@ def test_save_load_encode_gives_identical_codes(tmp_path):
     assert q.decode(codes).shape == (6, 18, 2)
 
 
+def test_exact_encode_in_chunks_gives_the_same_codes_and_logs_its_progress(monkeypatch, caplog):
+    import geovq.quantize.pullback as pullback
+
+    torch.manual_seed(1)
+    decoder = ConvDecoder(4)
+    mu = np.random.default_rng(6).standard_normal((30, 3, 3, 4))
+    train, test = grid_latents(mu[:24], 2), grid_latents(mu[24:], 2)  # test: 6 images × 18 tokens
+    q = make_quantizer("pullback", 10, seed=3, decoder=decoder, max_tokens=250).fit(train)
+    whole = q.encode(test)
+    monkeypatch.setattr(pullback, "ENCODE_CHUNK", 20)
+    monkeypatch.setattr(pullback, "PROGRESS_LOG_SECONDS", -1.0)  # a line after every chunk
+    with caplog.at_level("INFO", logger="geovq"):
+        np.testing.assert_array_equal(q.encode(test), whole)
+    done = [int(r.getMessage().split()[3]) for r in caplog.records if "pullback exact encode" in r.getMessage()]
+    assert done == [20, 40, 60, 80, 100, 108]
+    assert all(" of 108 tokens" in r.getMessage() for r in caplog.records if "exact encode" in r.getMessage())
+
+
 
 def test_large_splits_borrow_metrics_and_are_measured_against_the_exact_rule(tmp_path):
     torch.manual_seed(1)
