@@ -63,6 +63,7 @@ RESOLUTION = 4e-2  # a curve is subdivided when its midpoints lengthen it by mor
 MAX_SEGMENTS = 256
 PRUNE_MARGIN = 0.01  # nearest_in_context: slack on "refined <= straight" before a candidate is pruned
 MAX_BACKTRACKS = 30  # steps cut this often (by 2-10× each) are < 1e-9 of the model's: no descent left
+DECREASE_RESOLUTION = 1e-8  # relative: a decrease of E below this is lost in a float32 decoder's rounding
 
 #: one decoder map per context: a token decoder and, for each curve, the node whose context it decodes in
 Context = tuple[TokenDecoder, np.ndarray]
@@ -420,6 +421,7 @@ class _Minimiser:
             new = [x.new_empty(len(rows)), x.new_empty(len(rows)), torch.empty_like(grad[rows]),
                    torch.empty_like(self.decoded[rows]), torch.empty_like(g)]
             pending = torch.ones(len(rows), dtype=bool, device=dev)
+            gave_up = torch.zeros_like(pending)
             for _ in range(MAX_BACKTRACKS):
                 idx = torch.nonzero(pending).flatten()
                 trial = self._project(x[rows[idx]] + (alpha[idx, None] * direction[idx]).view_as(x[rows[idx]]),
@@ -434,11 +436,16 @@ class _Minimiser:
                 bad, a = idx[~ok], alpha[idx[~ok]]
                 curv = (e[~ok] - energy[rows[bad]] - slope[bad] * a) / a**2
                 alpha[bad] = (-slope[bad] / (2 * curv.clamp_min(1e-300))).clamp(0.1 * a, 0.5 * a)
+                # cut to where the model expects a decrease below E's resolution: nothing left to verify, a
+                # (numerical) minimum. Cutting on to MAX_BACKTRACKS evaluated such rows one or two at a time:
+                # 5/6 of the in-context geodesic fit on a plain β-VAE's flat MNIST decoder, for the same lengths.
+                flat = bad[alpha[bad] * -slope[bad] < DECREASE_RESOLUTION * energy[rows[bad]]]
+                pending[flat], gave_up[flat] = False, True
                 if not pending.any():
                     break
-            moved = ~pending
-            stuck = rows[pending]  # no step lowered E: a (numerical) minimum
-            active[stuck] = False
+            moved = ~(pending | gave_up)
+            converged[rows[gave_up]] = True  # no decrease E can resolve is left: a numerical minimum
+            active[rows[~moved]] = False  # those, and the rows that no step lowered within MAX_BACKTRACKS cuts
             rows, g = rows[moved], g[moved]
             e_new, l_new, g_new, decoded, step = (v[moved] for v in new)
             change = g_new.flatten(1) - g
