@@ -251,6 +251,7 @@ def _ceiling_lines(ceilings: list[dict[str, Any]]) -> dict[str, tuple[float, str
         groups[f"continuous VAE ({c['vae']}" + (f", T={target:g})" if target is not None else ")")].append(c["psnr"])
     return {name: (sum(v) / len(v), "--" if "plain" in name else ":") for name, v in sorted(groups.items())}
 
+
 def _save(fig, path: Path, legend_outside: bool = False) -> None:
     import matplotlib.pyplot as plt
 

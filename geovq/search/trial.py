@@ -247,4 +247,3 @@ def vqvae_val_psnr(model: torch.nn.Module, images: np.ndarray, device: torch.dev
     codes = np.concatenate([model.encode_codes(to_device(images[s:s + INFERENCE_BATCH], device)).cpu().numpy()
                             for s in range(0, len(images), INFERENCE_BATCH)])
     return mean_psnr(images, vqvae_reconstruct(model, device)(codes), device)
-
