@@ -17,6 +17,9 @@ from geovq.stages.units import Params
 from geovq.training.loop import to_device
 
 Progress = Callable[..., Any]
+#: images per decoder or encoder call outside training (fixed: batch size can change float rounding)
+INFERENCE_BATCH = 512
+log = logging.getLogger("geovq")
 
 
 def no_progress(**kwargs: Any) -> Any:
@@ -24,10 +27,6 @@ def no_progress(**kwargs: Any) -> Any:
     from tqdm import tqdm
 
     return tqdm(disable=True, **kwargs)
-
-#: images per decoder or encoder call outside training (fixed: batch size can change float rounding)
-INFERENCE_BATCH = 512
-log = logging.getLogger("geovq")
 
 
 def load_splits(cfg: SweepConfig) -> ImageSplits:
