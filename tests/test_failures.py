@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from geovq.cli import app
 
 runner = CliRunner()
 SMALL = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--epochs", "4", "--no-prior"]
+
+
+UNIT_LINE = re.compile(r"geovq: \[\d+/\d+\] digits/")  # the driver's line for a finished job
 
 
 def geovq(*args: str, **kwargs) -> subprocess.Popen:
@@ -35,22 +39,33 @@ def finished_units(run: Path) -> dict[Path, int]:
 def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_repeating(tmp_path):
     run = tmp_path / "run"
     proc = geovq(*SMALL, "--out", str(run))
+    lines: list[str] = []  # read as they come: a unit's files are on disk before the driver logs its line
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if finished_units(run):  # some units done (a finished VAE alone is not a unit), others still running
+        # some units done (a finished VAE alone is not a unit), others still running, and the driver has said so
+        if finished_units(run) and any(UNIT_LINE.search(line) for line in list(lines)):
             break
         time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[0]
+    assert proc.poll() is None, "".join(lines)
     os.killpg(proc.pid, signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    output = "".join(lines)
     assert proc.returncode == 130, output
-    lines = [line for line in output.splitlines() if "interrupted:" in line]
-    assert len(lines) == 1 and "re-run the same command to resume" in lines[0], output
-    done, planned = map(int, re.search(r"(\d+) of (\d+) units finished", lines[0]).groups())
+    interrupted = [line for line in lines if "interrupted:" in line]
+    assert len(interrupted) == 1 and "re-run the same command to resume" in interrupted[0], output
+    done, planned = map(int, re.search(r"(\d+) of (\d+) units finished", interrupted[0]).groups())
     assert 1 <= done < planned == 6
     assert "Traceback" not in output and "Tuner.restore" not in output
     # Output into a pipe (a log) has no carriage-return bar redraws; the per-job lines are its progress
-    assert "it/s" not in output and re.search(r"geovq: \[1/\d+\] digits/", output), output
+    assert "it/s" not in output and UNIT_LINE.search(output), output
     assert not (run / "report.md").exists() and not (run / "results.json").exists()  # no report posing as whole
     kept = finished_units(run)
     assert len(kept) == done
