@@ -306,3 +306,19 @@ def test_in_context_codes_are_the_nearest_refined_curves_and_survive_saving(tmp_
     loaded = Quantizer.load(tmp_path / "context.npz", decoder=decoder)
     assert loaded.paths == "context"
     np.testing.assert_array_equal(loaded.encode_tokens(test, tokens), codes)
+
+
+@pytest.mark.parametrize("paths", ["graph", "context"])
+def test_encode_in_chunks_gives_the_same_codes_and_logs_its_progress(paths, monkeypatch, caplog):
+    import geovq.quantize.base as base
+    import geovq.quantize.geodesic as geodesic
+
+    q, _, test = grid_quantizer_and_test(3, paths=paths)  # 96 test tokens
+    whole = q.encode(test)
+    monkeypatch.setattr(geodesic, "ENCODE_CHUNK", 40)
+    monkeypatch.setattr(base, "PROGRESS_LOG_SECONDS", -1.0)  # a line after every chunk
+    with caplog.at_level("INFO", logger="geovq"):
+        np.testing.assert_array_equal(q.encode(test), whole)
+    lines = [r.getMessage() for r in caplog.records if "encode:" in r.getMessage()]
+    assert [int(line.split()[3]) for line in lines] == [40, 80, 96]
+    assert all(line.startswith(f"geodesic {q.exact_rule} encode: ") and " of 96 tokens" in line for line in lines)

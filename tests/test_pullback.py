@@ -243,6 +243,7 @@ def test_save_load_encode_gives_identical_codes(tmp_path):
 
 
 def test_exact_encode_in_chunks_gives_the_same_codes_and_logs_its_progress(monkeypatch, caplog):
+    import geovq.quantize.base as base
     import geovq.quantize.pullback as pullback
 
     torch.manual_seed(1)
@@ -252,7 +253,7 @@ def test_exact_encode_in_chunks_gives_the_same_codes_and_logs_its_progress(monke
     q = make_quantizer("pullback", 10, seed=3, decoder=decoder, max_tokens=250).fit(train)
     whole = q.encode(test)
     monkeypatch.setattr(pullback, "ENCODE_CHUNK", 20)
-    monkeypatch.setattr(pullback, "PROGRESS_LOG_SECONDS", -1.0)  # a line after every chunk
+    monkeypatch.setattr(base, "PROGRESS_LOG_SECONDS", -1.0)  # a line after every chunk
     with caplog.at_level("INFO", logger="geovq"):
         np.testing.assert_array_equal(q.encode(test), whole)
     done = [int(r.getMessage().split()[3]) for r in caplog.records if "pullback exact encode" in r.getMessage()]

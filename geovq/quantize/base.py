@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -46,6 +47,27 @@ METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 #: constructor arguments that are not hyperparameters: the rate (K), the run seed, runtime objects
 NOT_HYPERPARAMETERS = frozenset({"self", "n_codes", "seed", "decoder"})
 FORMAT = "geovq-quantizer"
+#: seconds between progress lines of a long encode (to the "geovq" logger: a sweep's sweep.log)
+PROGRESS_LOG_SECONDS = 60.0
+
+log = logging.getLogger("geovq")
+
+
+class EncodeProgress:
+    """A line at most every PROGRESS_LOG_SECONDS while an encode works through a split's tokens in chunks. A
+    sweep redirected to a file draws no bars, and an MNIST split can take a core most of an hour."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        """`done` of `total` tokens are encoded."""
+        now = time.perf_counter()
+        if now - self.last > PROGRESS_LOG_SECONDS:
+            self.last, spent = now, now - self.start
+            log.info("%s: %d of %d tokens, %.0f s, about %.0f s left", self.what, done, self.total, spent,
+                     spent * (self.total / done - 1))
 
 
 def check_method_name(name: str) -> str:

@@ -56,7 +56,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
-from geovq.quantize.base import Quantizer, register
+from geovq.quantize.base import EncodeProgress, Quantizer, register
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +359,7 @@ class GeodesicQuantizer(Quantizer):
         tokens = np.arange(latents.n_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
         land = self.landmarks_
         if rule == "context":
-            codes = [self._context_insert(latents, tokens[s:s + ENCODE_CHUNK], None)
-                     for s in range(0, len(tokens), ENCODE_CHUNK)]
-            return np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
+            return self._in_chunks(tokens, rule, lambda chunk: self._context_insert(latents, chunk, None))
         index = landmark_index(land.points, exact=rule == "graph")  # the exact rule searches exactly
         if rule == "nearest_landmark":
             _, nearest = index.search(np.ascontiguousarray(latents.token_mu[tokens], dtype=np.float32), 1)
@@ -372,8 +370,17 @@ class GeodesicQuantizer(Quantizer):
             similar = landmark_index(features, exact=False, pca=CONTEXT_DIMS)
         insert = self._context_insert if self.paths == "context" and rule == "landmark_metric" else (
             lambda latents, chunk, similar: self._insert(latents, chunk, index, rule, similar))
-        codes = [insert(latents, tokens[s:s + ENCODE_CHUNK], similar) for s in range(0, len(tokens), ENCODE_CHUNK)]
-        return np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
+        return self._in_chunks(tokens, rule, lambda chunk: insert(latents, chunk, similar))
+
+    @staticmethod
+    def _in_chunks(tokens: np.ndarray, rule: str, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """encode(chunk) over ENCODE_CHUNK tokens at a time, with a progress line now and then."""
+        codes = np.empty(len(tokens), dtype=np.int64)
+        progress = EncodeProgress(f"geodesic {rule} encode", len(tokens))
+        for s in range(0, len(tokens), ENCODE_CHUNK):
+            codes[s:s + ENCODE_CHUNK] = encode(tokens[s:s + ENCODE_CHUNK])
+            progress.update(min(s + ENCODE_CHUNK, len(tokens)))
+        return codes
 
     def _context_insert(self, latents: LatentSet, tokens: np.ndarray, similar: faiss.Index | None) -> np.ndarray:
         """In-context codes of one chunk of tokens: exact (similar=None: the token's own metric shortlists,

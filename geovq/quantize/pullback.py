@@ -47,7 +47,6 @@ against a plain forward of the split's images timed in the same call) and, with 
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -56,9 +55,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
-from geovq.quantize.base import Quantizer, register
-
-log = logging.getLogger("geovq")
+from geovq.quantize.base import EncodeProgress, Quantizer, register
 
 if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
     import torch
@@ -77,8 +74,6 @@ CUDA_CHUNK_ELEMENTS = 2**24
 BORROW_POOL = 10_000
 #: tokens per borrowed-metric assignment block
 BORROW_CHUNK = 65_536
-#: seconds between progress lines of an exact encode (to the "geovq" logger: a sweep's sweep.log)
-PROGRESS_LOG_SECONDS = 60.0
 #: images decoded to time a plain forward pass, against which an encode's cost is stated, and times it is run
 FORWARD_PROBE = 256
 FORWARD_REPEATS = 3
@@ -344,7 +339,7 @@ class PullbackQuantizer(Quantizer):
         codes = np.empty(latents.n_tokens, dtype=np.int64)
         stats = {"metrics": 0.0, "assign": 0.0, "rerank": 0.0, "changed": 0, "error_metric": 0.0,
                  "error_rerank": 0.0, "predicted": 0.0}
-        start = last_log = time.perf_counter()
+        progress = EncodeProgress("pullback exact encode", latents.n_tokens)
         for s in range(0, latents.n_tokens, ENCODE_CHUNK):
             tokens = np.arange(s, min(s + ENCODE_CHUNK, latents.n_tokens))
             t0 = time.perf_counter()
@@ -356,10 +351,7 @@ class PullbackQuantizer(Quantizer):
                 codes[tokens] = self._rerank(dec, metrics, stats)
             stats["metrics"] += t1 - t0
             stats["assign"] += time.perf_counter() - t1
-            if time.perf_counter() - last_log > PROGRESS_LOG_SECONDS:  # an MNIST split takes most of an hour
-                last_log, done = time.perf_counter(), tokens[-1] + 1
-                log.info("pullback exact encode: %d of %d tokens, %.0f s, about %.0f s left", done,
-                         latents.n_tokens, last_log - start, (last_log - start) * (latents.n_tokens / done - 1))
+            progress.update(tokens[-1] + 1)
         self._encode_stats = stats
         return codes
 
