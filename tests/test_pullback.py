@@ -12,6 +12,7 @@ from torch import nn
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
+from geovq.nearest import exact_nearest, metric_costs
 from geovq.quantize import Quantizer, make_quantizer
 from geovq.quantize.pullback import metric_centres, pullback_lloyd
 from toy_decoders import ConvDecoder
@@ -73,6 +74,22 @@ def token_metrics_by_autograd(decoder: nn.Module, latents: LatentSet) -> np.ndar
 
 
 # -- the closed form and the iterations ------------------------------------------------------------
+def test_metric_costs_are_each_points_quadratic_form_and_squared_distances_under_the_identity():
+    rng = np.random.default_rng(11)
+    points, codes = rng.standard_normal((300, 5)), rng.standard_normal((40, 5))
+    a = rng.standard_normal((300, 5, 5))
+    metrics = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(5)  # SPD, one per point
+    delta = codes[None] - points[:, None]  # (n, K, d), by the difference: no cancellation
+    direct = np.einsum("nkd,nde,nke->nk", delta, metrics, delta)
+    costs = metric_costs(points, metrics, codes)
+    np.testing.assert_allclose(costs, direct, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(costs.argmin(1), direct.argmin(1))
+    squared, ids = exact_nearest(codes, points, k=1)  # G = I: the Euclidean nearest code and its distance²
+    identity = metric_costs(points, np.broadcast_to(np.eye(5), (300, 5, 5)).copy(), codes)
+    np.testing.assert_array_equal(identity.argmin(1), ids[:, 0])
+    np.testing.assert_allclose(identity.min(1), squared[:, 0], rtol=1e-5)
+
+
 def test_closed_form_centre_is_the_numerical_minimiser():
     rng = np.random.default_rng(0)
     d, n = 3, 40

@@ -56,6 +56,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
+from geovq.nearest import metric_costs
 from geovq.quantize.base import EncodeProgress, Quantizer, register
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ APPROX_RULES = ENCODE_RULES[2:]
 PATHS = ("graph", "context")
 #: paths=context: the latent box curves stay in is the landmarks' range widened by this share on each side
 BOX_MARGIN = 0.01
-#: query rows per first-order (metric) distance block, N × K × d values each
+#: query rows per first-order (metric) cost block, METRIC_ROWS × K float64 each
 METRIC_ROWS = 1024
 NEIGHBOUR_RULES = ("metric", "latent")
 #: fewest tokens an approximate encode is checked on against the exact rule (all, in smaller splits)
@@ -301,7 +302,7 @@ class GeodesicQuantizer(Quantizer):
         out = np.empty((len(points), s), dtype=np.int64)
         for start in range(0, len(points), METRIC_ROWS):
             sl = slice(start, start + METRIC_ROWS)
-            first = metric_lengths(points[sl], metrics[sl], codes)
+            first = metric_costs(points[sl], metrics[sl], codes)  # squared: the same order
             part = np.argpartition(first, s - 1, axis=1)[:, :s] if s < len(codes) else np.tile(
                 np.arange(len(codes)), (len(first), 1))
             out[sl] = np.take_along_axis(part, np.argsort(np.take_along_axis(first, part, 1), axis=1), 1)
@@ -401,7 +402,7 @@ class GeodesicQuantizer(Quantizer):
         _, alike = similar.search(context_features(latents.mu, image, latents.layout.flat_positions(slot)),
                                   min(BORROWED, self.landmarks_.n_nodes))
         borrowed = self._landmark_metrics()[alike].mean(axis=1)
-        return np.concatenate([metric_lengths(points[s:s + METRIC_ROWS], borrowed[s:s + METRIC_ROWS], codes)
+        return np.concatenate([metric_costs(points[s:s + METRIC_ROWS], borrowed[s:s + METRIC_ROWS], codes)
                                .argmin(1) for s in range(0, len(points), METRIC_ROWS)]).astype(np.int64)
 
     def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index, rule: str,
@@ -540,12 +541,6 @@ class GeodesicQuantizer(Quantizer):
         self.landmark_distance_, self.landmark_code_ = arrays["distance"], arrays["label"]
         self.medoid_landmarks_, self.landmark_neighbours_ = arrays["medoids"], arrays["neighbours"]
         self.landmark_metrics_ = None
-
-
-def metric_lengths(points: np.ndarray, metrics: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """(n, K) ‖c_k − z_n‖_{G_n} = sqrt((c_k − z_n)ᵀ G_n (c_k − z_n)): each point's own metric (n, d, d)."""
-    delta = codes[None] - points[:, None]  # (n, K, d)
-    return np.sqrt(np.maximum(np.einsum("nkd,nde,nke->nk", delta, metrics, delta), 0.0))
 
 
 def context_features(grids: np.ndarray, image: np.ndarray, channels: np.ndarray) -> np.ndarray:

@@ -55,6 +55,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
+from geovq.nearest import metric_costs
 from geovq.quantize.base import EncodeProgress, Quantizer, register
 
 if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
@@ -88,20 +89,6 @@ def token_features(latents: LatentSet, tokens: np.ndarray) -> np.ndarray:
 
 
 # -- the algorithm on given points and metric tensors (no decoder) ---------------------------------------
-def metric_costs(points: np.ndarray, metrics: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """(n, K) float64 (c_k − z_i)ᵀ G_i (c_k − z_i) for points (n, d), metrics (n, d, d), codebook (K, d).
-
-    Expanded as vec(G_i)·vec(c_k c_kᵀ) − 2 (G_i z_i)·c_k + z_iᵀG_i z_i: two matrix products, no (n, K, d).
-    """
-    n, d = points.shape
-    z = points.astype(np.float64)
-    c = codebook.astype(np.float64)
-    g = metrics.reshape(n, d * d)
-    gz = np.einsum("nij,nj->ni", metrics, z)
-    outer = (c[:, :, None] * c[:, None, :]).reshape(len(c), d * d)
-    return g @ outer.T - 2.0 * gz @ c.T + np.einsum("ni,ni->n", gz, z)[:, None]
-
-
 def exact_costs(points: np.ndarray, metrics: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """(n,) (c_i − z_i)ᵀ G_i (c_i − z_i) row by row, by the difference (no cancellation)."""
     delta = centres.astype(np.float64) - points.astype(np.float64)
