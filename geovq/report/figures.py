@@ -59,7 +59,7 @@ def write_figures(out: Path, runs: Runs) -> list[Figure]:
 def _series(rows: list[dict[str, Any]]) -> dict[str, dict[float, list[dict]]]:
     """Rows by line label (method, VAE unless plain, fine-tuned) and bits per image."""
     series: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
+    for r in sorted(rows, key=line_key):  # labels in line order
         series[line_label(r)][r["bits_per_image"]].append(r)
     return series
 
@@ -69,10 +69,16 @@ def first_seed_rows(rows: list[dict[str, Any]], bits: float,
     """{line label: its lowest-seed row} among the rows at `bits` that `keep` accepts: what a figure drawing
     one example per line shows."""
     firsts: dict[str, dict[str, Any]] = {}
-    for r in sorted(rows, key=lambda r: r["seed"]):
+    for r in sorted(rows, key=lambda r: (line_key(r), r["seed"])):  # labels in line order
         if r["bits_per_image"] == bits and keep(r):
             firsts.setdefault(line_label(r), r)
     return firsts
+
+
+def line_key(row: dict[str, Any]) -> tuple[str, str, bool]:
+    """The order of lines in legends, grids and sidecars: by method, then VAE (plain before tdc), the VAE's own
+    decoder before the fine-tuned one, so that a method's variants sit together."""
+    return row["method"], row.get("vae") or "", bool(row["finetuned"])
 
 
 def line_label(row: dict[str, Any]) -> str:
@@ -84,7 +90,7 @@ def _colours(labels) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     palette = plt.get_cmap("tab20").colors  # 20 distinct colours: methods × VAEs × fine-tuning stay apart
-    return {label: palette[i % len(palette)] for i, label in enumerate(sorted(labels))}
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # labels in line order
 
 
 def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]]) -> Figure:
@@ -102,7 +108,7 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
     with_prior = any(r.get("prior_bits_per_image") is not None for r in rows)
     panels = metrics + (["psnr_vs_prior_bits"] if with_prior else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for label, by_bits in sorted(series.items()):
+    for label, by_bits in series.items():
         bits = sorted(by_bits)
         for ax, metric in zip(axes, metrics):
             stats = [_stat(by_bits[b], metric) for b in bits]
@@ -135,7 +141,7 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
     _save(fig, path, legend_outside=True)
     return Figure(path, "rate–distortion: test metrics against bits per image (mean ± 95% CI over seeds)"
                   + ("; last panel: PSNR against the prior's bits per image" if with_prior else ""),
-                  {"panels": panels, "lines": sorted(series)})
+                  {"panels": panels, "lines": list(series)})
 
 
 def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], bits: float) -> Figure:
@@ -182,7 +188,7 @@ def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
     colour = _colours(firsts)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     curves = {}
-    for label, r in sorted(firsts.items()):
+    for label, r in firsts.items():
         codes = np.load(runs.run_of(r).root / r["codes_path"])
         freq = np.sort(code_histogram(codes, r["K"]))[::-1] / codes.size
         curves[label] = freq.tolist()
@@ -195,7 +201,7 @@ def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
     ax.legend(fontsize=7)
     path = out / "figures" / f"usage_{bits:g}bits.png"
     _save(fig, path)
-    return Figure(path, f"sorted code frequencies at {bits:g} bits per image", {"lines": sorted(curves),
+    return Figure(path, f"sorted code frequencies at {bits:g} bits per image", {"lines": list(curves),
                                                                                 "curves": curves})
 
 
@@ -212,7 +218,7 @@ def geometry_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
     colour = _colours(firsts)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     points = {}
-    for label, r in sorted(firsts.items()):
+    for label, r in firsts.items():
         sample = r["fit_info"]["diagnostics"]
         pairs, edges = sample["pairs"], sample["edges"]
         axes[0].scatter(pairs["euclidean"], pairs["graph"], s=5, alpha=0.5, color=colour[label], label=label)
@@ -230,7 +236,7 @@ def geometry_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
     _save(fig, path)
     return Figure(path, f"geodesic diagnostics at {bits:g} bits per image: graph against Euclidean distances and "
                         "the edge lengths' stretch (decoder-metric length over chord)",
-                  {"panels": 2, "lines": sorted(firsts), "points": points})
+                  {"panels": 2, "lines": list(firsts), "points": points})
 
 
 def _stat(rows: list[dict[str, Any]], metric: str) -> tuple[float, float]:

@@ -40,7 +40,7 @@ def decode_rows(runs: Runs, bits: float, images: np.ndarray) -> dict[str, np.nda
     cpu = torch.device("cpu")
     firsts = first_seed_rows(runs.rows, bits)
     out = {}
-    for label, r in sorted(firsts.items()):
+    for label, r in firsts.items():
         unit_dir = runs.run_of(r).root / Path(r["codes_path"]).parent
         codes = np.load(runs.run_of(r).root / r["codes_path"])[images]
         if r["vae"] is None:  # end to end: the VQ-VAE's own codebook and decoder
@@ -79,7 +79,7 @@ def samples_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
     if not firsts:
         return None
     rows, files = {}, {}
-    for label, r in sorted(firsts.items()):
+    for label, r in firsts.items():
         files[label] = str(Path(r["samples_path"]) / "samples.npz")
         with np.load(runs.run_of(r).root / files[label]) as z:
             rows[f"{label}: {r['prior']}"] = z["images"][:N_IMAGES].astype(np.float64) / 255
