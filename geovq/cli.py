@@ -14,10 +14,12 @@ import functools
 import inspect
 import logging
 import shutil
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -79,6 +81,19 @@ class _DropMessage(logging.Filter):
 #: default, on every run. The opposite warning (authentication off) still reaches the console.
 _RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _TOKEN_AUTH_ON = _DropMessage("Token authentication is enabled for this Ray cluster")
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """`kill`, `timeout` and job schedulers stop a process with SIGTERM. Taken as Ctrl-C, a sweep or search stops
+    the same clean way (one "interrupted" line, finished work kept, exit 130) instead of dying in the handler
+    that ray.init installs, with a stack dump and no word on what was kept. Entered after ray.init for that
+    reason; the previous handler is put back on exit."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _quiet_ray(verbose: bool) -> None:
@@ -250,7 +265,8 @@ def _sweep(
         return sum(run.unit_done(unit, cfg.finetune_decoder, cfg.prior) for run, unit, cfg in planned)
 
     try:
-        run_sweeps([(run, cfg) for run, cfg, *_ in runs], address)
+        with _sigterm_as_ctrl_c():
+            run_sweeps([(run, cfg) for run, cfg, *_ in runs], address)
     except KeyboardInterrupt:
         import ray
 
@@ -486,7 +502,8 @@ def tune(
              ",".join(chosen), trials, "Pareto (K free)" if pareto else f"{budget} bits per image", seed,
              concurrent, space_path)
     try:
-        best = run_search(out, cfg, studies, search)
+        with _sigterm_as_ctrl_c():
+            best = run_search(out, cfg, studies, search)
     except SearchInterrupted as e:
         log.error("interrupted: %s; re-run the same command to resume (finished trials are kept)", e)
         raise typer.Exit(130) from None

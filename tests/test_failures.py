@@ -32,14 +32,9 @@ def geovq(*args: str, **kwargs) -> subprocess.Popen:
                             start_new_session=True, **kwargs)
 
 
-def finished_units(run: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in run.glob("units/*/row.json")}
-
-
-def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_repeating(tmp_path):
-    run = tmp_path / "run"
-    proc = geovq(*SMALL, "--out", str(run))
-    lines: list[str] = []  # read as they come: a unit's files are on disk before the driver logs its line
+def read_lines(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
+    """The process's output lines, appended to the list by a thread as they arrive."""
+    lines: list[str] = []
 
     def read() -> None:
         for line in proc.stdout:
@@ -47,6 +42,17 @@ def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_re
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return lines, reader
+
+
+def finished_units(run: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in run.glob("units/*/row.json")}
+
+
+def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_repeating(tmp_path):
+    run = tmp_path / "run"
+    proc = geovq(*SMALL, "--out", str(run))
+    lines, reader = read_lines(proc)  # read as they come: a unit's files are on disk before the driver logs its line
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         # some units done (a finished VAE alone is not a unit), others still running, and the driver has said so
@@ -76,6 +82,24 @@ def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_re
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # no finished unit repeated
     assert len(finished_units(run)) == planned and (run / "report.md").exists()
     assert "PARTIAL" not in (run / "report.md").read_text()
+
+
+def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path):
+    # `kill`, `timeout` and job schedulers send SIGTERM, to the driver alone; Ray's own handler would dump a
+    # stack and say nothing of what was kept
+    proc = geovq(*SMALL, "--out", str(tmp_path / "run"))
+    lines, reader = read_lines(proc)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any("units planned" in line for line in lines):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    output = "".join(lines)
+    assert proc.returncode == 130, output
+    (line,) = [line for line in lines if "interrupted:" in line]
+    assert "0 of 6 units finished and are kept; re-run the same command to resume" in line
+    assert "Traceback" not in output and "SIGTERM received" not in output
 
 
 def test_unreachable_address_fails_fast_before_writing_anything(tmp_path):
