@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import geovq.quantize.geodesic as geodesic
+import geovq.nearest as nearest
 from geovq.geometry.landmarks import stratified_tokens
 from geovq.quantize.base import Quantizer, get_quantizer_class
 from geovq.stages.fit import load_latents, load_vae, runtime_options
@@ -28,10 +28,18 @@ from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit
 
 
+#: rows per block of the replaced code (its (rows, K, d) differences stayed small)
+DIFFERENCE_ROWS = 1024
+
+
 def difference_form(points: np.ndarray, metrics: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """(n, K) the same costs from the (n, K, d) differences: no cancellation, but no matrix product either."""
-    delta = codes[None] - points[:, None]
-    return np.einsum("nkd,nde,nke->nk", delta, metrics, delta)
+    """(n, K) the same costs from (n, K, d) differences, DIFFERENCE_ROWS at a time as the replaced code took
+    them: no cancellation, but no matrix product either."""
+    out = []
+    for s in range(0, len(points), DIFFERENCE_ROWS):
+        delta = codes[None] - points[s:s + DIFFERENCE_ROWS, None]
+        out.append(np.einsum("nkd,nde,nke->nk", delta, metrics[s:s + DIFFERENCE_ROWS], delta))
+    return np.concatenate(out)
 
 
 def main() -> None:
@@ -44,7 +52,7 @@ def main() -> None:
     units = sorted(glob.glob(f"{args.run}/units/geodesic-*-seed0-*/quantizer.npz"))
     if not units:
         raise SystemExit(f"no fitted geodesic unit of seed 0 in {args.run}/units")
-    fast = geodesic.metric_costs
+    fast = nearest.metric_costs
     for path in units:
         unit = Unit.from_dict(json.loads((Path(path).parent / "unit.json").read_text()))
         vae = load_vae(run, unit, torch.device("cpu"))
@@ -55,11 +63,11 @@ def main() -> None:
         quantizer.encode_tokens(train, tokens[:10], rule="landmark_metric")  # the landmarks' metrics, once
         seconds, codes = {}, {}
         for name, costs in (("matrix products", fast), ("difference form", difference_form)):
-            geodesic.metric_costs = costs
+            nearest.metric_costs = costs
             t = time.perf_counter()
             codes[name] = quantizer.encode_tokens(train, tokens, rule="landmark_metric")
             seconds[name] = time.perf_counter() - t
-        geodesic.metric_costs = fast
+        nearest.metric_costs = fast
         same = (codes["matrix products"] == codes["difference form"]).mean()
         print(f"{Path(path).parent.name:40s} {len(tokens)} tokens: matrix products {seconds['matrix products']:.1f} s, "
               f"difference form {seconds['difference form']:.1f} s, ratio "

@@ -3,7 +3,12 @@ one first-order cost of codes under each point's own metric tensor (pull-back an
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
+
+#: bytes of one block of (rows, K) float64 metric costs: bounds the memory of the metric searches below
+COST_BLOCK_BYTES = 64 << 20
 
 
 def exact_nearest(base: np.ndarray, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -32,3 +37,30 @@ def metric_costs(points: np.ndarray, metrics: np.ndarray, codebook: np.ndarray) 
     gz = np.einsum("nij,nj->ni", metrics, z)
     outer = (c[:, :, None] * c[:, None, :]).reshape(len(c), d * d)
     return g @ outer.T - 2.0 * gz @ c.T + np.einsum("ni,ni->n", gz, z)[:, None]
+
+
+def _cost_blocks(points: np.ndarray, metrics: np.ndarray, codebook: np.ndarray
+                 ) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, their (rows, K) metric_costs) over blocks of at most COST_BLOCK_BYTES of costs."""
+    rows = max(1, COST_BLOCK_BYTES // (8 * len(codebook)))
+    for s in range(0, len(points), rows):
+        yield slice(s, s + rows), metric_costs(points[s:s + rows], metrics[s:s + rows], codebook)
+
+
+def metric_nearest(points: np.ndarray, metrics: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """(n,) int64: each point's cheapest code under its own metric tensor (first order)."""
+    labels = np.empty(len(points), dtype=np.int64)
+    for rows, costs in _cost_blocks(points, metrics, codebook):
+        labels[rows] = costs.argmin(1)
+    return labels
+
+
+def metric_shortlist(points: np.ndarray, metrics: np.ndarray, codebook: np.ndarray, size: int) -> np.ndarray:
+    """(n, min(size, K)) int64: each point's `size` cheapest codes under its own metric tensor, cheapest first."""
+    size = min(size, len(codebook))
+    out = np.empty((len(points), size), dtype=np.int64)
+    for rows, costs in _cost_blocks(points, metrics, codebook):
+        top = np.argpartition(costs, size - 1, axis=1)[:, :size]
+        order = np.argsort(np.take_along_axis(costs, top, 1), axis=1, kind="stable")
+        out[rows] = np.take_along_axis(top, order, 1)
+    return out

@@ -56,7 +56,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
-from geovq.nearest import metric_costs
+from geovq.nearest import metric_nearest, metric_shortlist
 from geovq.quantize.base import EncodeProgress, Quantizer, register
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ APPROX_RULES = ENCODE_RULES[2:]
 PATHS = ("graph", "context")
 #: paths=context: the latent box curves stay in is the landmarks' range widened by this share on each side
 BOX_MARGIN = 0.01
-#: query rows per first-order (metric) cost block, METRIC_ROWS × K float64 each
-METRIC_ROWS = 1024
 NEIGHBOUR_RULES = ("metric", "latent")
 #: fewest tokens an approximate encode is checked on against the exact rule (all, in smaller splits)
 MIN_CHECK_TOKENS = 2000
@@ -260,7 +258,7 @@ class GeodesicQuantizer(Quantizer):
 
         land = self.landmarks_
         codes = land.points[medoids]
-        short = self._shortlist(land.points, self._landmark_metrics(), codes)
+        short = metric_shortlist(land.points, self._landmark_metrics(), codes, self.shortlist)
         best, dist, refined = nearest_in_context(land, np.arange(land.n_nodes), codes[short], bounds=self._box(),
                                                  **self._chunking)
         label = short[np.arange(land.n_nodes), best]
@@ -295,18 +293,6 @@ class GeodesicQuantizer(Quantizer):
             if cost.min() < current * (1 - 1e-9):
                 moved[c] = candidates[np.argmin(cost)]
         return moved, len(sources)
-
-    def _shortlist(self, points: np.ndarray, metrics: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """(n, S) the `shortlist` codes nearest each point by its own metric, ‖c − z‖_G (first-order d_i)."""
-        s = min(self.shortlist, len(codes))
-        out = np.empty((len(points), s), dtype=np.int64)
-        for start in range(0, len(points), METRIC_ROWS):
-            sl = slice(start, start + METRIC_ROWS)
-            first = metric_costs(points[sl], metrics[sl], codes)  # squared: the same order
-            part = np.argpartition(first, s - 1, axis=1)[:, :s] if s < len(codes) else np.tile(
-                np.arange(len(codes)), (len(first), 1))
-            out[sl] = np.take_along_axis(part, np.argsort(np.take_along_axis(first, part, 1), axis=1), 1)
-        return out
 
     def _box(self) -> tuple[np.ndarray, np.ndarray]:
         """The latent box in-context curves stay in: the landmarks' range, widened by BOX_MARGIN each side.
@@ -393,7 +379,7 @@ class GeodesicQuantizer(Quantizer):
         codes = self.codebook_.astype(np.float64)
         if similar is None:
             queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
-            short = self._shortlist(queries.points, node_metrics(queries, **self._chunking), codes)
+            short = metric_shortlist(queries.points, node_metrics(queries, **self._chunking), codes, self.shortlist)
             best, _, _ = nearest_in_context(queries, np.arange(len(tokens)), codes[short], bounds=self._box(),
                                             lengths=False, **self._chunking)
             return short[np.arange(len(tokens)), best]
@@ -402,8 +388,7 @@ class GeodesicQuantizer(Quantizer):
         _, alike = similar.search(context_features(latents.mu, image, latents.layout.flat_positions(slot)),
                                   min(BORROWED, self.landmarks_.n_nodes))
         borrowed = self._landmark_metrics()[alike].mean(axis=1)
-        return np.concatenate([metric_costs(points[s:s + METRIC_ROWS], borrowed[s:s + METRIC_ROWS], codes)
-                               .argmin(1) for s in range(0, len(points), METRIC_ROWS)]).astype(np.int64)
+        return metric_nearest(points, borrowed, codes)
 
     def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index, rule: str,
                 similar: faiss.Index | None) -> np.ndarray:

@@ -55,7 +55,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
-from geovq.nearest import metric_costs
+from geovq.nearest import metric_nearest, metric_shortlist
 from geovq.quantize.base import EncodeProgress, Quantizer, register
 
 if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
@@ -65,8 +65,6 @@ if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or enc
 
 #: tokens whose grids and metric tensors are held at once (fit and encode); d = 16: 8 MB of metrics
 ENCODE_CHUNK = 4096
-#: upper bound on one float64 block of linearised costs (tokens × K), so that large K stays bounded
-COST_BLOCK_BYTES = 64 << 20
 #: decoder output values per JVP call on a CUDA device (the engine's CPU default, 2^18, is a few dozen
 #: tokens: far too little work per kernel launch for a GPU). Not measured here (no GPU on the dev machine).
 CUDA_CHUNK_ELEMENTS = 2**24
@@ -97,11 +95,7 @@ def exact_costs(points: np.ndarray, metrics: np.ndarray, centres: np.ndarray) ->
 
 def assign(points: np.ndarray, metrics: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each token's code by its own metric, and its cost: ((n,) int64, (n,) float64), in bounded blocks."""
-    n = len(points)
-    labels = np.empty(n, dtype=np.int64)
-    rows = max(1, COST_BLOCK_BYTES // (8 * len(codebook)))
-    for s in range(0, n, rows):
-        labels[s:s + rows] = metric_costs(points[s:s + rows], metrics[s:s + rows], codebook).argmin(1)
+    labels = metric_nearest(points, metrics, codebook)
     return labels, exact_costs(points, metrics, codebook[labels])
 
 
@@ -344,15 +338,8 @@ class PullbackQuantizer(Quantizer):
 
     def _rerank(self, dec: GridTokenDecoder, metrics: np.ndarray, stats: dict) -> np.ndarray:
         """Codes of one chunk: the `rerank` best candidates by linearised cost, re-scored by true decode error."""
-        r = min(self.rerank, self.n_codes)
         n = dec.n_nodes
-        candidates = np.empty((n, r), dtype=np.int64)
-        rows = max(1, COST_BLOCK_BYTES // (8 * self.n_codes))
-        for s in range(0, n, rows):
-            costs = metric_costs(dec.points[s:s + rows], metrics[s:s + rows], self.codebook_)
-            top = np.argpartition(costs, r - 1, axis=1)[:, :r]
-            order = np.argsort(np.take_along_axis(costs, top, 1), axis=1, kind="stable")
-            candidates[s:s + rows] = np.take_along_axis(top, order, 1)  # best linearised first
+        candidates = metric_shortlist(dec.points, metrics, self.codebook_, self.rerank)  # best linearised first
         t0 = time.perf_counter()
         errors = self._decode_errors(dec, candidates)  # (n, r)
         best = candidates[np.arange(n), errors.argmin(1)]
