@@ -52,7 +52,7 @@ def train_classifier(data: ImageSplits, device: torch.device, progress: Callable
     torch.manual_seed(seed)
     n_classes = int(max(data.train_labels.max(), data.val_labels.max(), data.test_labels.max())) + 1
     model = DomainClassifier(data.channels, data.image_shape[1:], n_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, foreach=True)  # see train_model
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     rng = np.random.default_rng(seed)
     best, best_state, order = -1.0, None, np.zeros(0, np.int64)

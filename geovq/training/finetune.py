@@ -42,7 +42,7 @@ def finetune_decoder(decoder: Decoder, train_grids: np.ndarray, train_images: np
     """Return the fine-tuned copy (on `device`; best validation epoch, eval mode) and a record of the run."""
     torch.manual_seed(seed)
     tuned = copy.deepcopy(decoder).to(device)
-    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr, foreach=True)  # see train_model
     rng = np.random.default_rng(seed)
     best = _val_loss(tuned, val_grids, val_images, recon, batch_size, device)
     info: dict[str, Any] = {"val_nll_before": best, "best_epoch": 0, "epochs_run": 0,

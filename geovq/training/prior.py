@@ -38,7 +38,8 @@ def _optimizer(model: Prior, cfg: PriorTrainConfig) -> torch.optim.AdamW:
             continue
         (decay if p.ndim >= 2 and "position" not in name else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                             foreach=True)  # see train_model
 
 
 def _lr_factor(step: int, cfg: PriorTrainConfig) -> float:
