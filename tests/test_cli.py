@@ -90,6 +90,17 @@ def test_real_console_script_bad_input_has_no_traceback(tmp_path):
     assert "unknown dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_console_script_exit_keeps_codes_output_and_exit_handlers(tmp_path):
+    # main() leaves by os._exit (no module teardown): what atexit would run must still run, the streams must
+    # be flushed, and the app's exit codes must survive
+    script = "import atexit; from geovq.cli import main; atexit.register(print, 'exit handler ran'); main()"
+    ok = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "sweep" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    bad = subprocess.run([sys.executable, "-c", script, "report", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "exit handler ran\n"
+    assert bad.stderr.startswith("Error: ") and len(bad.stderr.splitlines()) == 1
+
+
 def test_rays_token_auth_notice_is_dropped_and_its_warning_kept():
     """Ray's own functions log both messages: the notice that token authentication is on (the default) is
     dropped without --verbose and shown with it; the warning that it is off always reaches the console."""
