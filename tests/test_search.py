@@ -395,7 +395,8 @@ def test_an_interrupted_pareto_search_resumes_without_repeating_a_finished_trial
     args = tune_args(space, out, "--methods", "kmeans", "--trials", "5", "--max-concurrent", "1", "--pareto",
                      "--address", ray_local.get_runtime_context().gcs_address)
     console = open(tmp_path / "console.txt", "w")  # a file, not a pipe: Ray's worker logs could fill a pipe
-    proc = subprocess.Popen([sys.executable, "-m", "geovq.cli", *args], stdout=console, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "geovq.cli", *args], stdout=console, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_failures.geovq
     log = out / "search.log"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and log.read_text().count("finished:") >= 2):
