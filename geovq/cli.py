@@ -581,7 +581,7 @@ def main() -> None:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    atexit._run_exitfuncs()  # what the interpreter's exit would run first (CPython's own hook, kept by os._exit)
+    atexit._run_exitfuncs()  # what the interpreter's exit runs first; os._exit runs nothing (CPython's own hook)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
