@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from consoles import sigint_at_default
 from geovq.cli import app
 
 runner = CliRunner()
@@ -27,13 +28,9 @@ UNIT_LINE = re.compile(r"geovq: \[\d+/\d+\] digits/")  # the driver's line for a
 
 
 def geovq(*args: str, **kwargs) -> subprocess.Popen:
-    """The real console script in its own process group, as a terminal runs it (Ctrl-C reaches the group).
-
-    SIGINT is reset to its default in the child: a test run started in the background by a shell (`pytest &`)
-    ignores SIGINT, the child would inherit that, and Python then installs no KeyboardInterrupt handler."""
+    """The real console script in its own process group, as a terminal runs it (Ctrl-C reaches the group)."""
     return subprocess.Popen(["geovq", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                            **kwargs)
+                            start_new_session=True, preexec_fn=sigint_at_default, **kwargs)
 
 
 def read_lines(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:

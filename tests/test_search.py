@@ -20,6 +20,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from consoles import sigint_at_default
 from geovq.cli import app
 from geovq.config import TrainConfig, TrunkConfig
 from geovq.data import load_dataset
@@ -396,7 +397,7 @@ def test_an_interrupted_pareto_search_resumes_without_repeating_a_finished_trial
                      "--address", ray_local.get_runtime_context().gcs_address)
     console = open(tmp_path / "console.txt", "w")  # a file, not a pipe: Ray's worker logs could fill a pipe
     proc = subprocess.Popen([sys.executable, "-m", "geovq.cli", *args], stdout=console, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_failures.geovq
+                            preexec_fn=sigint_at_default)
     log = out / "search.log"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and log.read_text().count("finished:") >= 2):
