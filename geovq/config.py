@@ -235,8 +235,17 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def changed_options(old: SweepConfig, new: SweepConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """The options (or keys) whose values differ between two runs' identities, e.g. ['--epochs 20 -> 3'];
-    keys in `ignore` do not count."""
-    before, after = _flatten(old.identity()), _flatten(new.identity())
+    keys in `ignore` do not count. A method's own settings count only where both runs hold that method: the
+    settings of a method one run does not run shape none of its units (and the command line refuses them
+    without the method, so a subset re-run could not repeat them)."""
+    shared = set(old.methods) & set(new.methods)
+
+    def flat(cfg: SweepConfig) -> dict[str, Any]:
+        identity = cfg.identity()
+        identity["method_params"] = {m: p for m, p in identity["method_params"].items() if m in shared}
+        return _flatten(identity)
+
+    before, after = flat(old), flat(new)
     return [f"{option_name(k)} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
             if before.get(k) != after.get(k) and k not in ignore]
 
@@ -247,10 +256,13 @@ def union_config(previous: SweepConfig, current: SweepConfig) -> SweepConfig:
     def union(a: list, b: list) -> list:
         return a + [v for v in b if v not in a]
 
+    # the earlier methods keep their own settings: a re-run of other methods does not reset them to defaults
+    kept = {m: p for m, p in previous.method_params.items() if m in previous.methods and m not in current.methods}
     return replace(current, methods=union(previous.methods, current.methods),
                    codebook_sizes=sorted(union(previous.codebook_sizes, current.codebook_sizes)),
                    vaes=union(previous.vaes, current.vaes), seeds=max(previous.seeds, current.seeds),
-                   finetune_decoder=previous.finetune_decoder or current.finetune_decoder)
+                   finetune_decoder=previous.finetune_decoder or current.finetune_decoder,
+                   method_params={**current.method_params, **kept})
 
 
 def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],

@@ -56,3 +56,18 @@ def ray_cluster():
     cluster.shutdown()
     if restore:
         ray.init(**LOCAL_RAY)
+
+
+@pytest.fixture(scope="session")
+def quick_run(ray_local, tmp_path_factory):
+    """The main job's run directory (`sweeps.QUICK`), swept once per session: test_sweep pins its numbers, and
+    test_report merges a copy of it with another run. A test that changes it restores it (test_sweep's resume)."""
+    from typer.testing import CliRunner
+
+    from geovq.cli import app
+    from sweeps import QUICK
+
+    out = tmp_path_factory.mktemp("sweep") / "digits-quick"
+    result = CliRunner().invoke(app, QUICK + ["--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out

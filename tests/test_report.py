@@ -77,15 +77,21 @@ def test_a_rates_comparison_shows_only_the_ceilings_of_the_vaes_quantized_at_tha
 # -- reports of real runs ------------------------------------------------------------------------------------
 
 runner = CliRunner()
-TINY = ["sweep", "digits", "--quick", "--vae", "plain", "--codebook-sizes", "16", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
-def two_runs(ray_local, tmp_path_factory):
+def two_runs(quick_run, tmp_path_factory):
+    """Two runs of one configuration, as when a sweep is split over machines: a copy of the main job's run
+    (every method at K 16 and 64, with priors; the test redraws a figure in it) and a run that adds k-means at
+    K = 32 without a prior."""
     root = tmp_path_factory.mktemp("reports")
-    for name, methods, prior in (("a", "kmeans,gq,geodesic", ["--no-prior"]), ("b", "vqvae", ["--prior-samples", "50"])):
-        result = runner.invoke(app, TINY + prior + ["--methods", methods, "--out", str(root / name)])
-        assert result.exit_code == 0, result.output
+    shutil.copytree(quick_run, root / "a")
+    # run b's VAE has run a's key: b would train it again bit for bit (its k-means row then scores the same), so
+    # b starts with a's VAE files, as a sweep resumes. The geodesic settings of run a concern no unit of run b.
+    shutil.copytree(quick_run / "vae", root / "b" / "vae")
+    result = runner.invoke(app, ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "kmeans",
+                                 "--codebook-sizes", "32", "--no-prior", "--out", str(root / "b")])
+    assert result.exit_code == 0, result.output
     return root / "a", root / "b"
 
 
@@ -103,40 +109,44 @@ def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path)
     assert result.exit_code == 0, result.output
     Image.open(kl).verify()  # a missing VAE figure is drawn again from the VAE's test latents
     rows = json.loads((out / "results.json").read_text())
-    assert sorted((r["run"], r["method"]) for r in rows) == [("a", "geodesic"), ("a", "gq"), ("a", "kmeans"),
-                                                             ("b", "vqvae")]
+    methods = ["geodesic", "gq", "kmeans", "vqvae", "wasserstein"]
+    assert sorted((r["run"], r["method"], r["K"]) for r in rows) == sorted(
+        [("a", m, k) for m in methods for k in (16, 64)] + [("b", "kmeans", 32)])
     html = (out / "report.html").read_text()
     sidecars = sorted((out / "figures").glob("*.json"))
-    assert {p.stem for p in sidecars} == {"rate_distortion", "compare_64bits", "usage_64bits", "recon_64bits",
-                                          "samples_64bits", "geometry_64bits"}
+    # at 80 bits only run b's k-means row, which has no prior (no samples) and no geodesic diagnostics
+    assert {p.stem for p in sidecars} == {"rate_distortion"} | {
+        f"{kind}_{bits}bits" for bits in (64, 80, 96) for kind in ("compare", "usage", "recon")} | {
+        f"{kind}_{bits}bits" for bits in (64, 96) for kind in ("samples", "geometry")}
     for sidecar in sidecars:
         png = sidecar.with_suffix(".png")
         Image.open(png).verify()  # a valid PNG
         assert f"data-file='{png.name}'" in html  # embedded in the page
-    assert html.count("<tr class=best>") == 1 and "<h2>64 bits per image</h2>" in html
-    lines = {"geodesic", "gq", "kmeans", "vqvae"}
+    assert html.count("<tr class=best>") == 3  # one per rate
+    assert all(f"<h2>{bits} bits per image</h2>" in html for bits in (64, 80, 96))
     rd = json.loads((out / "figures" / "rate_distortion.json").read_text())
-    assert set(rd["lines"]) == lines
-    assert rd["panels"][0] == "psnr" and rd["panels"][-1] == "psnr_vs_prior_bits"  # run b has a prior
+    assert set(rd["lines"]) == set(methods)
+    assert rd["panels"][0] == "psnr" and rd["panels"][-1] == "psnr_vs_prior_bits"  # run a has priors
     # geodesic diagnostics: the geodesic row's sampled pairs and edges, both panels drawn
     geometry = json.loads((out / "figures" / "geometry_64bits.json").read_text())
-    geodesic = next(r for r in rows if r["method"] == "geodesic")
+    geodesic = next(r for r in rows if r["method"] == "geodesic" and r["K"] == 16)
     sample = geodesic["fit_info"]["diagnostics"]
     assert geometry["lines"] == ["geodesic"] and geometry["panels"] == 2
     assert geometry["points"]["geodesic"] == {"pairs": len(sample["pairs"]["graph"]),
                                               "edges": len(sample["edges"]["length"])} and len(sample["edges"]["length"]) == 400
     # distinct landmarks: every sampled edge has a positive chord and a positive decoder-metric length
     assert min(sample["edges"]["length"]) > 0 and min(sample["edges"]["euclidean"]) > 0
-    assert set(json.loads((out / "figures" / "usage_64bits.json").read_text())["lines"]) == lines
+    assert set(json.loads((out / "figures" / "usage_64bits.json").read_text())["lines"]) == set(methods)
+    assert json.loads((out / "figures" / "usage_80bits.json").read_text())["lines"] == ["kmeans"]
     layout = json.loads((out / "figures" / "recon_64bits.json").read_text())
-    assert layout["rows"][0] == "original" and set(layout["rows"][1:]) == lines
+    assert layout["rows"][0] == "original" and set(layout["rows"][1:]) == set(methods)
     cfg = SweepConfig.load(two_runs[0] / "config.yaml")
     test = load_splits(cfg).test
     images = recon_images(len(test), cfg.split_seed)
     assert layout["images"] == images.tolist() and len(images) == 12
 
     # the kmeans tiles are the kmeans unit's test codes decoded by the VAE, pixel for pixel
-    kmeans = next(r for r in rows if r["method"] == "kmeans")
+    kmeans = next(r for r in rows if r["method"] == "kmeans" and r["K"] == 16)
     unit = two_runs[0] / Path(kmeans["codes_path"]).parent
     q = Quantizer.load(unit / "quantizer.npz")
     vae = load_model(two_runs[0] / "vae" / kmeans["vae_key"] / "model.pt", "vae")
@@ -153,17 +163,18 @@ def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path)
         want = np.kron(np.rint(decoded[j, 0] * 255), np.ones((layout["scale"], layout["scale"])))
         np.testing.assert_array_equal(picture[y:y + h, x:x + w, 0], want.astype(np.uint8))
 
-    # the sample grid's tiles are the first images the vqvae unit's prior drew, pixel for pixel
+    # the sample grid's vqvae tiles are the first images the vqvae unit's prior drew, pixel for pixel
     samples = json.loads((out / "figures" / "samples_64bits.json").read_text())
-    assert samples["rows"] == ["vqvae: transformer"]
-    with np.load(two_runs[1] / samples["files"]["vqvae"]) as z:
+    assert samples["rows"] == [f"{m}: transformer" for m in methods]  # in line order
+    with np.load(two_runs[0] / samples["files"]["vqvae"]) as z:
         drawn = z["images"][:samples["n"], 0]
     picture = np.asarray(Image.open(out / "figures" / "samples_64bits.png").convert("RGB"))
     h, w = samples["tile"]
+    y = samples["top"] + methods.index("vqvae") * (h + samples["pad"])
     for j in range(samples["n"]):
         x = samples["left"] + j * (w + samples["pad"])
         want = np.kron(drawn[j], np.ones((samples["scale"], samples["scale"]), np.uint8))
-        np.testing.assert_array_equal(picture[samples["top"]:samples["top"] + h, x:x + w, 0], want)
+        np.testing.assert_array_equal(picture[y:y + h, x:x + w, 0], want)
 
 
 def edited_copy(run: Path, tmp_path: Path, name: str, **changes) -> Path:

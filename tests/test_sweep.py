@@ -15,10 +15,9 @@ from geovq.metrics.codebook import code_histogram
 from geovq.stages.units import Unit
 from geovq.training.checkpoint import load_model
 
+from sweeps import QUICK
+
 runner = CliRunner()
-# Every option that shapes the numbers is explicit, so that later changes of defaults do not move them.
-QUICK = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,geodesic,wasserstein,gq",
-         "--prior", "transformer", "--geodesic-paths", "graph", "--geodesic-max-landmarks", "5000"]
 
 # The pinned results of QUICK: (method, K) -> (test PSNR dB, usage perplexity, bits per image), measured before
 # the stages were reshaped (commit 10acae2) and unchanged by it (bit for bit, on that machine). A change that
@@ -39,14 +38,6 @@ PINNED = {
     ("vqvae", 64): (25.2427, 56.5787, 96),
     ("wasserstein", 64): (18.1469, 57.6817, 96),
 }
-
-
-@pytest.fixture(scope="module")
-def quick_run(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep") / "digits-quick"
-    result = runner.invoke(app, QUICK + ["--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def rows_of(run):
@@ -165,6 +156,18 @@ def test_rerun_resumes_only_unfinished_units(quick_run):
 def test_rerun_with_another_model_config_is_refused_naming_the_option(quick_run):
     result = runner.invoke(app, QUICK + ["--epochs", "3", "--out", str(quick_run)])
     assert result.exit_code == 2 and "different configuration (--epochs 20 -> 3)" in result.output
+
+
+def test_a_rerun_of_other_methods_keeps_the_settings_of_the_methods_it_leaves_out(quick_run):
+    """--geodesic-* is refused without geodesic among --methods, so a k-means re-run cannot repeat them: they
+    neither block it nor get reset to their defaults in the run's configuration."""
+    before = (quick_run / "config.yaml").read_text()
+    result = runner.invoke(app, ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "kmeans", "--prior",
+                                 "transformer", "--out", str(quick_run)])
+    assert result.exit_code == 0, result.output
+    assert "0 pending" in result.output  # every k-means unit was finished: nothing ran again
+    assert (quick_run / "config.yaml").read_text() == before
+    assert yaml.safe_load(before)["method_params"]["geodesic"] == {"max_landmarks": 5000, "paths": "graph"}
 
 
 def test_run_directory_of_an_older_layout_is_refused(tmp_path):
