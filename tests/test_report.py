@@ -57,6 +57,28 @@ def test_figure_statistics_put_usage_on_a_fraction_of_k_and_one_ceiling_per_vari
                                         "continuous VAE (tdc, T=8)": (28.0, ":")}
 
 
+def test_a_method_keeps_its_hue_in_every_figure_with_a_shade_per_vae():
+    """tab20's pairs: one hue per method, dark on the plain VAE and light on TDC, the fine-tuned decoder dashed in its
+    line's colour; the VQ-VAE's line between a method's two VAEs shifts nothing. Every figure styles its lines
+    from all of the report's rows, so that a figure showing fewer lines colours them alike."""
+    import matplotlib.pyplot as plt
+
+    from geovq.report.figures import line_styles
+
+    tab20 = plt.get_cmap("tab20").colors
+    rows = [row(method, vae, 16, 0, 20.0, finetuned) for method, vae, finetuned in [
+        ("vqvae", None, False), ("kmeans", "plain", False), ("kmeans", "tdc", False), ("kmeans", "plain", True),
+        ("gq", "tdc", True), ("gq", "plain", False), ("gq", "tdc", False)]]
+    styles = line_styles(rows)
+    # methods take hues in line order (gq, kmeans, vqvae): pairs 0, 1 and 2
+    assert styles == {"gq": {"color": tab20[0]}, "gq (tdc)": {"color": tab20[1]},
+                      "gq (tdc) fine-tuned": {"color": tab20[1], "ls": "--", "mfc": "none"},
+                      "kmeans": {"color": tab20[2]}, "kmeans fine-tuned": {"color": tab20[2], "ls": "--", "mfc": "none"},
+                      "kmeans (tdc)": {"color": tab20[3]}, "vqvae": {"color": tab20[4]}}
+    # the hues follow the methods of the rows given: a report without gq starts at kmeans
+    assert line_styles([r for r in rows if r["method"] != "gq"])["vqvae"] == {"color": tab20[2]}
+
+
 def test_a_rates_comparison_shows_only_the_ceilings_of_the_vaes_quantized_at_that_rate(tmp_path):
     """TDC trains one VAE per rate (T = log2 K): at 96 bits the T=4 VAE of the 64-bit rows is no ceiling."""
     from geovq.report.figures import compare_figure

@@ -86,11 +86,27 @@ def line_label(row: dict[str, Any]) -> str:
         " fine-tuned" if row["finetuned"] else "")
 
 
-def _colours(labels) -> dict[str, Any]:
+def line_styles(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{line label: matplotlib keyword arguments} for every line of a report's rows, so that a line looks the same in
+    every figure, also in those that show only some lines (usage, geometry).
+
+    A method keeps one hue of tab20's ten dark/light pairs: dark on the plain VAE, light on the TDC VAE. A
+    fine-tuned decoder draws dashed with open markers in its line's colour. Colouring lines by their position
+    instead gave a method's two VAEs shades of two different pairs as soon as a line without VAE (the VQ-VAE)
+    sat between them.
+    """
     import matplotlib.pyplot as plt
 
-    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: methods × VAEs × fine-tuning stay apart
-    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # labels in line order
+    palette = plt.get_cmap("tab20").colors  # 20 colours: pairs (2h, 2h + 1) of one hue
+    methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=line_key)))
+    styles = {}
+    for r in sorted(rows, key=line_key):
+        hue = methods.index(r["method"]) % (len(palette) // 2)
+        style = {"color": palette[2 * hue + (r.get("vae") == "tdc")]}
+        if r["finetuned"]:
+            style.update(ls="--", mfc="none")
+        styles.setdefault(line_label(r), style)
+    return styles
 
 
 def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]]) -> Figure:
@@ -98,7 +114,7 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
     import matplotlib.pyplot as plt
 
     series = _series(rows)
-    colour = _colours(series)
+    style = line_styles(rows)
     metrics = ["psnr", "ssim"] + (["lpips"] if any(r.get("lpips") is not None for r in rows) else []) + \
         ["usage_perplexity"]
     names = {"psnr": "test PSNR (dB)", "ssim": "test SSIM", "lpips": "test LPIPS (AlexNet)",
@@ -113,13 +129,13 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
         for ax, metric in zip(axes, metrics):
             stats = [_stat(by_bits[b], metric) for b in bits]
             ax.errorbar(bits, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
-                        label=label, color=colour[label])
+                        label=label, **style[label])
         if with_prior:
             points = [(_stat(by_bits[b], "prior_bits_per_image")[0], *_stat(by_bits[b], "psnr")) for b in bits
                       if all(r.get("prior_bits_per_image") is not None for r in by_bits[b])]
             if points:
                 x, y, h = zip(*points)
-                axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, color=colour[label])
+                axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, **style[label])
     for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
     rates = sorted({b for by_bits in series.values() for b in by_bits})
@@ -149,7 +165,7 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     import matplotlib.pyplot as plt
 
     series = _series(rows)
-    colour = _colours(series)
+    style = line_styles(rows)
     # only the continuous VAEs these rows were quantized from: a TDC VAE trained for another rate is no ceiling here
     used = {r.get("vae_key") for r in rows if r["bits_per_image"] == bits}
     ceiling_lines = _ceiling_lines([c for c in ceilings if c.get("vae_key") in used])
@@ -159,7 +175,7 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     for y, label in enumerate(labels):
         for ax, metric in zip(axes, ("psnr", "usage_perplexity")):
             mean, half = _stat(series[label][bits], metric)
-            ax.errorbar([mean], [y], xerr=[half], marker="o", capsize=3, color=colour[label])
+            ax.errorbar([mean], [y], xerr=[half], marker="o", capsize=3, **style[label])
     for name, (psnr, style) in ceiling_lines.items():
         axes[0].axvline(psnr, ls=style, c="gray", label=name)
     if ceiling_lines:
@@ -185,7 +201,7 @@ def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
     from geovq.metrics.codebook import code_histogram, dead_codes, usage_perplexity
 
     firsts = first_seed_rows(runs.rows, bits, lambda r: not r["finetuned"])  # fine-tuning keeps the codes
-    colour = _colours(firsts)
+    colour = {label: style["color"] for label, style in line_styles(runs.rows).items()}
     fig, ax = plt.subplots(figsize=(6.5, 4))
     curves = {}
     for label, r in firsts.items():
@@ -215,7 +231,7 @@ def geometry_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
                              lambda r: not r["finetuned"] and (r.get("fit_info") or {}).get("diagnostics"))
     if not firsts:
         return None
-    colour = _colours(firsts)
+    colour = {label: style["color"] for label, style in line_styles(runs.rows).items()}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     points = {}
     for label, r in firsts.items():
