@@ -114,7 +114,7 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
     import matplotlib.pyplot as plt
 
     series = _series(rows)
-    style = line_styles(rows)
+    styles = line_styles(rows)
     metrics = ["psnr", "ssim"] + (["lpips"] if any(r.get("lpips") is not None for r in rows) else []) + \
         ["usage_perplexity"]
     names = {"psnr": "test PSNR (dB)", "ssim": "test SSIM", "lpips": "test LPIPS (AlexNet)",
@@ -129,13 +129,13 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
         for ax, metric in zip(axes, metrics):
             stats = [_stat(by_bits[b], metric) for b in bits]
             ax.errorbar(bits, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
-                        label=label, **style[label])
+                        label=label, **styles[label])
         if with_prior:
             points = [(_stat(by_bits[b], "prior_bits_per_image")[0], *_stat(by_bits[b], "psnr")) for b in bits
                       if all(r.get("prior_bits_per_image") is not None for r in by_bits[b])]
             if points:
                 x, y, h = zip(*points)
-                axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, **style[label])
+                axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, **styles[label])
     for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
     rates = sorted({b for by_bits in series.values() for b in by_bits})
@@ -165,7 +165,7 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     import matplotlib.pyplot as plt
 
     series = _series(rows)
-    style = line_styles(rows)
+    styles = line_styles(rows)
     # only the continuous VAEs these rows were quantized from: a TDC VAE trained for another rate is no ceiling here
     used = {r.get("vae_key") for r in rows if r["bits_per_image"] == bits}
     ceiling_lines = _ceiling_lines([c for c in ceilings if c.get("vae_key") in used])
@@ -175,7 +175,7 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     for y, label in enumerate(labels):
         for ax, metric in zip(axes, ("psnr", "usage_perplexity")):
             mean, half = _stat(series[label][bits], metric)
-            ax.errorbar([mean], [y], xerr=[half], marker="o", capsize=3, **style[label])
+            ax.errorbar([mean], [y], xerr=[half], marker="o", capsize=3, **styles[label])
     for name, (psnr, style) in ceiling_lines.items():
         axes[0].axvline(psnr, ls=style, c="gray", label=name)
     if ceiling_lines:
