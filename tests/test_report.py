@@ -79,6 +79,19 @@ def test_a_method_keeps_its_hue_in_every_figure_with_a_shade_per_vae():
     assert line_styles([r for r in rows if r["method"] != "gq"])["vqvae"] == {"color": tab20[2]}
 
 
+def test_the_prior_panel_appears_only_with_a_prior_on_every_seed_of_some_line(tmp_path):
+    """PSNR against the prior's bits is a mean over seeds on both axes: a line with a prior on one seed of two has no
+    point there, and a run with no such point draws no empty panel."""
+    from geovq.report.figures import rate_distortion_figure
+
+    (tmp_path / "figures").mkdir()
+    rows = [dict(row("vqvae", None, 16, s, 20.0), prior_bits_per_image=50.0 if s == 0 else None) for s in (0, 1)]
+    rows += [row("kmeans", "plain", 16, s, 19.0) for s in (0, 1)]
+    assert rate_distortion_figure(tmp_path, rows, []).data["panels"] == ["psnr", "ssim", "usage_perplexity"]
+    rows[1]["prior_bits_per_image"] = 52.0
+    assert rate_distortion_figure(tmp_path, rows, []).data["panels"][-1] == "psnr_vs_prior_bits"
+
+
 def test_a_rates_comparison_shows_only_the_ceilings_of_the_vaes_quantized_at_that_rate(tmp_path):
     """TDC trains one VAE per rate (T = log2 K): at 96 bits the T=4 VAE of the 64-bit rows is no ceiling."""
     from geovq.report.figures import compare_figure

@@ -120,8 +120,13 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
     names = {"psnr": "test PSNR (dB)", "ssim": "test SSIM", "lpips": "test LPIPS (AlexNet)",
              "usage_perplexity": "usage perplexity / K"}
     # with priors, PSNR again against the prior's code length: the rate an entropy coder driven by the prior
-    # would reach (mean over seeds on both axes; lines without a prior are left out of that panel)
-    with_prior = any(r.get("prior_bits_per_image") is not None for r in rows)
+    # would reach (mean over seeds on both axes). A point needs a prior on every seed of its line and rate; the
+    # panel is drawn only when some line has one (a run whose priors cover only some seeds has no such point).
+    prior_points = {label: [(_stat(by_bits[b], "prior_bits_per_image")[0], *_stat(by_bits[b], "psnr"))
+                            for b in sorted(by_bits)
+                            if all(r.get("prior_bits_per_image") is not None for r in by_bits[b])]
+                    for label, by_bits in series.items()}
+    with_prior = any(prior_points.values())
     panels = metrics + (["psnr_vs_prior_bits"] if with_prior else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for label, by_bits in series.items():
@@ -130,12 +135,9 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
             stats = [_stat(by_bits[b], metric) for b in bits]
             ax.errorbar(bits, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
                         label=label, **styles[label])
-        if with_prior:
-            points = [(_stat(by_bits[b], "prior_bits_per_image")[0], *_stat(by_bits[b], "psnr")) for b in bits
-                      if all(r.get("prior_bits_per_image") is not None for r in by_bits[b])]
-            if points:
-                x, y, h = zip(*points)
-                axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, **styles[label])
+        if prior_points[label]:
+            x, y, h = zip(*prior_points[label])
+            axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, **styles[label])
     for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
     rates = sorted({b for by_bits in series.values() for b in by_bits})
