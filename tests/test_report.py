@@ -173,6 +173,9 @@ def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path)
     assert min(sample["edges"]["length"]) > 0 and min(sample["edges"]["euclidean"]) > 0
     assert set(json.loads((out / "figures" / "usage_64bits.json").read_text())["lines"]) == set(methods)
     assert json.loads((out / "figures" / "usage_80bits.json").read_text())["lines"] == ["kmeans"]
+    compare = {bits: json.loads((out / "figures" / f"compare_{bits}bits.json").read_text()) for bits in (64, 80)}
+    assert set(compare[64]["lines"]) == set(methods) and compare[80]["lines"] == ["kmeans"]
+    assert compare[64]["ceilings"] == compare[80]["ceilings"] == ["continuous VAE (plain)"]  # one VAE serves both runs
     layout = json.loads((out / "figures" / "recon_64bits.json").read_text())
     assert layout["rows"][0] == "original" and set(layout["rows"][1:]) == set(methods)
     cfg = SweepConfig.load(two_runs[0] / "config.yaml")
