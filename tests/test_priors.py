@@ -21,7 +21,7 @@ from geovq.training.prior import LN2, token_nll, train_prior
 CPU = torch.device("cpu")
 KINDS = ("transformer", "pixelcnn")
 #: small models that learn a 4-state chain in a few hundred steps (the PixelCNN at hidden 32 ends 0.023 bits/token
-#: from the class-conditional entropy rate, 0.05 allowed; hidden 64 took 2.3 times as long for under 0.02)
+#: from the class-conditional entropy rate, 0.05 allowed; hidden 64 took about 2.5 times as long for under 0.02)
 SMALL = {"transformer": {"layers": 2, "heads": 2, "dim": 32, "dropout": 0.0},
          "pixelcnn": {"layers": 3, "hidden": 32, "kernel": 3, "dropout": 0.0}}
 
