@@ -280,8 +280,9 @@ def test_an_interrupted_prior_training_resumes_to_the_uninterrupted_weights(tmp_
 
 # -- the stages on real digits units -----------------------------------------------------------------------
 
-def build_unit(root, method: str, epochs: int, tiny: bool, finetune: bool = False):
-    """A digits unit (K = 16) built by the stage functions: its VAE if post-hoc, then fit/train, encode, score."""
+def build_unit(root, method: str, epochs: int, finetune: bool = False):
+    """A digits unit (K = 16) of a tiny trunk built by the stage functions: its VAE if post-hoc, then fit/train,
+    encode, score."""
     from geovq.config import TrainConfig, TrunkConfig, resolve_config
     from geovq.stages.common import load_splits
     from geovq.stages.rundir import RunDir
@@ -290,9 +291,8 @@ def build_unit(root, method: str, epochs: int, tiny: bool, finetune: bool = Fals
 
     cfg = resolve_config("digits", (1, 16, 16), [method], [16], 1, epochs, False, finetune_decoder=finetune,
                          finetune_epochs=1)
-    if tiny:
-        cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
-        cfg.train = TrainConfig(epochs=epochs, batch_size=64)
+    cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
+    cfg.train = TrainConfig(epochs=epochs, batch_size=64)
     run = RunDir(root)
     data = load_splits(cfg)
     (unit,) = plan_units(cfg)
@@ -303,9 +303,21 @@ def build_unit(root, method: str, epochs: int, tiny: bool, finetune: bool = Fals
 
 
 @pytest.fixture(scope="module")
-def vqvae_unit(tmp_path_factory):
-    """A VQ-VAE with the digits trunk, 15 epochs: its samples come close to the test images (domain FID)."""
-    return build_unit(tmp_path_factory.mktemp("vqvae"), "vqvae", 15, tiny=False)
+def vqvae_unit(quick_run, tmp_path_factory):
+    """The main job's VQ-VAE at K = 16 (digits trunk, 20 epochs, its Transformer prior and the domain classifier
+    trained by the sweep), in a copy of that run: its samples come close to the test images (domain FID)."""
+    import shutil
+
+    from geovq.config import SweepConfig
+    from geovq.stages.common import load_splits
+    from geovq.stages.rundir import RunDir
+    from geovq.stages.units import plan_units
+
+    root = tmp_path_factory.mktemp("vqvae") / "run"
+    shutil.copytree(quick_run, root)  # the tests add samples and a unigram prior: not to the shared run
+    cfg = SweepConfig.load(root / "config.yaml")
+    (unit,) = [u for u in plan_units(cfg) if u.method == "vqvae" and u.n_codes == 16]
+    return RunDir(root), cfg, load_splits(cfg), unit
 
 
 def test_prior_samples_beat_the_unigram_baseline_on_domain_fid(vqvae_unit):
@@ -345,7 +357,7 @@ def test_class_conditional_samples_decode_through_the_fine_tuned_decoder(tmp_pat
     from geovq.stages.common import decode_grids
     from geovq.stages.prior import prior_stage, sample_stage
 
-    run, cfg, data, unit = build_unit(tmp_path, "kmeans", 2, tiny=True, finetune=True)
+    run, cfg, data, unit = build_unit(tmp_path, "kmeans", 2, finetune=True)
     config = PriorConfig("transformer", SMALL["transformer"], PriorTrainConfig(max_steps=20, eval_every=10),
                          conditional=True)
     result = prior_stage(run, cfg, unit, CPU, no_progress, "transformer", conditional=True, data=data, config=config)
