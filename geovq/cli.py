@@ -39,6 +39,8 @@ def user_errors(fn):
         except GeovqError as e:
             typer.secho(f"Error: {e}", err=True, fg=typer.colors.RED)
             raise typer.Exit(2) from None
+        finally:
+            _close_logs()
 
     return wrapper
 
@@ -109,12 +111,19 @@ def _quiet_ray(verbose: bool) -> None:
         logging.getLogger(_RAY_AUTH_LOGGER).removeFilter(_TOKEN_AUTH_ON)
 
 
+def _close_logs() -> None:
+    """Detach the handlers a command attached (`_setup_logging`) when it ends: code run after it in the same process
+    (a notebook, the tests) must not write into the last run's sweep.log."""
+    log = logging.getLogger("geovq")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
 def _setup_logging(log_paths: list[Path]) -> None:
     log = logging.getLogger("geovq")
     log.setLevel(logging.INFO)
-    for old in list(log.handlers):  # a second command in one process (tests, notebooks) logs afresh
-        log.removeHandler(old)
-        old.close()
+    _close_logs()
     for path in log_paths:  # each run directory's own sweep.log
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

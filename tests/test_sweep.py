@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import math
 import re
 
@@ -151,6 +152,9 @@ def test_rerun_resumes_only_unfinished_units(quick_run):
     assert (vae_dir / "model.pt").stat().st_mtime_ns == vae_mtime
     assert (victim.parent / "codes_test.npy").stat().st_mtime_ns == codes_mtime  # only the score was redone
     assert "resuming" in (quick_run / "sweep.log").read_text()
+    # the command's log handlers end with it: what this process logs afterwards is not the run's
+    logging.getLogger("geovq.training").info("after the sweep")
+    assert "after the sweep" not in (quick_run / "sweep.log").read_text()
 
 
 def test_rerun_with_another_model_config_is_refused_naming_the_option(quick_run):
