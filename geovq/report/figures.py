@@ -98,15 +98,21 @@ def line_styles(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     import matplotlib.pyplot as plt
 
     palette = plt.get_cmap("tab20").colors  # 20 colours: pairs (2h, 2h + 1) of one hue
-    methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=line_key)))
+    ordered = sorted(rows, key=line_key)
+    methods = list(dict.fromkeys(r["method"] for r in ordered))
     styles = {}
-    for r in sorted(rows, key=line_key):
+    for r in ordered:
         hue = methods.index(r["method"]) % (len(palette) // 2)
         style = {"color": palette[2 * hue + (r.get("vae") == "tdc")]}
         if r["finetuned"]:
             style.update(ls="--", mfc="none")
         styles.setdefault(line_label(r), style)
     return styles
+
+
+def line_colours(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """{line label: colour} of `line_styles`, for figures that draw no error bars (curves, scatters, histograms)."""
+    return {label: style["color"] for label, style in line_styles(rows).items()}
 
 
 def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]]) -> Figure:
@@ -203,7 +209,7 @@ def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:
     from geovq.metrics.codebook import code_histogram, dead_codes, usage_perplexity
 
     firsts = first_seed_rows(runs.rows, bits, lambda r: not r["finetuned"])  # fine-tuning keeps the codes
-    colour = {label: style["color"] for label, style in line_styles(runs.rows).items()}
+    colour = line_colours(runs.rows)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     curves = {}
     for label, r in firsts.items():
@@ -233,7 +239,7 @@ def geometry_figure(out: Path, runs: Runs, bits: float) -> Figure | None:
                              lambda r: not r["finetuned"] and (r.get("fit_info") or {}).get("diagnostics"))
     if not firsts:
         return None
-    colour = {label: style["color"] for label, style in line_styles(runs.rows).items()}
+    colour = line_colours(runs.rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     points = {}
     for label, r in firsts.items():
