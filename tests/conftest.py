@@ -60,8 +60,9 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def quick_run(ray_local, tmp_path_factory):
-    """The main job's run directory (`sweeps.QUICK`), swept once per session: test_sweep pins its numbers, and
-    test_report merges a copy of it with another run. A test that changes it restores it (test_sweep's resume)."""
+    """The main job's run directory (`sweeps.QUICK`), swept once per session: test_sweep pins its numbers,
+    test_report merges a copy of it with another run, and test_priors samples a copy's VQ-VAE. A test that changes
+    it restores it (test_sweep's resume)."""
     from typer.testing import CliRunner
 
     from geovq.cli import app
