@@ -45,6 +45,25 @@ def test_markdown_groups_by_bits_and_summarises_seeds():
     assert "LPIPS n/a: no weights" in text
 
 
+def test_psnr_against_the_vqvae_is_paired_by_seed_and_matches_scipys_paired_t_interval():
+    from scipy import stats
+
+    kmeans = {0: 20.0, 1: 21.0, 2: 22.0, 3: 30.0}  # seed 3 has no VQ-VAE: it cannot be paired
+    vqvae = {2: 21.0, 0: 19.5, 1: 21.5}  # another order: pairs are made by seed, not by position
+    rows = [row("kmeans", "plain", 16, s, p) for s, p in kmeans.items()]
+    rows += [row("vqvae", None, 16, s, p) for s, p in vqvae.items()]
+    rows.append(dict(row("gq", "plain", 4, 0, 18.0), bits_per_image=64))  # the same rate at another K: no baseline
+    text = markdown_report(rows, [], yaml.safe_dump({"dataset": "digits"}), 8, 8)
+    header = next(l for l in text.splitlines() if l.startswith("| method |")).split(" | ")
+    cells = {l.split(" | ")[0][2:].strip("*"): l.split(" | ") for l in text.splitlines() if l.startswith("| ")}
+    delta = header.index("ΔPSNR vs VQ-VAE (paired by seed)")
+    seeds = sorted(vqvae)
+    test = stats.ttest_rel([kmeans[s] for s in seeds], [vqvae[s] for s in seeds])
+    low, high = test.confidence_interval(0.95)
+    assert cells["kmeans"][delta] == f"{(low + high) / 2:.2f} ± {(high - low) / 2:.2f}"  # 0.33 ± 1.90
+    assert cells["vqvae"][delta] == "—" and cells["gq"][delta] == "n/a"
+
+
 def test_figure_statistics_put_usage_on_a_fraction_of_k_and_one_ceiling_per_variant():
     rows = [dict(row("kmeans", "plain", 16, s, p), usage_perplexity=u) for s, p, u in [(0, 20.0, 8.0), (1, 22.0, 12.0)]]
     mean, half = _stat(rows, "usage_perplexity")

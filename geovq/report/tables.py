@@ -59,15 +59,34 @@ class SummaryLine:
     bits: float
     bpp: float
     n: int
-    cells: list[str]  # formatted SUMMARY_METRICS
+    cells: list[str]  # one per SUMMARY_HEADER column after "n"
     psnr: float  # mean, to rank lines within their rate
 
 
+def paired_delta(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
+    """PSNR of `rows` minus the baseline's, paired by seed (seed s seeds both the VAE's and the VQ-VAE's
+    initialisation and batch order), mean ± 95% CI over the seeds both hold. Two lines' own intervals overlap
+    whenever the seeds spread widely; the interval of their difference is what says whether a method beats the
+    baseline. A seed that holds several rows (merged runs) counts with their mean."""
+    def by_seed(rs: list[dict[str, Any]]) -> dict[int, float]:
+        seeds: dict[int, list[float]] = defaultdict(list)
+        for r in rs:
+            seeds[r["seed"]].append(r["psnr"])
+        return {s: sum(v) / len(v) for s, v in seeds.items()}
+
+    mine, base = by_seed(rows), by_seed(baseline)
+    diffs = [mine[s] - base[s] for s in sorted(mine.keys() & base.keys())]
+    return _fmt(*mean_ci(diffs), 2) if diffs else "n/a"
+
+
 def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]]:
-    """Lines grouped by bits per image: only lines at equal bits are comparable."""
+    """Lines grouped by bits per image: only lines at equal bits are comparable. Each line's PSNR is also given
+    against the end-to-end VQ-VAE of its rate and K (so of its token layout too), where there is one
+    (`paired_delta`)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"), r["finetuned"])].append(r)
+    vqvae = {key[:2]: rs for key, rs in groups.items() if key[2] == "vqvae"}  # (bits, K) -> rows
     out: dict[float, list[SummaryLine]] = defaultdict(list)
     for (bits, k, method, vae, tuned), rs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or "", kv[0][4])):
@@ -75,14 +94,16 @@ def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]
         for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1)):
             vals = [r[metric] for r in rs if r.get(metric) is not None]
             cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
+        baseline = vqvae.get((bits, k))
+        cells.insert(1, "—" if method == "vqvae" else paired_delta(rs, baseline) if baseline else "n/a")
         decoder = "fine-tuned" if tuned else ("end-to-end" if vae is None else "VAE's")
         out[bits].append(SummaryLine(method, vae, decoder, k, bits, rs[0]["bpp"], len(rs), cells,
                                      mean_ci([r["psnr"] for r in rs])[0]))
     return out
 
 
-SUMMARY_HEADER = ["method", "vae", "decoder", "K", "bits/image", "bpp", "n", "PSNR (dB)", "SSIM", "LPIPS", "MSE",
-                  "usage perplexity", "dead codes"]
+SUMMARY_HEADER = ["method", "vae", "decoder", "K", "bits/image", "bpp", "n", "PSNR (dB)",
+                  "ΔPSNR vs VQ-VAE (paired by seed)", "SSIM", "LPIPS", "MSE", "usage perplexity", "dead codes"]
 
 
 def ceiling_lines(ceilings: list[dict[str, Any]]) -> list[str]:
@@ -107,7 +128,9 @@ def title(finished: int, planned: int) -> str:
 
 
 INTRO = ("Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
-         "Rows are comparable only within one bits-per-image group; the best PSNR of each group is marked.")
+         "Rows are comparable only within one bits-per-image group; the best PSNR of each group is marked. "
+         "ΔPSNR is a line's PSNR minus the same rate's end-to-end VQ-VAE, seed by seed: its CI, not the two "
+         "lines' own, says whether they differ.")
 
 
 def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str,
