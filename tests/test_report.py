@@ -128,6 +128,21 @@ def test_a_rates_comparison_shows_only_the_ceilings_of_the_vaes_quantized_at_tha
     assert Image.open(tmp_path / "figures" / "compare_96bits.png").format == "PNG"
 
 
+def test_the_comparison_draws_the_paired_difference_only_where_the_rate_has_a_vqvae(tmp_path):
+    from geovq.report.figures import compare_figure
+
+    (tmp_path / "figures").mkdir()
+    rows = [row("kmeans", "plain", 64, s, p) for s, p in enumerate([24.0, 25.0, 26.0])]  # 96 bits
+    rows += [row("vqvae", None, 64, s, p) for s, p in enumerate([24.5, 24.0, 25.0])]
+    rows.append(row("gq", "plain", 16, 0, 20.0))  # 64 bits: no VQ-VAE there
+    at_96 = compare_figure(tmp_path, rows, [], 96).data
+    assert at_96["panels"] == 3 and at_96["delta"] == {"kmeans": list(mean_ci([-0.5, 1.0, 1.0]))}
+    at_64 = compare_figure(tmp_path, rows, [], 64).data
+    assert at_64["panels"] == 2 and at_64["delta"] == {}
+    assert Image.open(tmp_path / "figures" / "compare_96bits.png").size[0] > \
+        Image.open(tmp_path / "figures" / "compare_64bits.png").size[0]  # the third panel widens the picture
+
+
 # -- reports of real runs ------------------------------------------------------------------------------------
 
 runner = CliRunner()
@@ -195,6 +210,11 @@ def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path)
     compare = {bits: json.loads((out / "figures" / f"compare_{bits}bits.json").read_text()) for bits in (64, 80)}
     assert set(compare[64]["lines"]) == set(methods) and compare[80]["lines"] == ["kmeans"]
     assert compare[64]["ceilings"] == compare[80]["ceilings"] == ["continuous VAE (plain)"]  # one VAE serves both runs
+    # the VQ-VAE at K = 16 is the 64-bit baseline, paired by seed (one seed: no interval); 80 bits has none
+    vqvae16 = next(r for r in rows if r["method"] == "vqvae" and r["K"] == 16)
+    kmeans16 = next(r for r in rows if r["method"] == "kmeans" and r["K"] == 16)
+    assert compare[64]["panels"] == 3 and compare[80]["panels"] == 2 and "vqvae" not in compare[64]["delta"]
+    assert compare[64]["delta"]["kmeans"] == [pytest.approx(kmeans16["psnr"] - vqvae16["psnr"]), None]
     layout = json.loads((out / "figures" / "recon_64bits.json").read_text())
     assert layout["rows"][0] == "original" and set(layout["rows"][1:]) == set(methods)
     cfg = SweepConfig.load(two_runs[0] / "config.yaml")

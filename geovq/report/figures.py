@@ -13,7 +13,7 @@ import numpy as np
 
 from geovq.io import atomic_path, write_json
 from geovq.latents import LatentSet
-from geovq.report.tables import mean_ci
+from geovq.report.tables import mean_ci, paired_difference, vqvae_rows
 
 if TYPE_CHECKING:
     from geovq.report.build import Runs
@@ -169,7 +169,8 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
 
 
 def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], bits: float) -> Figure:
-    """The methods at one rate, best PSNR on top, with usage/K and the continuous VAEs' ceilings."""
+    """The methods at one rate, best PSNR on top, with the continuous VAEs' ceilings, each line's PSNR minus the
+    VQ-VAE's seed by seed (where the rate has a VQ-VAE at the line's K) and usage/K."""
     import matplotlib.pyplot as plt
 
     series = _series(rows)
@@ -179,10 +180,24 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     ceiling_lines = _ceiling_lines([c for c in ceilings if c.get("vae_key") in used])
     labels = sorted((label for label in series if bits in series[label]),
                     key=lambda label: _stat(series[label][bits], "psnr")[0])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.32 * len(labels)), sharey=True)
+    deltas = {}  # {label: (mean, half-width or None)} of PSNR minus the VQ-VAE's, paired by seed
+    for label in labels:
+        line = series[label][bits]
+        if line[0]["method"] != "vqvae":
+            delta = paired_difference(line, vqvae_rows(rows, bits, line[0]["K"]))
+            if delta is not None:
+                deltas[label] = delta
+    panels = ["psnr"] + (["delta"] if deltas else []) + ["usage_perplexity"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 + 3.35 * len(panels), 0.9 + 0.32 * len(labels)),
+                             sharey=True)
     for y, label in enumerate(labels):
-        for ax, metric in zip(axes, ("psnr", "usage_perplexity")):
-            mean, half = _stat(series[label][bits], metric)
+        for ax, panel in zip(axes, panels):
+            if panel == "delta":
+                if label not in deltas:
+                    continue
+                mean, half = deltas[label][0], deltas[label][1] or 0.0
+            else:
+                mean, half = _stat(series[label][bits], panel)
             ax.errorbar([mean], [y], xerr=[half], marker="o", capsize=3, **styles[label])
     for name, (psnr, style) in ceiling_lines.items():
         axes[0].axvline(psnr, ls=style, c="gray", label=name)
@@ -192,13 +207,17 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     axes[0].set(yticks=range(len(labels)), yticklabels=labels, xlabel="test PSNR (dB)",
                 title=f"{bits:g} bits per image (" + (f"mean ± 95% CI, up to {n_seeds} seeds)" if n_seeds > 1
                                                        else "1 seed)"))
-    axes[1].set(xlabel="usage perplexity / K", xlim=(0, 1.05), title="codebook usage (test)")
+    if deltas:
+        axes[1].axvline(0, c="gray", lw=1)
+        axes[1].set(xlabel="Δ test PSNR vs the VQ-VAE (dB)", title="paired by seed (mean ± 95% CI)")
+    axes[-1].set(xlabel="usage perplexity / K", xlim=(0, 1.05), title="codebook usage (test)")
     for ax in axes:
         ax.grid(alpha=0.3, axis="x")
     path = out / "figures" / f"compare_{bits:g}bits.png"
     _save(fig, path)
     return Figure(path, f"the methods at {bits:g} bits per image, ranked by test PSNR",
-                  {"lines": labels, "ceilings": sorted(ceiling_lines)})
+                  {"lines": labels, "ceilings": sorted(ceiling_lines), "panels": len(panels),
+                   "delta": {label: list(d) for label, d in deltas.items()}})
 
 
 def usage_figure(out: Path, runs: Runs, bits: float) -> Figure:

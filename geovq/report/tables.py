@@ -63,30 +63,36 @@ class SummaryLine:
     psnr: float  # mean, to rank lines within their rate
 
 
-def paired_delta(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
-    """PSNR of `rows` minus the baseline's, paired by seed (seed s seeds both the VAE's and the VQ-VAE's
-    initialisation and batch order), mean ± 95% CI over the seeds both hold. Two lines' own intervals overlap
-    whenever the seeds spread widely; the interval of their difference is what says whether a method beats the
-    baseline. A seed that holds several rows (merged runs) counts with their mean."""
+def vqvae_rows(rows: list[dict[str, Any]], bits: float, k: int) -> list[dict[str, Any]]:
+    """The end-to-end VQ-VAE's rows at this rate and K (so with the same token layout): the baseline of every
+    post-hoc line there."""
+    return [r for r in rows if r["method"] == "vqvae" and r["bits_per_image"] == bits and r["K"] == k]
+
+
+def paired_difference(rows: list[dict[str, Any]], baseline: list[dict[str, Any]],
+                      metric: str = "psnr") -> tuple[float, float | None] | None:
+    """`metric` of `rows` minus the baseline's, paired by seed (seed s seeds both the VAE's and the VQ-VAE's
+    initialisation and batch order): mean and 95% CI half-width over the seeds both hold, None if they share
+    none. Two lines' own intervals overlap whenever the seeds spread widely; the interval of their difference is
+    what says whether a method beats the baseline. A seed that holds several rows (merged runs) counts with
+    their mean."""
     def by_seed(rs: list[dict[str, Any]]) -> dict[int, float]:
         seeds: dict[int, list[float]] = defaultdict(list)
         for r in rs:
-            seeds[r["seed"]].append(r["psnr"])
+            seeds[r["seed"]].append(r[metric])
         return {s: sum(v) / len(v) for s, v in seeds.items()}
 
     mine, base = by_seed(rows), by_seed(baseline)
     diffs = [mine[s] - base[s] for s in sorted(mine.keys() & base.keys())]
-    return _fmt(*mean_ci(diffs), 2) if diffs else "n/a"
+    return mean_ci(diffs) if diffs else None
 
 
 def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]]:
-    """Lines grouped by bits per image: only lines at equal bits are comparable. Each line's PSNR is also given
-    against the end-to-end VQ-VAE of its rate and K (so of its token layout too), where there is one
-    (`paired_delta`)."""
+    """Lines grouped by bits per image: only lines at equal bits are comparable. Each post-hoc line's PSNR is
+    also given against the VQ-VAE of its rate and K, where there is one (`paired_difference`)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"), r["finetuned"])].append(r)
-    vqvae = {key[:2]: rs for key, rs in groups.items() if key[2] == "vqvae"}  # (bits, K) -> rows
     out: dict[float, list[SummaryLine]] = defaultdict(list)
     for (bits, k, method, vae, tuned), rs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or "", kv[0][4])):
@@ -94,8 +100,8 @@ def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]
         for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1)):
             vals = [r[metric] for r in rs if r.get(metric) is not None]
             cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
-        baseline = vqvae.get((bits, k))
-        cells.insert(1, "—" if method == "vqvae" else paired_delta(rs, baseline) if baseline else "n/a")
+        delta = None if method == "vqvae" else paired_difference(rs, vqvae_rows(rows, bits, k))
+        cells.insert(1, "—" if method == "vqvae" else _fmt(*delta, 2) if delta else "n/a")
         decoder = "fine-tuned" if tuned else ("end-to-end" if vae is None else "VAE's")
         out[bits].append(SummaryLine(method, vae, decoder, k, bits, rs[0]["bpp"], len(rs), cells,
                                      mean_ci([r["psnr"] for r in rs])[0]))
