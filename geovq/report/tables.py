@@ -69,9 +69,8 @@ def vqvae_rows(rows: list[dict[str, Any]], bits: float, k: int) -> list[dict[str
     return [r for r in rows if r["method"] == "vqvae" and r["bits_per_image"] == bits and r["K"] == k]
 
 
-def paired_difference(rows: list[dict[str, Any]], baseline: list[dict[str, Any]],
-                      metric: str = "psnr") -> tuple[float, float | None] | None:
-    """`metric` of `rows` minus the baseline's, paired by seed (seed s seeds both the VAE's and the VQ-VAE's
+def paired_difference(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> tuple[float, float | None] | None:
+    """PSNR of `rows` minus the baseline's, paired by seed (seed s seeds both the VAE's and the VQ-VAE's
     initialisation and batch order): mean and 95% CI half-width over the seeds both hold, None if they share
     none. Two lines' own intervals overlap whenever the seeds spread widely; the interval of their difference is
     what says whether a method beats the baseline. A seed that holds several rows (merged runs) counts with
@@ -79,7 +78,7 @@ def paired_difference(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
     def by_seed(rs: list[dict[str, Any]]) -> dict[int, float]:
         seeds: dict[int, list[float]] = defaultdict(list)
         for r in rs:
-            seeds[r["seed"]].append(r[metric])
+            seeds[r["seed"]].append(r["psnr"])
         return {s: sum(v) / len(v) for s, v in seeds.items()}
 
     mine, base = by_seed(rows), by_seed(baseline)
@@ -135,8 +134,8 @@ def title(finished: int, planned: int) -> str:
 
 INTRO = ("Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
          "Rows are comparable only within one bits-per-image group; the best PSNR of each group is marked. "
-         "ΔPSNR is a line's PSNR minus the same rate's end-to-end VQ-VAE, seed by seed: its CI, not the two "
-         "lines' own, says whether they differ.")
+         "ΔPSNR is a line's PSNR minus the end-to-end VQ-VAE's at the same rate and K, seed by seed: its CI, "
+         "not the two lines' own, says whether they differ.")
 
 
 def markdown_report(rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], config_yaml: str,
