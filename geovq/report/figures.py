@@ -13,7 +13,7 @@ import numpy as np
 
 from geovq.io import atomic_path, write_json
 from geovq.latents import LatentSet
-from geovq.report.tables import mean_ci, paired_difference, vqvae_rows
+from geovq.report.tables import mean_ci, vqvae_difference
 
 if TYPE_CHECKING:
     from geovq.report.build import Runs
@@ -180,13 +180,8 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     ceiling_lines = _ceiling_lines([c for c in ceilings if c.get("vae_key") in used])
     labels = sorted((label for label in series if bits in series[label]),
                     key=lambda label: _stat(series[label][bits], "psnr")[0])
-    deltas = {}  # {label: (mean, half-width or None)} of PSNR minus the VQ-VAE's, paired by seed
-    for label in labels:
-        line = series[label][bits]
-        if line[0]["method"] != "vqvae":
-            delta = paired_difference(line, vqvae_rows(rows, bits, line[0]["K"]))
-            if delta is not None:
-                deltas[label] = delta
+    # {label: (mean, half-width or None)} of PSNR minus the VQ-VAE's, paired by seed
+    deltas = {label: delta for label in labels if (delta := vqvae_difference(series[label][bits], rows))}
     panels = ["psnr"] + (["delta"] if deltas else []) + ["usage_perplexity"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 + 3.35 * len(panels), 0.9 + 0.32 * len(labels)),
                              sharey=True)

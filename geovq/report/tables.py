@@ -63,12 +63,6 @@ class SummaryLine:
     psnr: float  # mean, to rank lines within their rate
 
 
-def vqvae_rows(rows: list[dict[str, Any]], bits: float, k: int) -> list[dict[str, Any]]:
-    """The end-to-end VQ-VAE's rows at this rate and K (so with the same token layout): the baseline of every
-    post-hoc line there."""
-    return [r for r in rows if r["method"] == "vqvae" and r["bits_per_image"] == bits and r["K"] == k]
-
-
 def paired_difference(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> tuple[float, float | None] | None:
     """PSNR of `rows` minus the baseline's, paired by seed (seed s seeds both the VAE's and the VQ-VAE's
     initialisation and batch order): mean and 95% CI half-width over the seeds both hold, None if they share
@@ -86,9 +80,20 @@ def paired_difference(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
     return mean_ci(diffs) if diffs else None
 
 
+def vqvae_difference(line: list[dict[str, Any]], rows: list[dict[str, Any]]) -> tuple[float, float | None] | None:
+    """`paired_difference` of a post-hoc line (its rows at one rate) against the end-to-end VQ-VAE among `rows` at
+    the same rate and K (so with the same token layout); None for the VQ-VAE itself or where there is none."""
+    first = line[0]
+    if first["method"] == "vqvae":
+        return None
+    baseline = [r for r in rows if r["method"] == "vqvae" and r["bits_per_image"] == first["bits_per_image"]
+                and r["K"] == first["K"]]
+    return paired_difference(line, baseline)
+
+
 def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]]:
     """Lines grouped by bits per image: only lines at equal bits are comparable. Each post-hoc line's PSNR is
-    also given against the VQ-VAE of its rate and K, where there is one (`paired_difference`)."""
+    also given against the VQ-VAE of its rate and K, where there is one (`vqvae_difference`)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"), r["finetuned"])].append(r)
@@ -99,7 +104,7 @@ def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]
         for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1)):
             vals = [r[metric] for r in rs if r.get(metric) is not None]
             cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
-        delta = None if method == "vqvae" else paired_difference(rs, vqvae_rows(rows, bits, k))
+        delta = vqvae_difference(rs, rows)
         cells.insert(1, "—" if method == "vqvae" else _fmt(*delta, 2) if delta else "n/a")
         decoder = "fine-tuned" if tuned else ("end-to-end" if vae is None else "VAE's")
         out[bits].append(SummaryLine(method, vae, decoder, k, bits, rs[0]["bpp"], len(rs), cells,
