@@ -141,6 +141,7 @@ def _sweep(
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds, 0..N-1 [default: 3; 1 with --quick]"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs of every model [default: per dataset]"),
     quick: bool = typer.Option(False, "--quick", help="a few-minute smoke configuration"),
+    tiny: bool = typer.Option(False, "--tiny", help="for geovq's own tests: --quick on a small trunk (2 epochs, 300 training images), seconds per unit; its numbers mean nothing"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $GEOVQ_DATA or ~/.cache/geovq/data]"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     token_dim: Optional[int] = typer.Option(None, "--token-dim", help="channels per token d [default: C, one token per cell]"),
@@ -193,7 +194,8 @@ def _sweep(
     if tuned is not None:  # each method at its tuned configuration, which fixes its rate, VAE and settings
         clashing = [option for option, given in (("--codebook-sizes", codebook_sizes), ("--token-dim", token_dim),
                                                  ("--vae", vae), ("--tdc-bits", tdc_bits),
-                                                 ("--epochs", epochs), ("--quick", quick)) if given]
+                                                 ("--epochs", epochs), ("--quick", quick),
+                                                 ("--tiny", tiny)) if given]
         clashing += [f"--{m}-{n}".replace("_", "-") for m, given in params.items() for n in given]
         if clashing or len(datasets) > 1:
             raise GeovqError(f"--tuned fixes each method's rate, VAE and settings; drop {clashing[0]}" if clashing
@@ -219,14 +221,14 @@ def _sweep(
                              tdc_bits=tdc_bits, finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
                              prior=None if no_prior else prior, prior_samples=prior_samples,
                              cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
-                             max_failures=max_failures)
+                             max_failures=max_failures, tiny=tiny)
         n_train = min(len(data.train), cfg.max_train_images or len(data.train))
         for k in cfg.codebook_sizes:
             if k > n_train * cfg.tokens_per_image:
                 raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training "
                                  f"latents of {name} ({n_train} images × {cfg.tokens_per_image} tokens); choose a "
                                  "smaller K")
-        default = name + ("-quick" if quick else "") + ("-tuned" if tuned is not None else "")
+        default = name + ("-tiny" if tiny else "-quick" if quick else "") + ("-tuned" if tuned is not None else "")
         run = RunDir((parent or Path("runs")) / default if parent or not out else out)
         if run.root.exists() and not run.root.is_dir():
             raise GeovqError(f"--out {run.root} is an existing file; give a folder for the run directory")

@@ -108,6 +108,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 QUICK = {"train": {"epochs": 20}, "codebook_sizes": [16, 64], "seeds": 1, "max_train_images": 2000,
          "prior_samples": 2000,
          "method_params": {"geodesic": {"max_landmarks": 1000}, "pullback": {"max_tokens": 5000}}}
+# `--tiny`: for geovq's own tests, on top of `--quick`: a small trunk, 2 epochs and 300 training images, so that a
+# console-script test runs its sweep in seconds. Its numbers mean nothing.
+TINY = {"trunk": {"hidden": 16, "latent_channels": 4, "res_blocks": 1}, "train": {"epochs": 2, "batch_size": 64},
+        "max_train_images": 300, "prior_samples": 200}
 
 #: the command-line option behind each configuration key, so that errors name what the user typed
 OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--codebook-sizes", "seeds": "--seeds",
@@ -267,12 +271,15 @@ def union_config(previous: SweepConfig, current: SweepConfig) -> SweepConfig:
 
 def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],
                    codebook_sizes: list[int] | None, seeds: int | None, epochs: int | None, quick: bool,
-                   method_params: dict[str, dict[str, Any]] | None = None, **options: Any) -> SweepConfig:
-    """Dataset defaults, then --quick, then the user's explicit options (None = not given); validated."""
+                   method_params: dict[str, dict[str, Any]] | None = None, tiny: bool = False,
+                   **options: Any) -> SweepConfig:
+    """Dataset defaults, then --quick (and --tiny, which implies it), then the user's explicit options (None = not
+    given); validated."""
     preset = DATASET_DEFAULTS[dataset]
+    quick = quick or tiny
     c, h, w = image_shape
-    trunk = TrunkConfig(in_channels=c, image_size=(h, w), **preset["trunk"])
-    train = TrainConfig(**preset["train"])
+    trunk = TrunkConfig(in_channels=c, image_size=(h, w), **{**preset["trunk"], **(TINY["trunk"] if tiny else {})})
+    train = TrainConfig(**{**preset["train"], **(TINY["train"] if tiny else {})})
     sizes = list(preset["codebook_sizes"])
     n_seeds = 3  # headline tables: 3 seeds with 95% CIs
     max_train = None
@@ -281,10 +288,13 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
         train = replace(train, **QUICK["train"])
         sizes, n_seeds, max_train = list(QUICK["codebook_sizes"]), QUICK["seeds"], QUICK["max_train_images"]
         params = {m: dict(p) for m, p in QUICK["method_params"].items()}
+    if tiny:
+        train, max_train = replace(train, **TINY["train"]), TINY["max_train_images"]
     if epochs is not None:
         train = replace(train, epochs=epochs)
     if options.get("prior_samples") is None:  # quick runs sample fewer (their test split is small too)
-        options["prior_samples"] = QUICK["prior_samples"] if quick else SweepConfig.prior_samples
+        options["prior_samples"] = (TINY if tiny else QUICK if quick else {}).get("prior_samples",
+                                                                                  SweepConfig.prior_samples)
     for method, given in (method_params or {}).items():
         params.setdefault(method, {}).update(given)
     cfg = SweepConfig(dataset=dataset, methods=methods, codebook_sizes=codebook_sizes or sizes,
