@@ -26,8 +26,19 @@ LOCAL_RAY = dict(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_m
                  log_to_driver=False)
 
 
+def tiny_config(methods: list[str], codebook_sizes: list[int] | None = None, **options):
+    """The tests' one small sweep configuration: digits at `--tiny` (the small trunk, 2 epochs, 300 training
+    images), one seed, K = 16 and no prior unless told; `options` are resolve_config's (SweepConfig fields)."""
+    from geovq.config import resolve_config
+
+    options.setdefault("prior", None)
+    return resolve_config("digits", (1, 16, 16), methods, codebook_sizes or [16], 1, options.pop("epochs", None),
+                          False, options.pop("method_params", None), tiny=True, **options)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
+    """A real local Ray (2 CPUs, no dashboard), started once per session."""
     import ray
 
     if not ray.is_initialized():
@@ -36,26 +47,46 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
-def ray_cluster():
-    """A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`), connected to.
+#: the multi-node cluster's Ray: a lost node is noticed within about a second (GCS health checks every 200 ms, three
+#: misses), instead of Ray's default tens of seconds, for the tests that remove a node mid-sweep
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,
+                   "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 
-    The test adds nodes (`cluster.add_node(num_cpus=..., num_gpus=...)`); a GPU node here declares fake GPUs.
-    The session's local Ray, if it was running, is started again afterwards.
-    """
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The multi-node cluster's tests (test_cluster.py) run last: their module stops the session's local Ray for a
+    `Cluster` of their own, and nothing runs after them that would need the local one started again."""
+    items.sort(key=lambda item: item.path.name == "test_cluster.py")  # stable: the order is kept otherwise
+
+
+@pytest.fixture(scope="module")
+def multi_node_cluster():
+    """A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a 1-CPU head, connected to.
+    One per module; each test adds its own nodes (`ray_cluster`)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    restore = ray.is_initialized()
-    ray.shutdown()
+    ray.shutdown()  # the session's local Ray: test_cluster.py runs last, so no later test needs it again
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
-                                                            "object_store_memory": 128 * 1024**2})
+                                                            "object_store_memory": 128 * 1024**2,
+                                                            "_system_config": FAST_NODE_DEATH})
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
-    if restore:
-        ray.init(**LOCAL_RAY)
+
+
+@pytest.fixture
+def ray_cluster(multi_node_cluster):
+    """The module's cluster, to which the test adds nodes (`cluster.add_node(num_cpus=..., num_gpus=...)`; a GPU
+    node here declares fake GPUs). The nodes it added are removed afterwards, so that the next test starts from the
+    head alone."""
+    head = set(id(node) for node in multi_node_cluster.list_all_nodes())
+    yield multi_node_cluster
+    for node in multi_node_cluster.list_all_nodes():
+        if id(node) not in head:
+            multi_node_cluster.remove_node(node)
+    multi_node_cluster.wait_for_nodes()  # the head alone again, as the next test's resources must show
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from fixtures_cifar import FOLDER, PHOTOS, SIZE, TEST_FRACTION, write_cifar10
@@ -107,32 +108,32 @@ def test_a_malformed_declaration_is_a_one_line_error(tmp_path):
         load_dataset("cifar10", tmp_path)
 
 
-@pytest.mark.slow  # ~1 min on 2 idle cores, 2+ on a busy machine: the 5,000 validation images dominate
+@pytest.mark.slow  # the 5,000 validation images dominate; --tiny's small trunk keeps it to seconds
 def test_sweep_runs_cifar10_through_its_trunk(ray_local, tmp_path):
     from geovq.cli import app
 
     write_cifar10(tmp_path / "data", 5200, 200)  # the fewest training images geovq takes: 5,000 go to validation
     out = tmp_path / "cifar10"
-    result = CliRunner().invoke(app, ["sweep", "cifar10", "--data-root", str(tmp_path / "data"), "--quick", "--vae",
-                                      "plain",
-                                      "--methods", "kmeans,vqvae", "--codebook-sizes", "16", "--epochs", "1",
-                                      "--seeds", "1", "--no-prior", "--out", str(out)])
+    result = CliRunner().invoke(app, ["sweep", "cifar10", "--data-root", str(tmp_path / "data"), "--tiny", "--vae",
+                                      "plain", "--methods", "kmeans,vqvae", "--codebook-sizes", "16", "--epochs", "1",
+                                      "--no-prior", "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert set(rows) == {"kmeans", "vqvae"}
-    for r in rows.values():  # the CIFAR trunk: an 8×8 grid of 32-channel tokens, 4 bits each, over 32×32 pixels
+    for r in rows.values():  # the CIFAR layout: an 8×8 grid, one token per cell, 4 bits each, over 32×32 pixels
         assert (r["tokens_per_image"], r["bits_per_image"], r["bpp"]) == (64, 256, 0.25)
         assert math.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1
     assert "not the official release" in (out / "sweep.log").read_text()
 
-    # The k-means row's PSNR again, from the files alone: test codes -> codewords -> 8×8×32 grids -> the VAE's
+    # The k-means row's PSNR again, from the files alone: test codes -> codewords -> 8×8×C grids -> the VAE's
     # decoder -> 3×32×32 images, against the test photographs read afresh.
     unit_dir = out / rows["kmeans"]["codes_path"].rsplit("/", 1)[0]
     vae_dir = RunDir(out).vae(Unit.from_dict(json.loads((unit_dir / "unit.json").read_text())).vae)
     layout = LatentSet.load(vae_dir / "latents_test.npz").layout
     codes = np.load(unit_dir / "codes_test.npy")
     grids = layout.tokens_to_grid(Quantizer.load(unit_dir / "quantizer.npz").decode(codes))
-    assert grids.shape == (200, 8, 8, 32)
+    channels = yaml.safe_load((out / "config.yaml").read_text())["trunk"]["latent_channels"]
+    assert grids.shape == (200, 8, 8, channels)
     with torch.no_grad():
         recons = load_model(vae_dir / "model.pt", "vae").decoder.mean(torch.as_tensor(grids).permute(0, 3, 1, 2))
     test = load_dataset("cifar10", tmp_path / "data").test

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from geovq.config import resolve_config
+from conftest import tiny_config
 from geovq.errors import GeovqError, RunFailed
 from geovq.stages.rundir import RunDir
-
-
-def tiny(methods: list[str], **options):
-    cfg = resolve_config("digits", (1, 16, 16), methods, [16], 1, 1, False, prior=None, **options)
-    cfg.max_train_images = 200
-    return cfg
 
 
 def test_trials_get_the_gpu_ray_assigns_and_fail_clearly_without_cuda(ray_cluster, tmp_path):
@@ -23,7 +17,7 @@ def test_trials_get_the_gpu_ray_assigns_and_fail_clearly_without_cuda(ray_cluste
     gpu_node = ray_cluster.add_node(num_cpus=2, num_gpus=1)
     ray_cluster.wait_for_nodes()
     assert resolve_gpus_per_trial(None) == 1.0  # auto: the cluster has a GPU
-    cfg = tiny(["vqvae"], gpus_per_trial=1.0)
+    cfg = tiny_config(["vqvae"], gpus_per_trial=1.0)
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     with pytest.raises(RunFailed) as failed:
@@ -99,7 +93,7 @@ def test_trials_spread_over_nodes_and_a_lost_node_loses_no_finished_unit(ray_clu
 
     nodes = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
     ray_cluster.wait_for_nodes()
-    cfg = tiny(["vqvae", "kmeans"], max_failures=3)
+    cfg = tiny_config(["vqvae", "kmeans"], max_failures=3)
     cfg.codebook_sizes = [16, 64]
     cfg.train.epochs = 3
     run = RunDir(tmp_path / "run")
@@ -129,7 +123,7 @@ def test_a_killed_trial_is_retried_and_resumes_its_training_from_the_last_epoch(
 
     ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
-    cfg = tiny(["kmeans"], max_failures=2)
+    cfg = tiny_config(["kmeans"], max_failures=2)
     cfg.max_train_images = None
     cfg.train.epochs = 12
     run = RunDir(tmp_path / "run")
@@ -175,31 +169,3 @@ def test_a_node_that_cannot_see_the_run_directory_is_named_before_anything_is_wr
     assert result.exit_code == 2, result.output
     assert f"node {blind.node_id}" in result.output and f"cannot see the run directory {out}" in result.output
     assert "Traceback" not in result.output and not out.exists()
-
-
-def test_several_datasets_share_one_sweep_each_with_its_own_run_directory(ray_local, tmp_path):
-    import json
-
-    import numpy as np
-    from typer.testing import CliRunner
-
-    from geovq.cli import app
-    from geovq.data import load_dataset
-
-    digits = load_dataset("digits")  # also written as a user's own .npz: a second, disk-read dataset
-    images = (digits.train[:400, 0] * 255).astype(np.uint8)  # 16×16 grayscale, NHW
-    np.savez(tmp_path / "mine.npz", x_train=images[:300], x_val=images[300:350], x_test=images[350:])
-    parent = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["sweep", "digits,npz", "--data-root", str(tmp_path / "mine.npz"),
-                                      "--methods", "kmeans", "--codebook-sizes", "16", "--seeds", "1",
-                                      "--epochs", "1", "--vae", "plain", "--no-prior", "--out", str(parent)])
-    assert result.exit_code == 0, result.output
-    for name in ("digits", "npz"):
-        rows = json.loads((parent / name / "results.json").read_text())
-        assert [(r["dataset"], r["method"]) for r in rows] == [(name, "kmeans")]
-        assert f"{name} report: {parent / name / 'report.html'} (and report.md)" in result.output
-    # one Tune experiment for both datasets: their trials shared the cluster at once
-    experiments = [p.name.split("-")[0] for p in (parent / "ray").iterdir()]
-    assert experiments == ["sweep"]
-    trials = [p for p in (parent / "ray").glob("sweep-*/*") if p.is_dir()]
-    assert len(trials) == 4  # digits' and npz's VAE, and the k-means unit on each

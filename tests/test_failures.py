@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from consoles import sigint_at_default
 from geovq.cli import app
 
 runner = CliRunner()
-SMALL = ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--epochs", "4", "--no-prior"]
+SMALL = ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--no-prior"]
 
 
 UNIT_LINE = re.compile(r"geovq: \[\d+/\d+\] digits/")  # the driver's line for a finished job
@@ -131,19 +130,39 @@ def broken_copy(finished_run: Path, tmp_path: Path, method: str) -> tuple[Path, 
     return run, unit
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign pickle", "random bytes"])
-def test_a_corrupt_checkpoint_gives_one_line_naming_the_file(finished_run, tmp_path, damage):
-    run, _ = broken_copy(finished_run, tmp_path, "kmeans")
-    (vae,) = run.glob("vae/*")
-    model = vae / "model.pt"
+def damage_file(path: Path, damage: str) -> None:
     if damage == "truncated":
-        model.write_bytes(model.read_bytes()[:1000])
+        path.write_bytes(path.read_bytes()[:1000])
     elif damage == "foreign pickle":
         import pickle
 
-        model.write_bytes(pickle.dumps(os.system))  # would run code if unpickled unsafely
+        path.write_bytes(pickle.dumps(os.system))  # would run code if unpickled unsafely
     else:
-        model.write_bytes(np.random.default_rng(0).bytes(4096))
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign pickle", "random bytes"])
+def test_a_damaged_checkpoint_is_refused_by_its_loader_naming_the_file(finished_run, tmp_path, damage):
+    from geovq.errors import GeovqError
+    from geovq.training.checkpoint import load_model
+
+    (vae,) = finished_run.glob("vae/*")
+    model = tmp_path / "model.pt"
+    shutil.copy(vae / "model.pt", model)
+    assert not load_model(model, "vae").training  # the intact copy loads
+    damage_file(model, damage)
+    with pytest.raises(GeovqError) as refused:
+        load_model(model, "vae")
+    message = str(refused.value)
+    assert f"{model} is not a readable geovq checkpoint" in message and "delete it" in message
+    assert "weights_only=False" not in message and len(message.splitlines()) == 1
+
+
+def test_a_corrupt_checkpoint_in_a_sweep_fails_its_unit_with_one_line_naming_the_file(finished_run, tmp_path):
+    run, _ = broken_copy(finished_run, tmp_path, "kmeans")
+    (vae,) = run.glob("vae/*")
+    model = vae / "model.pt"
+    damage_file(model, "truncated")  # every damage gives the loader's one error (the test above)
     result = runner.invoke(app, SMALL + ["--out", str(run)])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "weights_only=False" not in result.output
@@ -194,22 +213,21 @@ def test_a_corrupt_quantizer_file_names_the_file_and_no_unsafe_hint(finished_run
 def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(ray_local, tmp_path):
     import geovq_toy  # noqa: F401  (registers crash-q, whose fit kills its own worker process)
 
-    from geovq.config import resolve_config
+    from conftest import tiny_config
     from geovq.distributed.tune import run_sweep
     from geovq.errors import RunFailed
     from geovq.report.tables import markdown_report, progress
     from geovq.stages.rundir import RunDir
 
     # no retries: each would kill one more worker, and Ray's retries are test_cluster's
-    cfg = resolve_config("digits", (1, 16, 16), ["kmeans", "crash-q"], [16], 1, 1, False, prior=None, max_failures=0)
-    cfg.max_train_images = 200
+    cfg = tiny_config(["kmeans", "crash-q"], max_failures=0)
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     run.config.write_text(cfg.to_yaml())
     with pytest.raises(RunFailed) as failed:
         run_sweep(run, cfg, None)
     (line,) = failed.value.lines
-    assert line.startswith("crash-q-plain-K16-d8-seed0-") and "its worker process died" in line
+    assert line.startswith("crash-q-plain-K16-d4-seed0-") and "its worker process died" in line
     assert (run.root / "errors" / f"{line.split(' ')[0]}.txt").exists()
     assert progress(run.root) == (1, 2)
     assert markdown_report([], [], "", 1, 2).startswith("# geovq results (PARTIAL: 1 of 2 units finished)")
@@ -227,8 +245,8 @@ def test_shared_results_carry_no_home_directory(finished_run):
 def test_rerun_with_a_subset_keeps_the_whole_run_in_its_configuration(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    result = runner.invoke(app, ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "kmeans",
-                                 "--codebook-sizes", "16", "--epochs", "4", "--no-prior", "--out", str(run)])
+    result = runner.invoke(app, ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "kmeans",
+                                 "--codebook-sizes", "16", "--no-prior", "--out", str(run)])
     assert result.exit_code == 0, result.output
     import yaml
 

@@ -280,19 +280,16 @@ def test_an_interrupted_prior_training_resumes_to_the_uninterrupted_weights(tmp_
 
 # -- the stages on real digits units -----------------------------------------------------------------------
 
-def build_unit(root, method: str, epochs: int, finetune: bool = False):
-    """A digits unit (K = 16) of a tiny trunk built by the stage functions: its VAE if post-hoc, then fit/train,
-    encode, score."""
-    from geovq.config import TrainConfig, TrunkConfig, resolve_config
+def build_unit(root, method: str, finetune: bool = False):
+    """A digits unit (K = 16) of the tests' tiny configuration built by the stage functions: its VAE if post-hoc,
+    then fit/train, encode, score (no prior: the tests train their own)."""
+    from conftest import tiny_config
     from geovq.stages.common import load_splits
     from geovq.stages.rundir import RunDir
     from geovq.stages.run import run_unit, run_vae
     from geovq.stages.units import plan_units
 
-    cfg = resolve_config("digits", (1, 16, 16), [method], [16], 1, epochs, False, finetune_decoder=finetune,
-                         finetune_epochs=1)
-    cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
-    cfg.train = TrainConfig(epochs=epochs, batch_size=64)
+    cfg = tiny_config([method], finetune_decoder=finetune, finetune_epochs=1)
     run = RunDir(root)
     data = load_splits(cfg)
     (unit,) = plan_units(cfg)
@@ -357,7 +354,7 @@ def test_class_conditional_samples_decode_through_the_fine_tuned_decoder(tmp_pat
     from geovq.stages.common import decode_grids
     from geovq.stages.prior import prior_stage, sample_stage
 
-    run, cfg, data, unit = build_unit(tmp_path, "kmeans", 2, finetune=True)
+    run, cfg, data, unit = build_unit(tmp_path, "kmeans", finetune=True)
     config = PriorConfig("transformer", SMALL["transformer"], PriorTrainConfig(max_steps=20, eval_every=10),
                          conditional=True)
     result = prior_stage(run, cfg, unit, CPU, no_progress, "transformer", conditional=True, data=data, config=config)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from geovq.config import TrainConfig, TrunkConfig, resolve_config
+from conftest import tiny_config
 from geovq.stages.common import no_progress
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import VaeSpec
@@ -21,9 +21,7 @@ def trained(ray_local, tmp_path_factory):
     from geovq.stages.common import load_splits
     from geovq.stages.run import run_vae
 
-    cfg = resolve_config("digits", (1, 16, 16), ["kmeans"], [16], 1, 2, False)
-    cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
-    cfg.train = TrainConfig(epochs=2, batch_size=64)
+    cfg = tiny_config(["kmeans"])
     run = RunDir(tmp_path_factory.mktemp("raydata"))
     spec = VaeSpec("plain", 0)
     data = load_splits(cfg)

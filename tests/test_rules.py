@@ -25,7 +25,7 @@ from geovq.latents import LatentSet
 from geovq.stages.common import no_progress
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import VaeSpec, plan_units
-from test_stages import tiny_config
+from conftest import tiny_config
 
 CPU = torch.device("cpu")
 

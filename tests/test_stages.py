@@ -13,22 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from geovq.config import SweepConfig, TrainConfig, TrunkConfig, resolve_config
+from conftest import tiny_config
+from geovq.config import resolve_config
 from geovq.errors import GeovqError
 from geovq.stages.common import no_progress
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit, VaeSpec, plan_units, work_from_dict
 
 CPU = torch.device("cpu")
-
-
-def tiny_config(methods: list[str], **options) -> SweepConfig:
-    """digits, 2 epochs of a small trunk on 300 images: seconds per stage."""
-    cfg = resolve_config("digits", (1, 16, 16), methods, [16], 1, 2, False, prior=None, **options)
-    cfg.trunk = TrunkConfig(in_channels=1, image_size=(16, 16), hidden=16, latent_channels=4, res_blocks=1)
-    cfg.train = TrainConfig(epochs=2, batch_size=64)
-    cfg.max_train_images = 300
-    return cfg
 
 
 def test_unit_identity_is_a_slug_and_a_hash_of_its_content():

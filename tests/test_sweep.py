@@ -215,3 +215,25 @@ def test_sample_command_writes_samples_and_refuses_bad_input(quick_run, tmp_path
     (empty / "config.yaml").write_text((quick_run / "config.yaml").read_text())
     result = runner.invoke(app, ["sample", str(empty), "--method", "vqvae", "-n", "5", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "holds no unit with codes yet" in result.output
+
+
+def test_several_datasets_share_one_sweep_each_with_its_own_run_directory(ray_local, tmp_path):
+    from geovq.data import load_dataset
+
+    digits = load_dataset("digits")  # also written as a user's own .npz: a second, disk-read dataset
+    images = (digits.train[:400, 0] * 255).astype(np.uint8)  # 16×16 grayscale, NHW
+    np.savez(tmp_path / "mine.npz", x_train=images[:300], x_val=images[300:350], x_test=images[350:])
+    parent = tmp_path / "runs"
+    result = runner.invoke(app, ["sweep", "digits,npz", "--data-root", str(tmp_path / "mine.npz"), "--tiny",
+                                 "--methods", "kmeans", "--codebook-sizes", "16", "--vae", "plain", "--no-prior",
+                                 "--out", str(parent)])
+    assert result.exit_code == 0, result.output
+    for name in ("digits", "npz"):
+        rows = json.loads((parent / name / "results.json").read_text())
+        assert [(r["dataset"], r["method"]) for r in rows] == [(name, "kmeans")]
+        assert f"{name} report: {parent / name / 'report.html'} (and report.md)" in result.output
+    # one Tune experiment for both datasets: their trials shared the cluster at once
+    experiments = [p.name.split("-")[0] for p in (parent / "ray").iterdir()]
+    assert experiments == ["sweep"]
+    trials = [p for p in (parent / "ray").glob("sweep-*/*") if p.is_dir()]
+    assert len(trials) == 4  # digits' and npz's VAE, and the k-means unit on each
