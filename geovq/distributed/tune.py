@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from geovq.config import SweepConfig
+from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_threads
 from geovq.errors import GeovqError, RunFailed
 from geovq.io import write_json, write_text
 from geovq.stages.rundir import RunDir
@@ -35,8 +36,6 @@ from geovq.stages.units import Unit, VaeSpec, plan_units, work_from_dict
 
 log = logging.getLogger("geovq")
 CPU_RESERVE_FRACTION = 0.8
-#: the metric a trial reports when a GeovqError ended it (not retried: a retry cannot fix its cause)
-GEOVQ_ERROR = "geovq_error"
 #: seconds to wait for a cluster address to answer before calling it unreachable
 ADDRESS_TIMEOUT_S = 10
 
@@ -113,53 +112,28 @@ def resolve_gpus_per_trial(requested: float | None) -> float:
     return requested
 
 
-def trial_device():
-    """The torch device of this trial: the GPU Ray assigned it, else the CPU."""
-    import ray
-    import torch
-
-    gpus = ray.get_gpu_ids()
-    if not gpus:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise GeovqError(f"this trial was assigned GPU {gpus} by Ray, but torch sees no CUDA device on node "
-                         f"{ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()}): a CPU-only "
-                         "torch build, or a node declaring GPUs it does not have")
-    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs
-
-
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: one VAE or one unit, given as its dict beside the sweep's configuration."""
-    import faiss
     import ray
-    import torch
     from ray import tune
     from ray.experimental.tqdm_ray import tqdm
-    from threadpoolctl import threadpool_limits
 
     from geovq.stages.common import no_progress
     from geovq.stages.run import run_unit, run_vae
 
-    # Concurrent trials must not oversubscribe the cores: torch, faiss and the BLAS/OpenMP pools behind
-    # scikit-learn and scipy all get the trial's thread count.
-    threads = config["job"]["config"]["cpus_per_trial"]
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
     job = Job.from_dict(config["job"])
     run, cfg, work = job.run, job.cfg, job.work
     progress = tqdm if config["bars"] else no_progress
     _log_to_run(run)
     where = {"node_id": ray.get_runtime_context().get_node_id()}
     try:
-        device = trial_device()
-        with threadpool_limits(threads):
+        with trial_threads(cfg.cpus_per_trial):
+            device = trial_device()
             if isinstance(work, VaeSpec):
                 result = run_vae(run, cfg, work, device, progress, train_only=job.steps == "train")
             else:
                 result = run_unit(run, cfg, work, device, progress)
-    except GeovqError as e:
-        # A geovq error names a cause a retry cannot fix (a corrupt file, a bad setting): record it and end
-        # the trial without asking Tune for retries, which are kept for crashes (a killed worker, a lost node).
+    except GeovqError as e:  # recorded, and the trial ends without asking Tune for a retry (see GEOVQ_ERROR)
         record_failure(run, work, e)
         tune.report({GEOVQ_ERROR: 1, **where})
         return

@@ -44,10 +44,11 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from geovq.config import SweepConfig
+from geovq.distributed.trial import GEOVQ_ERROR
 from geovq.distributed.tune import CPU_RESERVE_FRACTION
 from geovq.errors import GeovqError
 from geovq.search.space import Study
-from geovq.search.trial import BITS, EPOCH, EPOCH_METRIC, GEOVQ_ERROR, OBJECTIVE, search_trial
+from geovq.search.trial import BITS, EPOCH, EPOCH_METRIC, OBJECTIVE, search_trial
 
 log = logging.getLogger("geovq")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's multivariate options

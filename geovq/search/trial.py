@@ -25,6 +25,7 @@ import torch
 
 from geovq.config import SweepConfig
 from geovq.data import ImageSplits
+from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_threads
 from geovq.errors import GeovqError
 from geovq.io import write_json
 from geovq.stages.common import INFERENCE_BATCH, decode_grids, load_splits, no_progress
@@ -33,8 +34,6 @@ from geovq.stages.units import Unit, tuned_unit
 
 #: the metrics a trial reports: the scheduler's (every epoch) and the searcher's (once, at the end)
 EPOCH, EPOCH_METRIC, OBJECTIVE, BITS = "epoch", "epoch_val_psnr", "val_psnr", "bits"
-#: reported instead of the objective when a GeovqError ended the trial (a cause a retry cannot fix)
-GEOVQ_ERROR = "geovq_error"
 #: a model's per-epoch validation PSNR, {epoch: dB}, beside its checkpoint (a VAE's: of posterior samples)
 HISTORY, VAE_HISTORY = "val_psnr.json", "val_psnr_sampled.json"
 Report = Callable[[dict[str, Any]], None]
@@ -72,15 +71,9 @@ class Diverged(Exception):
 def search_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     """Tune's trainable: `config` is the sampled point (Study.sample's values), `job` the search's fixed part
     (run_dir, config, study, seed)."""
-    import faiss
     from ray import tune
-    from threadpoolctl import threadpool_limits
-
-    from geovq.distributed.tune import trial_device
 
     cfg = SweepConfig.from_dict(job["config"])
-    torch.set_num_threads(cfg.cpus_per_trial)
-    faiss.omp_set_num_threads(cfg.cpus_per_trial)
     study = job["study"]
     candidate = study.candidate(config)
     unit = tuned_unit(cfg, study.method, candidate.record(), job["seed"])
@@ -94,13 +87,13 @@ def search_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         tune.report({**metrics, "epochs_trained": trained["epochs"], **fixed})
 
     t0 = time.time()
-    with threadpool_limits(cfg.cpus_per_trial):
+    with trial_threads(cfg.cpus_per_trial):
         try:
             final = run_candidate(run, cfg, unit, search_splits(cfg), trial_device(), report, trained)
         except Diverged as e:
             report({"diverged": 1, "reason": str(e), "seconds": time.time() - t0})
             return
-        except GeovqError as e:  # e.g. a setting this dataset cannot take: recorded, not retried by Tune
+        except GeovqError as e:  # e.g. a setting this dataset cannot take: reported instead of the objective
             report({GEOVQ_ERROR: str(e).splitlines()[0], "seconds": time.time() - t0})
             return
     report({**final, "seconds": time.time() - t0})
