@@ -25,6 +25,8 @@ RUN_FORMAT = 2
 RECON_LOSSES = ("bce", "mse")
 VAE_VARIANTS = ("plain", "tdc")
 END_TO_END = ("vqvae",)  # methods trained end to end; every other method is a post-hoc quantizer
+#: the priors a sweep can train over its codes (geovq.models.priors.PRIORS holds their classes)
+PRIOR_KINDS = ("transformer", "pixelcnn")
 
 
 @dataclass
@@ -78,6 +80,21 @@ class TDCConfig:
     lambda_max_limit: float = 1e3  # λ_max is clipped to [1, lambda_max_limit]
     lambda_min_limit: float = 1e-3  # λ_min is clipped to [lambda_min_limit, 1]
 
+    def check(self, target_bits: float) -> None:
+        """The TDC's rules for these settings at target T (bits per token): the sweep's validation, a search
+        space's ranges and `TDCController` itself apply them."""
+        if not target_bits > 0:
+            raise GeovqError(f"TDC target T={target_bits} bits must be > 0 (T = log2 K)")
+        if not self.tolerance >= 0:
+            raise GeovqError(f"TDC tolerance τ={self.tolerance} bits must be >= 0")
+        if not self.factor > 1:
+            raise GeovqError(f"TDC factor f={self.factor} must be > 1 (1.01 is the default)")
+        if not self.initial_lambda > 0:
+            raise GeovqError(f"TDC initial λ={self.initial_lambda} must be > 0")
+        if not (self.lambda_max_limit >= 1 and 0 < self.lambda_min_limit <= 1):
+            raise GeovqError(f"TDC λ limits must satisfy lambda_max_limit >= 1 and 0 < lambda_min_limit <= 1; got "
+                             f"{self.lambda_max_limit}, {self.lambda_min_limit}")
+
 
 @dataclass
 class VQConfig:
@@ -126,6 +143,12 @@ OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--co
 TUNED_FIELDS = ("n_codes", "token_dim", "vae", "vae_overrides", "params")
 #: the training settings a dotted override may set, by section ("train.lr" -> TrainConfig.lr)
 OVERRIDE_SECTIONS = {"train": TrainConfig, "tdc": TDCConfig, "vq": VQConfig}
+
+
+def check_prior_kind(kind: str) -> str:
+    if kind not in PRIOR_KINDS:
+        raise GeovqError(f"prior {kind!r} is unknown; valid: {', '.join(PRIOR_KINDS)}")
+    return kind
 
 
 def option_name(key: str) -> str:
@@ -184,6 +207,17 @@ class SweepConfig:
     @property
     def tokens_per_image(self) -> int:
         return self.layout.tokens_per_image
+
+    def settings(self, overrides: typing.Iterable[tuple[str, Any]], seed: int
+                 ) -> tuple[TrainConfig, TDCConfig, VQConfig]:
+        """The sweep's training, TDC and VQ settings with a unit's dotted overrides ("train.lr", "tdc.factor",
+        "vq.commitment"; each checked by `check_override`) applied, and the unit's seed."""
+        sections: dict[str, Any] = {"train": replace(self.train, seed=seed), "tdc": self.tdc, "vq": self.vq}
+        for key, value in overrides:
+            check_override(key)
+            section, _, name = key.partition(".")
+            sections[section] = replace(sections[section], **{name: value})
+        return sections["train"], sections["tdc"], sections["vq"]
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -333,14 +367,12 @@ def validate(cfg: SweepConfig) -> None:
         if v not in VAE_VARIANTS:
             raise GeovqError(f"--vae {v!r} is unknown; valid: {', '.join(VAE_VARIANTS)}")
     if "tdc" in cfg.vaes:
-        from geovq.training.tdc import TDCController  # its own rules for τ, f and the λ's
-
         for k in cfg.codebook_sizes:
             if cfg.tdc_bits is not None and not math.isclose(math.log2(k), cfg.tdc_bits):
                 raise GeovqError(f"--vae tdc targets {cfg.tdc_bits:g} bits per token, but K={k} codes carry "
                                  f"{math.log2(k):g}; use K={2 ** cfg.tdc_bits:g} or drop --tdc-bits (then "
                                  "each K gets its own TDC VAE with T = log2 K)")
-            TDCController.from_config(cfg.tdc_bits or math.log2(k), cfg.tdc)
+            cfg.tdc.check(cfg.tdc_bits or math.log2(k))
     from geovq.quantize import get_quantizer_class  # quantizer modules are light: no torch here
 
     for method in cfg.methods:
@@ -359,8 +391,6 @@ def validate(cfg: SweepConfig) -> None:
     if cfg.cpus_per_trial < 1:
         raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")
     if cfg.prior is not None:
-        from geovq.models.priors import check_prior_kind  # no torch
-
         check_prior_kind(cfg.prior)
     if cfg.prior_samples < 1:
         raise GeovqError(f"--prior-samples {cfg.prior_samples} must be >= 1")

@@ -106,7 +106,6 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
     epoch before its quantizer is scored) and the objective."""
     from filelock import FileLock
 
-    from geovq.stages.common import settings
     from geovq.stages.fit import fit_stage
     from geovq.stages.train_vae import train_vae_stage
     from geovq.stages.vqvae import train_vqvae_stage
@@ -115,7 +114,7 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
     if unit.end_to_end:
         out = run.unit(unit)
         out.mkdir(parents=True, exist_ok=True)
-        epochs = settings(cfg, unit.params, unit.seed)[0].epochs
+        epochs = cfg.settings(unit.params, unit.seed)[0].epochs
         with FileLock(str(out / ".train.lock")):
             last = train_reporting(out / HISTORY, epochs, report, trained,
                                    lambda on_epoch: train_vqvae_stage(run, cfg, unit, data, device, no_progress,
@@ -124,7 +123,7 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
         return {EPOCH: epochs, EPOCH_METRIC: last, OBJECTIVE: last}
     spec = run.vae(unit.vae)
     spec.mkdir(parents=True, exist_ok=True)
-    epochs = settings(cfg, unit.vae.overrides, unit.seed)[0].epochs
+    epochs = cfg.settings(unit.vae.overrides, unit.seed)[0].epochs
     with FileLock(str(spec / ".train.lock")):  # one trial trains a VAE; the others wait, then reuse it
         last = train_reporting(spec / VAE_HISTORY, epochs, report, trained,
                                lambda on_epoch: train_vae_stage(run, cfg, unit.vae, data, device, no_progress,

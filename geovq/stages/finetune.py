@@ -15,7 +15,7 @@ from geovq.io import write_json
 from geovq.metrics.image import image_metrics
 from geovq.models.vae import GaussianVAE
 from geovq.quantize.base import Quantizer
-from geovq.stages.common import Progress, decode_grids, settings
+from geovq.stages.common import Progress, decode_grids
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit
 from geovq.training.checkpoint import save_checkpoint
@@ -33,7 +33,7 @@ def finetune_stage(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits,
     n = min(len(data.train), cfg.finetune_max_images)
     grids = {split: layout.tokens_to_grid(quantizer.decode(np.load(run.codes(unit, split))))
              for split in ("train", "val", "test")}
-    train, _, _ = settings(cfg, unit.vae.overrides, unit.seed)
+    train, _, _ = cfg.settings(unit.vae.overrides, unit.seed)
     t0 = time.time()
     tuned, info = finetune_decoder(vae.decoder, grids["train"][:n], data.train[:n], grids["val"], data.val,
                                    train.recon, cfg.finetune_epochs, progress, device,

@@ -20,7 +20,7 @@ from geovq.config import SweepConfig
 from geovq.data import ImageSplits
 from geovq.io import write_json
 from geovq.metrics.latent import quantization_error
-from geovq.stages.common import Progress, decode_grids, load_splits, settings
+from geovq.stages.common import Progress, decode_grids, load_splits
 from geovq.stages.encode import encode_stage
 from geovq.stages.extract import extract_stage
 from geovq.stages.finetune import finetune_stage
@@ -78,7 +78,7 @@ def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, pr
         test = load_latents(run, unit, "test")
         tokens_hat = quantizer.decode(np.load(run.codes(unit, "test")))
         ceiling = json.loads((run.vae(unit.vae) / "ceiling.json").read_text())
-        _, tdc, _ = settings(cfg, unit.vae.overrides, unit.seed)
+        _, tdc, _ = cfg.settings(unit.vae.overrides, unit.seed)
         extra = {"fit_seconds": quantizer.fit_info_.get("fit_seconds"), "encode_seconds": info["test"]["seconds"],
                  "vae_psnr": ceiling["psnr"], **rate_diagnostics(test, unit.n_codes, tdc.tolerance),
                  **quantization_error(tokens_hat.reshape(-1, test.token_dim), test.token_mu, test.token_sigma),

@@ -21,7 +21,7 @@ from geovq.metrics.codebook import dead_codes, usage_perplexity, usage_perplexit
 from geovq.metrics.image import image_metrics
 from geovq.metrics.rate import bits_per_image, bits_per_pixel
 from geovq.models.vae import GaussianVAE
-from geovq.stages.common import decode_grids, settings
+from geovq.stages.common import decode_grids
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit, VaeSpec
 from geovq.training.checkpoint import load_model
@@ -46,7 +46,7 @@ def score_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSpl
     test = LatentSet.load(run.latents(spec, "test"))
     recon = decode_grids(model.decoder, test.mu, device)
     kl = test.token_kl_bits()
-    _, tdc, _ = settings(cfg, spec.overrides, spec.seed)
+    _, tdc, _ = cfg.settings(spec.overrides, spec.seed)
     ceiling = {"vae": spec.variant, "vae_key": spec.key, "tdc_target_bits": spec.target_bits,
                "tdc_tolerance": tdc.tolerance, "seed": spec.seed, "train_seconds": train_seconds,
                **image_metrics(to_device(data.test, device), recon), "mean_token_kl_bits": float(kl.mean())}
