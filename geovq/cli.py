@@ -294,11 +294,11 @@ def _sweep(
                   "partial)", len(planned) - done, len(planned), done)
         raise typer.Exit(1) from None
     from geovq.metrics.image import lpips_weights_hint
-    from geovq.report.tables import write_results
+    from geovq.report.build import write_report
 
     reports, lpips_missing = [], False
     for run, cfg, *_ in runs:
-        rows = write_results(run.root)
+        rows = write_report([run.root]).rows
         _print_summary(rows, title=f"{cfg.dataset}: test split (per seed)")
         reports.append((cfg.dataset, run.root / "report.md"))
         lpips_missing |= any(r["lpips"] is None for r in rows)
@@ -428,14 +428,15 @@ def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> No
     from rich.console import Console
     from rich.table import Table
 
+    from geovq.report.tables import decoder_label
+
     table = Table(title=title)
     for col in ("method", "vae", "decoder", "K", "bits/img", "seed", "PSNR", "SSIM", "perplexity", "dead"):
         table.add_column(col)
     for r in rows:
-        decoder = "fine-tuned" if r["finetuned"] else ("end-to-end" if r["vae"] is None else "VAE's")
-        table.add_row(r["method"], r["vae"] or "—", decoder, str(r["K"]), f"{r['bits_per_image']:g}", str(r["seed"]),
-                      f"{r['psnr']:.2f}",
-                      f"{r['ssim']:.4f}", f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
+        table.add_row(r["method"], r["vae"] or "—", decoder_label(r["finetuned"], r["vae"]), str(r["K"]),
+                      f"{r['bits_per_image']:g}", str(r["seed"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
+                      f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
     Console(stderr=True).print(table)
 
 

@@ -197,7 +197,8 @@ def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(ray_local,
     from geovq.config import resolve_config
     from geovq.distributed.tune import run_sweep
     from geovq.errors import RunFailed
-    from geovq.report.tables import markdown_report, progress
+    from geovq.report.runs import progress
+    from geovq.report.tables import markdown_report
     from geovq.stages.rundir import RunDir
 
     # no retries: each would kill one more worker, and Ray's retries are test_cluster's

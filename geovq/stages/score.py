@@ -37,7 +37,7 @@ def in_band(kl_bits: np.ndarray, target_bits: float, tolerance: float) -> float:
 
 def score_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSplits, device: torch.device,
                     model: GaussianVAE | None = None, train_seconds: float | None = None) -> dict[str, Any]:
-    """ceiling.json: the continuous VAE's own test metrics and per-token KL, and its KL figure."""
+    """ceiling.json: the continuous VAE's own test metrics and per-token KL (the report draws its KL figure)."""
     out = run.vae(spec)
     done = out / "ceiling.json"
     if done.exists():
@@ -52,9 +52,6 @@ def score_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSpl
                **image_metrics(to_device(data.test, device), recon), "mean_token_kl_bits": float(kl.mean())}
     if spec.target_bits is not None:
         ceiling["frac_tokens_in_band"] = in_band(kl, spec.target_bits, tdc.tolerance)
-    from geovq.report.figures import token_kl_figure
-
-    token_kl_figure(out, test, spec.target_bits, tdc.tolerance, title=spec.slug)
     write_json(done, ceiling)  # written last: its presence marks the VAE finished
     return ceiling
 
