@@ -132,7 +132,7 @@ def _trial(config: dict[str, Any]) -> None:
             if isinstance(work, VaeSpec):
                 result = run_vae(run, cfg, work, device, progress, train_only=job.steps == "train")
             else:
-                result = run_unit(run, cfg, work, device, progress)
+                result = run_unit(run, cfg, work, device, progress).as_dict()
     except GeovqError as e:  # recorded, and the trial ends without asking Tune for a retry (see GEOVQ_ERROR)
         record_failure(run, work, e)
         tune.report({GEOVQ_ERROR: 1, **where})

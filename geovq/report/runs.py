@@ -71,7 +71,7 @@ def load_runs(run_dirs: list[Path]) -> Runs:
 
 def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Every results row a run directory holds (each unit's row.json and row_finetuned.json)."""
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("*/row*.json"))]
+    return [row.as_dict() for row in RunDir(run_dir).rows()]
 
 
 def progress(run_dir: Path) -> tuple[int, int]:
