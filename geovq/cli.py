@@ -268,16 +268,17 @@ def _sweep(
                  description)
         log.info("methods %s, K %s, seeds %d, epochs %d, %d tokens/image of d=%d", ",".join(cfg.methods),
                  cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
-    from geovq.stages.units import plan_units
+    from geovq.stages.plan import RunPlan
 
-    planned = [(run, unit, cfg) for run, cfg, *_ in runs for unit in plan_units(cfg)]
+    plans = [RunPlan.of(run, cfg) for run, cfg, *_ in runs]
+    planned = [unit for plan in plans for unit in plan.units]
 
     def finished() -> int:
-        return sum(run.unit_done(unit, cfg.finetune_decoder, cfg.prior) for run, unit, cfg in planned)
+        return sum(plan.finished() for plan in plans)
 
     try:
         with _sigterm_as_ctrl_c():
-            run_sweeps([(run, cfg) for run, cfg, *_ in runs], address)
+            run_sweeps(plans, address)
     except KeyboardInterrupt:
         import ray
 
@@ -387,17 +388,15 @@ def sample(
     metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="domain FID, precision, recall (and FID/KID with real weights)"),
 ) -> None:
     """Draw samples from a unit's prior, decoded through its codebook and decoder (the fine-tuned one where it exists)."""
-    from geovq.config import SweepConfig
     from geovq.models.priors.base import check_sampling
-    from geovq.stages.rundir import RunDir
-    from geovq.stages.units import plan_units
+    from geovq.stages.plan import RunPlan
 
     if not (run_dir / "config.yaml").exists():
         raise GeovqError(f"{run_dir} is not a geovq run directory (no config.yaml)")
     check_sampling(n, temperature, top_k, top_p)
-    cfg = SweepConfig.load(run_dir / "config.yaml")
-    run = RunDir(run_dir)
-    units = [u for u in plan_units(cfg) if (run.unit(u) / "unit.json").exists()]
+    plan = RunPlan.load(run_dir)
+    run, cfg = plan.run, plan.cfg
+    units = [u for u in plan.units if (run.unit(u) / "unit.json").exists()]
     if not units:
         raise GeovqError(f"{run_dir} holds no unit with codes yet; run `geovq sweep` first")
     methods = sorted({u.method for u in units})

@@ -31,8 +31,9 @@ from geovq.config import SweepConfig
 from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_threads
 from geovq.errors import GeovqError, RunFailed
 from geovq.io import write_json, write_text
+from geovq.stages.plan import RunPlan
 from geovq.stages.rundir import RunDir
-from geovq.stages.units import Unit, VaeSpec, plan_units, work_from_dict
+from geovq.stages.units import Unit, VaeSpec, work_from_dict
 
 log = logging.getLogger("geovq")
 CPU_RESERVE_FRACTION = 0.8
@@ -330,11 +331,11 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
 
 def run_sweep(run: RunDir, cfg: SweepConfig, address: str | None) -> None:
     """One dataset's sweep (see `run_sweeps`)."""
-    run_sweeps([(run, cfg)], address)
+    run_sweeps([RunPlan.of(run, cfg)], address)
 
 
-def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> None:
-    """Every planned unit of every run, the datasets' trials sharing the cluster at once.
+def run_sweeps(plans: list[RunPlan], address: str | None) -> None:
+    """Every pending unit of every run's plan, the datasets' trials sharing the cluster at once.
 
     One Tune experiment runs the Gaussian VAEs, the VQ-VAEs and the post-hoc units, each post-hoc unit once its
     VAE is trained (a unit whose VAE failed is reported, not run). On a cluster (`address`), the VAEs only
@@ -345,12 +346,11 @@ def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> N
     on_cluster = address is not None
     first: list[Job] = []  # local: everything; cluster: what needs no Ray Data latents
     second: list[Job] = []  # cluster: the VAEs' scoring and the post-hoc units on them
-    for run, cfg in runs:
-        units = plan_units(cfg)
-        vaes = sorted({u.vae for u in units if not u.end_to_end}, key=lambda v: v.key)
-        ready = {v: run.vae_done(v) for v in vaes}
-        pending = [u for u in units if not run.unit_done(u, cfg.finetune_decoder, cfg.prior)]
-        for vae in vaes:
+    for plan in plans:
+        run, cfg = plan.run, plan.cfg
+        ready = {v: run.vae_done(v) for v in plan.vaes}
+        pending = plan.pending()
+        for vae in plan.vaes:
             if not ready[vae]:
                 first.append(Job(run, cfg, vae, "train" if on_cluster else "all"))
                 if on_cluster:
@@ -358,9 +358,9 @@ def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> N
         first += [Job(run, cfg, u) for u in pending if u.end_to_end or ready[u.vae]]
         (second if on_cluster else first).extend(Job(run, cfg, u, after=f"{cfg.dataset}/{u.vae.key}")
                                                  for u in pending if not u.end_to_end and not ready[u.vae])
-        log.info("%s: %d units planned, %d pending; %d VAE(s) to train", cfg.dataset, len(units), len(pending),
+        log.info("%s: %d units planned, %d pending; %d VAE(s) to train", cfg.dataset, len(plan.units), len(pending),
                  sum(not r for r in ready.values()))
-    storage = runs[0][0].root / "ray" if len(runs) == 1 else runs[0][0].root.parent / "ray"
+    storage = plans[0].run.root / "ray" if len(plans) == 1 else plans[0].run.root.parent / "ray"
     failures: dict[str, str] = {}
     for phase, jobs in (("train", first), ("posthoc", second)) if on_cluster else (("sweep", first),):
         if phase == "posthoc":  # between the experiments: the VAEs' latents, sharded over the cluster by Ray Data

@@ -8,7 +8,8 @@
     unit ─ [prior ─> prior-{kind}/, its rate and samples into the rows] ─> finished.json
     rows ─ geovq.report ─> results.json/.csv, report.md, figures/
 
-Modules: `units` (typed VaeSpec and Unit), `row` (the typed results row), `rundir` (where every file
-lives), one module per stage (`train_vae`, `extract`, `fit`, `edges`, `encode`, `score`, `finetune`, `vqvae`,
-`prior`), and `run` (the composites a Ray Tune trial runs: `run_vae`, `run_unit`). `geovq.distributed` wraps these and nothing else.
+Modules: `units` (typed VaeSpec and Unit), `plan` (a run's units, planned once), `row` (the typed results
+row), `rundir` (where every file lives), one module per stage (`train_vae`, `extract`, `fit`, `edges`, `encode`,
+`score`, `finetune`, `vqvae`, `prior`), and `run` (the composites a Ray Tune trial runs: `run_vae`,
+`run_unit`). `geovq.distributed` wraps these and nothing else.
 """
