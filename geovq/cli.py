@@ -166,14 +166,11 @@ def _sweep(
     Each quantizer's hyperparameters are options of their own (--METHOD-PARAM), derived from its constructor.
     """
     t_start = time.time()
-    from geovq.config import END_TO_END, SweepConfig, changed_options, resolve_config, union_config
-    from geovq.data import DATASETS, load_dataset, resolve_data_root
+    from geovq.config import END_TO_END, SweepConfig, changed_options, dataset_root, resolve_config, union_config
+    from geovq.data import load_dataset
     from geovq.quantize import QUANTIZERS
 
     datasets = comma_list(dataset, "DATASET")
-    for name in datasets:
-        if name not in DATASETS:
-            raise GeovqError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     known = list(END_TO_END) + sorted(QUANTIZERS)
     chosen = comma_list(methods, "--methods") if methods else known
     for m in chosen:
@@ -203,11 +200,7 @@ def _sweep(
         chosen, records = _tuned_records(tuned, datasets[0], chosen if methods else None)
         sizes = sorted({r["n_codes"] for r in records.values()})
         vaes = sorted({r["vae"] for r in records.values() if r["vae"]}) or ["plain"]
-    embedded = [name for name in datasets if name not in READS_DATA_ROOT]
-    if embedded and data_root is not None and len(embedded) == len(datasets):
-        raise GeovqError(f"--data-root {data_root}: {embedded[0]} is embedded and reads no data root; "
-                         f"drop --data-root (datasets that read one: {', '.join(READS_DATA_ROOT)})")
-    root = resolve_data_root(data_root)
+    root = dataset_root(datasets, data_root)
     from geovq.stages.rundir import RunDir
 
     # one dataset: --out is its run directory; several: --out is their parent, one run directory each
@@ -216,18 +209,12 @@ def _sweep(
     for name in datasets:
         data = load_dataset(name, root, download=download)  # fails early, before any run directory exists
         cfg = resolve_config(name, data.image_shape, chosen, sizes, seeds, epochs, quick, params,
-                             data_root=str(root) if name in READS_DATA_ROOT else None, download=download,
+                             train_images=len(data.train), data_root=root, download=download,
                              token_dim=token_dim, grouping=grouping, vaes=vaes, tuned=records,
                              tdc_bits=tdc_bits, finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
                              prior=None if no_prior else prior, prior_samples=prior_samples,
                              cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
                              max_failures=max_failures, tiny=tiny)
-        n_train = min(len(data.train), cfg.max_train_images or len(data.train))
-        for k in cfg.codebook_sizes:
-            if k > n_train * cfg.tokens_per_image:
-                raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training "
-                                 f"latents of {name} ({n_train} images × {cfg.tokens_per_image} tokens); choose a "
-                                 "smaller K")
         default = name + ("-tiny" if tiny else "-quick" if quick else "") + ("-tuned" if tuned is not None else "")
         run = RunDir((parent or Path("runs")) / default if parent or not out else out)
         if run.root.exists() and not run.root.is_dir():
@@ -312,8 +299,6 @@ def _sweep(
     log.info("watch the trainings: tensorboard --logdir %s --host 127.0.0.1", logdir)
 
 
-#: datasets read from --data-root (digits is embedded): only their configs record it
-READS_DATA_ROOT = ("mnist", "fashion", "cifar10", "npz")
 #: derived option parameter name -> (method, hyperparameter)
 _DERIVED: dict[str, tuple[str, str]] = {}
 
@@ -466,10 +451,10 @@ def tune(
     (Ray Tune + Optuna TPE + ASHA); the test split is never read. `geovq sweep DATASET --tuned OUT` then scores
     every method's best configuration on test."""
     t_start = time.time()
-    from geovq.data import DATASETS, load_dataset, resolve_data_root
+    from geovq.config import dataset_root
+    from geovq.data import load_dataset
 
-    if dataset not in DATASETS:
-        raise GeovqError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    root = dataset_root([dataset], data_root)  # the sweep's rules for a dataset and its data root
     if trials < 1:
         raise GeovqError(f"--trials {trials} must be >= 1 (trials per method)")
     if pareto and bits is not None:
@@ -478,14 +463,11 @@ def tune(
         raise GeovqError(f"--max-concurrent {max_concurrent} must be >= 1")
     if seed < 0:
         raise GeovqError(f"--seed {seed} must be >= 0")
-    if dataset not in READS_DATA_ROOT and data_root is not None:
-        raise GeovqError(f"--data-root {data_root}: {dataset} is embedded and reads no data root; drop --data-root")
-    root = resolve_data_root(data_root)
     data = load_dataset(dataset, root, download=download)  # fails early, before anything is written
     from geovq.search.driver import Search, SearchInterrupted, check_resumable, plan_search, run_search
 
     space_path = space or SPACES_DIR / f"{dataset}.yaml"
-    cfg, studies = plan_search(dataset, data, str(root) if dataset in READS_DATA_ROOT else None, download, space_path,
+    cfg, studies = plan_search(dataset, data, root, download, space_path,
                                comma_list(methods, "--methods") if methods else None, bits, pareto, cpus_per_trial)
     chosen, budget = list(studies), next(iter(studies.values())).bits
     out = out or Path("runs") / f"{dataset}-tune"
@@ -494,13 +476,12 @@ def tune(
     identity = {"dataset": dataset, "methods": chosen, "trials": trials, "bits": budget, "pareto": pareto,
                 "seed": seed, "space": Path(space_path).read_text(), "config": cfg.identity()}
     check_resumable(out, identity)
-    from geovq.distributed.tune import resolve_gpus_per_trial, start_ray
+    from geovq.distributed.tune import start_cluster
 
     _quiet_ray(verbose)
-    start_ray(address)
+    cfg.gpus_per_trial = start_cluster(address, None)
     import ray
 
-    cfg.gpus_per_trial = resolve_gpus_per_trial(None)
     concurrent = max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
     search = Search(dataset, tuple(chosen), trials, budget, seed, concurrent)
     from geovq.io import write_text

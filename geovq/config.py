@@ -13,10 +13,12 @@ import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from geovq.data import DATASETS, READS_DATA_ROOT, resolve_data_root
 from geovq.errors import GeovqError
 from geovq.latents import GROUPINGS, TokenLayout
 
@@ -306,9 +308,10 @@ def union_config(previous: SweepConfig, current: SweepConfig) -> SweepConfig:
 def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],
                    codebook_sizes: list[int] | None, seeds: int | None, epochs: int | None, quick: bool,
                    method_params: dict[str, dict[str, Any]] | None = None, tiny: bool = False,
-                   **options: Any) -> SweepConfig:
+                   train_images: int | None = None, **options: Any) -> SweepConfig:
     """Dataset defaults, then --quick (and --tiny, which implies it), then the user's explicit options (None = not
-    given); validated."""
+    given); validated, with K checked against the training tokens when `train_images` (the size of the
+    dataset's training split) is given. A `data_root` is recorded only for a dataset read from disk."""
     preset = DATASET_DEFAULTS[dataset]
     quick = quick or tiny
     c, h, w = image_shape
@@ -329,17 +332,43 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
     if options.get("prior_samples") is None:  # quick runs sample fewer (their test split is small too)
         options["prior_samples"] = (TINY if tiny else QUICK if quick else {}).get("prior_samples",
                                                                                   SweepConfig.prior_samples)
+    if options.get("data_root") is not None:  # workers need it to read the data; an embedded dataset reads none
+        options["data_root"] = str(options["data_root"]) if dataset in READS_DATA_ROOT else None
     for method, given in (method_params or {}).items():
         params.setdefault(method, {}).update(given)
     cfg = SweepConfig(dataset=dataset, methods=methods, codebook_sizes=codebook_sizes or sizes,
                       seeds=seeds if seeds is not None else n_seeds, trunk=trunk, train=train,
                       max_train_images=max_train, method_params=params, quick=quick, **options)
-    validate(cfg)
+    validate(cfg, train_images)
     return cfg
 
 
-def validate(cfg: SweepConfig) -> None:
-    """Every rule of a sweep configuration, in one place; messages name the command-line option."""
+def dataset_root(datasets: list[str], data_root: str | os.PathLike | None) -> Path:
+    """The data root the datasets read (`geovq.data.resolve_data_root`), their names checked first. A data
+    root given for datasets that are all embedded is refused: it would be silently ignored."""
+    for name in datasets:
+        if name not in DATASETS:
+            raise GeovqError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if data_root is not None and not any(name in READS_DATA_ROOT for name in datasets):
+        raise GeovqError(f"--data-root {data_root}: {datasets[0]} is embedded and reads no data root; "
+                         f"drop --data-root (datasets that read one: {', '.join(READS_DATA_ROOT)})")
+    return resolve_data_root(data_root)
+
+
+def check_training_tokens(cfg: SweepConfig, train_images: int, rates: list[tuple[int, int]], remedy: str) -> None:
+    """Each rate (K codes of d channels) must have no more codes than the training split has tokens at d (the
+    images a quantizer is fitted on: at most max_train_images); `remedy` says what to change."""
+    n = min(train_images, cfg.max_train_images or train_images)
+    for k, d in rates:
+        tokens = tokens_per_image(cfg, d)
+        if k > n * tokens:
+            raise GeovqError(f"codebook size K={k} exceeds the {n * tokens} training latents of {cfg.dataset} "
+                             f"({n} images × {tokens} tokens); {remedy}")
+
+
+def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
+    """Every rule of a sweep configuration, in one place; messages name the command-line option. With
+    `train_images` (the dataset's training split), K is checked against the training tokens too."""
     h, w = cfg.trunk.image_size
     f = 2**cfg.trunk.downsamples
     if h % f or w % f:
@@ -406,7 +435,8 @@ def validate(cfg: SweepConfig) -> None:
     if g is not None and not (g >= 0 and (g <= 1 or float(g).is_integer())):
         raise GeovqError(f"--gpus-per-trial {g:g} must be auto, a fraction in [0, 1] (trials share a GPU) or a "
                          "whole number")
-
+    if train_images is not None:
+        check_training_tokens(cfg, train_images, [(k, cfg.d) for k in cfg.codebook_sizes], "choose a smaller K")
 
 
 def tokens_per_image(cfg: SweepConfig, token_dim: int) -> int:

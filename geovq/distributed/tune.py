@@ -9,8 +9,8 @@ cluster). Two small-machine traps hang Ray forever instead of failing, so this m
 - a GPU request that no node, and no node type the autoscaler may start, can meet fails at once
   (`resolve_gpus_per_trial`) instead of leaving trials pending forever.
 A post-hoc unit waits for its VAE inside the same Tune experiment (`_prerequisites_searcher`), not behind a
-phase barrier. Resuming is by files, not by Tune state: a unit whose output exists is never scheduled again,
-so an interrupted sweep re-run with the same command loses no finished trial.
+phase barrier. Resuming is by files, not by Tune state: a finished unit (`RunDir.unit_done`) is never scheduled
+again, so an interrupted sweep re-run with the same command loses no finished trial.
 """
 
 from __future__ import annotations
@@ -113,6 +113,13 @@ def resolve_gpus_per_trial(requested: float | None) -> float:
     return requested
 
 
+def start_cluster(address: str | None, gpus_per_trial: float | None) -> float:
+    """Start local Ray or join the cluster at `address` (an unreachable one fails here, before a command writes
+    anything); returns the GPUs each trial asks for (`resolve_gpus_per_trial`)."""
+    start_ray(address)
+    return resolve_gpus_per_trial(gpus_per_trial)
+
+
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: one VAE or one unit, given as its dict beside the sweep's configuration."""
     import ray
@@ -182,7 +189,7 @@ def describe_failure(run: RunDir, work: VaeSpec | Unit, result: Any) -> str:
 
 
 def _unit_logger(total: int):
-    """A Tune callback that logs one line per finished trial (failures are reported once, by run_sweep)."""
+    """A Tune callback that logs one line per finished trial (failures are reported once, by run_sweeps)."""
     from ray.tune import Callback
 
     class UnitLogger(Callback):
