@@ -1,8 +1,10 @@
 """The `geovq` command line. Follow `sweep` downwards to see where the data goes:
 
-    cli.sweep -> config.resolve_config -> distributed.tune.run_sweep (plans stages.units)
-              -> Ray Tune trials -> stages.run.run_vae / run_unit (one stage module per step)
-              -> report.tables.write_results
+    cli.sweep: parse the options
+      -> distributed.sweep.resolve_runs: config.resolve_config (every rule) and a stages.plan.RunPlan per dataset
+      -> distributed.sweep.start_runs, run_and_report -> distributed.tune.run_sweeps: one Ray Tune trial per
+         VAE and unit -> stages.run.run_vae / run_unit (one stage module per step) -> RunDir.write_row (a Row)
+      -> report.build.write_report -> cli: print each run's summary
 
 Only typer is imported at module level: torch and Ray load inside commands, so `geovq --help` is fast.
 A user error (`GeovqError`) prints one line and exits with code 2, without a traceback.
@@ -13,17 +15,19 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import shutil
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import typer
 
 from geovq.errors import GeovqError, RunFailed
+
+if TYPE_CHECKING:
+    from geovq.distributed.sweep import SweepRun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Post-hoc discrete codes for Gaussian VAEs vs VQ-VAE at matched bit rate, on Ray.")
@@ -166,14 +170,42 @@ def _sweep(
     Each quantizer's hyperparameters are options of their own (--METHOD-PARAM), derived from its constructor.
     """
     t_start = time.time()
-    from geovq.config import END_TO_END, SweepConfig, changed_options, resolve_config, union_config
-    from geovq.data import DATASETS, load_dataset, resolve_data_root
+    from geovq.distributed.sweep import resolve_runs
+
+    # parse: the command line as resolve_config's arguments, and a run directory per dataset
+    datasets = comma_list(dataset, "DATASET")
+    chosen = _methods(methods)
+    params = _method_params(method_options, chosen)
+    sizes = comma_list(codebook_sizes, "--codebook-sizes", int) if codebook_sizes else None
+    # both VAEs by default: on the plain one every post-hoc method sits at the VAE's own low-rate ceiling
+    vaes = comma_list(vae or "plain,tdc", "--vae")
+    settings = dict(methods=chosen, codebook_sizes=sizes, vaes=vaes, method_params=params, tuned={}, seeds=seeds,
+                    epochs=epochs, quick=quick, tiny=tiny, download=download, token_dim=token_dim,
+                    grouping=grouping, tdc_bits=tdc_bits, finetune_decoder=finetune_decoder,
+                    finetune_epochs=finetune_epochs, prior=None if no_prior else prior, prior_samples=prior_samples,
+                    cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial), max_failures=max_failures)
+    if tuned is not None:  # each method at its tuned configuration, which fixes its rate, VAE and settings
+        given = [option for option, value in (("--codebook-sizes", codebook_sizes), ("--token-dim", token_dim),
+                                              ("--vae", vae), ("--tdc-bits", tdc_bits), ("--epochs", epochs),
+                                              ("--quick", quick), ("--tiny", tiny)) if value]
+        given += [f"--{m}-{n}".replace("_", "-") for m, named in params.items() for n in named]
+        settings.update(_tuned_settings(tuned, datasets, chosen if methods else None, given))
+    suffix = ("-tiny" if tiny else "-quick" if quick else "") + ("-tuned" if tuned is not None else "")
+    # one dataset: --out is its run directory; several: --out is their parent, one run directory each
+    roots = {d: out if out and len(datasets) == 1 else (out or Path("runs")) / f"{d}{suffix}" for d in datasets}
+    # resolve: each dataset's configuration, every rule checked (geovq.config), in its run directory
+    runs = resolve_runs(roots, data_root, settings)
+    # run: on Ray, logged into each run directory; interrupted or failed units end the command here
+    reports = _run_sweep(runs, address, verbose)
+    # print: each run's summary and where its report is
+    _print_sweep(runs, reports, t_start)
+
+
+def _methods(methods: str | None) -> list[str]:
+    """--methods, each known (end-to-end or registered post-hoc); every method when not given."""
+    from geovq.config import END_TO_END
     from geovq.quantize import QUANTIZERS
 
-    datasets = comma_list(dataset, "DATASET")
-    for name in datasets:
-        if name not in DATASETS:
-            raise GeovqError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     known = list(END_TO_END) + sorted(QUANTIZERS)
     chosen = comma_list(methods, "--methods") if methods else known
     for m in chosen:
@@ -181,6 +213,11 @@ def _sweep(
             raise GeovqError(f"unknown method {m!r}; valid: {', '.join(known)}")
     if not chosen:
         raise GeovqError(f"--methods is empty; valid: {', '.join(known)}")
+    return chosen
+
+
+def _method_params(method_options: dict[str, Any], chosen: list[str]) -> dict[str, dict[str, Any]]:
+    """{method: {hyperparameter: value}} of the derived --METHOD-PARAM options given, each of a chosen method."""
     params: dict[str, dict[str, Any]] = {}
     for key, value in method_options.items():
         if value is not None:
@@ -188,131 +225,64 @@ def _sweep(
             if method not in chosen:
                 raise GeovqError(f"--{method}-{name.replace('_', '-')} is given, but {method} is not among --methods")
             params.setdefault(method, {})[name] = value
-    sizes = comma_list(codebook_sizes, "--codebook-sizes", int) if codebook_sizes else None
-    # both VAEs by default: on the plain one every post-hoc method sits at the VAE's own low-rate ceiling
-    vaes, records = comma_list(vae or "plain,tdc", "--vae"), {}
-    if tuned is not None:  # each method at its tuned configuration, which fixes its rate, VAE and settings
-        clashing = [option for option, given in (("--codebook-sizes", codebook_sizes), ("--token-dim", token_dim),
-                                                 ("--vae", vae), ("--tdc-bits", tdc_bits),
-                                                 ("--epochs", epochs), ("--quick", quick),
-                                                 ("--tiny", tiny)) if given]
-        clashing += [f"--{m}-{n}".replace("_", "-") for m, given in params.items() for n in given]
-        if clashing or len(datasets) > 1:
-            raise GeovqError(f"--tuned fixes each method's rate, VAE and settings; drop {clashing[0]}" if clashing
-                             else "--tuned runs one dataset (the one it was tuned on)")
-        chosen, records = _tuned_records(tuned, datasets[0], chosen if methods else None)
-        sizes = sorted({r["n_codes"] for r in records.values()})
-        vaes = sorted({r["vae"] for r in records.values() if r["vae"]}) or ["plain"]
-    embedded = [name for name in datasets if name not in READS_DATA_ROOT]
-    if embedded and data_root is not None and len(embedded) == len(datasets):
-        raise GeovqError(f"--data-root {data_root}: {embedded[0]} is embedded and reads no data root; "
-                         f"drop --data-root (datasets that read one: {', '.join(READS_DATA_ROOT)})")
-    root = resolve_data_root(data_root)
-    from geovq.stages.rundir import RunDir
+    return params
 
-    # one dataset: --out is its run directory; several: --out is their parent, one run directory each
-    parent = out if len(datasets) > 1 else None
-    runs = []  # (run, cfg, tracked, description) per dataset
-    for name in datasets:
-        data = load_dataset(name, root, download=download)  # fails early, before any run directory exists
-        cfg = resolve_config(name, data.image_shape, chosen, sizes, seeds, epochs, quick, params,
-                             data_root=str(root) if name in READS_DATA_ROOT else None, download=download,
-                             token_dim=token_dim, grouping=grouping, vaes=vaes, tuned=records,
-                             tdc_bits=tdc_bits, finetune_decoder=finetune_decoder, finetune_epochs=finetune_epochs,
-                             prior=None if no_prior else prior, prior_samples=prior_samples,
-                             cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial),
-                             max_failures=max_failures, tiny=tiny)
-        n_train = min(len(data.train), cfg.max_train_images or len(data.train))
-        for k in cfg.codebook_sizes:
-            if k > n_train * cfg.tokens_per_image:
-                raise GeovqError(f"codebook size K={k} exceeds the {n_train * cfg.tokens_per_image} training "
-                                 f"latents of {name} ({n_train} images × {cfg.tokens_per_image} tokens); choose a "
-                                 "smaller K")
-        default = name + ("-tiny" if tiny else "-quick" if quick else "") + ("-tuned" if tuned is not None else "")
-        run = RunDir((parent or Path("runs")) / default if parent or not out else out)
-        if run.root.exists() and not run.root.is_dir():
-            raise GeovqError(f"--out {run.root} is an existing file; give a folder for the run directory")
-        tracked = cfg
-        if run.config.exists():
-            previous = SweepConfig.load(run.config)
-            changed = changed_options(previous, cfg)
-            if changed:
-                raise GeovqError(f"{run.root} holds a run with a different configuration ({'; '.join(changed)}); "
-                                 "resume it with the same options, or choose a new --out")
-            tracked = union_config(previous, cfg)  # the run directory's record covers every unit it holds
-        runs.append((run, cfg, tracked, data.description))
-    from geovq.distributed.tune import resolve_gpus_per_trial, run_sweeps, start_ray
+
+def _tuned_settings(tune_dir: Path, datasets: list[str], methods: list[str] | None, given: list[str]
+                    ) -> dict[str, Any]:
+    """resolve_config's arguments that --tuned fixes: the methods, their tuned records, K and VAE variants. It
+    runs one dataset, with none of the options it fixes (`given`: those on the command line)."""
+    if given or len(datasets) > 1:
+        raise GeovqError(f"--tuned fixes each method's rate, VAE and settings; drop {given[0]}" if given
+                         else "--tuned runs one dataset (the one it was tuned on)")
+    chosen, records = _tuned_records(tune_dir, datasets[0], methods)
+    return {"methods": chosen, "tuned": records, "codebook_sizes": sorted({r["n_codes"] for r in records.values()}),
+            "vaes": sorted({r["vae"] for r in records.values() if r["vae"]}) or ["plain"]}
+
+
+def _run_sweep(runs: list[SweepRun], address: str | None, verbose: bool) -> list[list[dict[str, Any]]]:
+    """`geovq.distributed.sweep`'s start and run, with the run directories' sweep.log attached; Ctrl-C (or
+    SIGTERM) exits 130 and failed units exit 1, each after one line on what was kept."""
+    from geovq.distributed.sweep import progress, run_and_report, start_runs
 
     _quiet_ray(verbose)
-    start_ray(address)  # an unreachable cluster fails here, before anything is written
-    gpus = resolve_gpus_per_trial(_gpus(gpus_per_trial))
-    from geovq.distributed.preflight import check_storage
-    from geovq.io import write_text
-
-    for run, cfg, tracked, _ in runs:
-        cfg.gpus_per_trial = tracked.gpus_per_trial = gpus
-        created = not run.root.exists()
-        run.root.mkdir(parents=True, exist_ok=True)
-        try:
-            check_storage(run.root, cfg.data_root)  # every node sees the run directory and the data
-        except GeovqError:
-            if created:
-                shutil.rmtree(run.root, ignore_errors=True)
-            raise
-    for run, cfg, tracked, description in runs:
-        write_text(run.config, tracked.to_yaml())
-    _setup_logging([run.log for run, *_ in runs])
+    start_runs(runs, address)
+    _setup_logging([run.plan.run.log for run in runs])
     log = logging.getLogger("geovq")
-    for run, cfg, tracked, description in runs:
-        log.info("%s run %s: %s (%s)", "resuming" if tracked is not cfg else "starting", run.root, cfg.dataset,
-                 description)
-        log.info("methods %s, K %s, seeds %d, epochs %d, %d tokens/image of d=%d", ",".join(cfg.methods),
-                 cfg.codebook_sizes, cfg.seeds, cfg.train.epochs, cfg.tokens_per_image, cfg.d)
-    from geovq.stages.units import plan_units
-
-    planned = [(run, unit, cfg) for run, cfg, *_ in runs for unit in plan_units(cfg)]
-
-    def finished() -> int:
-        return sum(run.unit_done(unit, cfg.finetune_decoder, cfg.prior) for run, unit, cfg in planned)
-
     try:
         with _sigterm_as_ctrl_c():
-            run_sweeps([(run, cfg) for run, cfg, *_ in runs], address)
+            return run_and_report(runs, address)
     except KeyboardInterrupt:
-        import ray
-
-        ray.shutdown()  # stops the trials, so that none finishes a unit after it is counted
+        finished, planned = progress(runs)
         log.error("interrupted: %d of %d units finished and are kept; re-run the same command to resume",
-                  finished(), len(planned))
+                  finished, planned)
         raise typer.Exit(130) from None
     except RunFailed as e:
         for line in e.lines:
             log.error("%s", line)
-        done = finished()  # the lines may also name a VAE, which is not a unit
+        finished, planned = progress(runs)  # the lines may also name a VAE, which is not a unit
         log.error("%d of %d units failed or were not run (%d finished and are kept); no report was written: fix the "
                   "cause and re-run the same command (`geovq report DIR` summarises a run's finished units, marked "
-                  "partial)", len(planned) - done, len(planned), done)
+                  "partial)", planned - finished, planned, finished)
         raise typer.Exit(1) from None
-    from geovq.metrics.image import lpips_weights_hint
-    from geovq.report.tables import write_results
 
-    reports, lpips_missing = [], False
-    for run, cfg, *_ in runs:
-        rows = write_results(run.root)
-        _print_summary(rows, title=f"{cfg.dataset}: test split (per seed)")
-        reports.append((cfg.dataset, run.root / "report.md"))
-        lpips_missing |= any(r["lpips"] is None for r in rows)
-    if lpips_missing and lpips_weights_hint():
+
+def _print_sweep(runs: list[SweepRun], reports: list[list[dict[str, Any]]], t_start: float) -> None:
+    """Each run's summary table (its rows, `reports`), where its report is, and how to watch its trainings."""
+    from geovq.metrics.image import lpips_weights_hint
+
+    log = logging.getLogger("geovq")
+    for run, rows in zip(runs, reports):
+        _print_summary(rows, title=f"{run.cfg.dataset}: test split (per seed)")
+    if any(r["lpips"] is None for rows in reports for r in rows) and lpips_weights_hint():
         log.info("%s", lpips_weights_hint())
     log.info("done in %.1f s", time.time() - t_start)
-    for name, report_path in reports:
-        log.info("%s report: %s (and report.md)", name, report_path.with_suffix(".html"))
-    logdir = runs[0][0].root if len(runs) == 1 else runs[0][0].root.parent
+    for run in runs:
+        log.info("%s report: %s (and report.md)", run.cfg.dataset, run.root / "report.html")
+    logdir = runs[0].root if len(runs) == 1 else runs[0].root.parent
     log.info("watch the trainings: tensorboard --logdir %s --host 127.0.0.1", logdir)
 
 
-#: datasets read from --data-root (digits is embedded): only their configs record it
-READS_DATA_ROOT = ("mnist", "fashion", "cifar10", "npz")
 #: derived option parameter name -> (method, hyperparameter)
 _DERIVED: dict[str, tuple[str, str]] = {}
 
@@ -387,17 +357,15 @@ def sample(
     metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="domain FID, precision, recall (and FID/KID with real weights)"),
 ) -> None:
     """Draw samples from a unit's prior, decoded through its codebook and decoder (the fine-tuned one where it exists)."""
-    from geovq.config import SweepConfig
     from geovq.models.priors.base import check_sampling
-    from geovq.stages.rundir import RunDir
-    from geovq.stages.units import plan_units
+    from geovq.stages.plan import RunPlan
 
     if not (run_dir / "config.yaml").exists():
         raise GeovqError(f"{run_dir} is not a geovq run directory (no config.yaml)")
     check_sampling(n, temperature, top_k, top_p)
-    cfg = SweepConfig.load(run_dir / "config.yaml")
-    run = RunDir(run_dir)
-    units = [u for u in plan_units(cfg) if (run.unit(u) / "unit.json").exists()]
+    plan = RunPlan.load(run_dir)
+    run, cfg = plan.run, plan.cfg
+    units = [u for u in plan.units if (run.unit(u) / "unit.json").exists()]
     if not units:
         raise GeovqError(f"{run_dir} holds no unit with codes yet; run `geovq sweep` first")
     methods = sorted({u.method for u in units})
@@ -428,14 +396,15 @@ def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> No
     from rich.console import Console
     from rich.table import Table
 
+    from geovq.report.tables import decoder_label
+
     table = Table(title=title)
     for col in ("method", "vae", "decoder", "K", "bits/img", "seed", "PSNR", "SSIM", "perplexity", "dead"):
         table.add_column(col)
     for r in rows:
-        decoder = "fine-tuned" if r["finetuned"] else ("end-to-end" if r["vae"] is None else "VAE's")
-        table.add_row(r["method"], r["vae"] or "—", decoder, str(r["K"]), f"{r['bits_per_image']:g}", str(r["seed"]),
-                      f"{r['psnr']:.2f}",
-                      f"{r['ssim']:.4f}", f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
+        table.add_row(r["method"], r["vae"] or "—", decoder_label(r["finetuned"], r["vae"]), str(r["K"]),
+                      f"{r['bits_per_image']:g}", str(r["seed"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
+                      f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
     Console(stderr=True).print(table)
 
 
@@ -466,10 +435,10 @@ def tune(
     (Ray Tune + Optuna TPE + ASHA); the test split is never read. `geovq sweep DATASET --tuned OUT` then scores
     every method's best configuration on test."""
     t_start = time.time()
-    from geovq.data import DATASETS, load_dataset, resolve_data_root
+    from geovq.config import dataset_root
+    from geovq.data import load_dataset
 
-    if dataset not in DATASETS:
-        raise GeovqError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    root = dataset_root([dataset], data_root)  # the sweep's rules for a dataset and its data root
     if trials < 1:
         raise GeovqError(f"--trials {trials} must be >= 1 (trials per method)")
     if pareto and bits is not None:
@@ -478,14 +447,11 @@ def tune(
         raise GeovqError(f"--max-concurrent {max_concurrent} must be >= 1")
     if seed < 0:
         raise GeovqError(f"--seed {seed} must be >= 0")
-    if dataset not in READS_DATA_ROOT and data_root is not None:
-        raise GeovqError(f"--data-root {data_root}: {dataset} is embedded and reads no data root; drop --data-root")
-    root = resolve_data_root(data_root)
     data = load_dataset(dataset, root, download=download)  # fails early, before anything is written
     from geovq.search.driver import Search, SearchInterrupted, check_resumable, plan_search, run_search
 
     space_path = space or SPACES_DIR / f"{dataset}.yaml"
-    cfg, studies = plan_search(dataset, data, str(root) if dataset in READS_DATA_ROOT else None, download, space_path,
+    cfg, studies = plan_search(dataset, data, root, download, space_path,
                                comma_list(methods, "--methods") if methods else None, bits, pareto, cpus_per_trial)
     chosen, budget = list(studies), next(iter(studies.values())).bits
     out = out or Path("runs") / f"{dataset}-tune"
@@ -494,13 +460,12 @@ def tune(
     identity = {"dataset": dataset, "methods": chosen, "trials": trials, "bits": budget, "pareto": pareto,
                 "seed": seed, "space": Path(space_path).read_text(), "config": cfg.identity()}
     check_resumable(out, identity)
-    from geovq.distributed.tune import resolve_gpus_per_trial, start_ray
+    from geovq.distributed.tune import start_cluster
 
     _quiet_ray(verbose)
-    start_ray(address)
+    cfg.gpus_per_trial = start_cluster(address, None)
     import ray
 
-    cfg.gpus_per_trial = resolve_gpus_per_trial(None)
     concurrent = max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
     search = Search(dataset, tuple(chosen), trials, budget, seed, concurrent)
     from geovq.io import write_text

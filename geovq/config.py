@@ -13,10 +13,12 @@ import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from geovq.data import DATASETS, READS_DATA_ROOT, resolve_data_root
 from geovq.errors import GeovqError
 from geovq.latents import GROUPINGS, TokenLayout
 
@@ -25,6 +27,8 @@ RUN_FORMAT = 2
 RECON_LOSSES = ("bce", "mse")
 VAE_VARIANTS = ("plain", "tdc")
 END_TO_END = ("vqvae",)  # methods trained end to end; every other method is a post-hoc quantizer
+#: the priors a sweep can train over its codes (geovq.models.priors.PRIORS holds their classes)
+PRIOR_KINDS = ("transformer", "pixelcnn")
 
 
 @dataclass
@@ -78,6 +82,21 @@ class TDCConfig:
     lambda_max_limit: float = 1e3  # λ_max is clipped to [1, lambda_max_limit]
     lambda_min_limit: float = 1e-3  # λ_min is clipped to [lambda_min_limit, 1]
 
+    def check(self, target_bits: float) -> None:
+        """The TDC's rules for these settings at target T (bits per token): the sweep's validation, a search
+        space's ranges and `TDCController` itself apply them."""
+        if not target_bits > 0:
+            raise GeovqError(f"TDC target T={target_bits} bits must be > 0 (T = log2 K)")
+        if not self.tolerance >= 0:
+            raise GeovqError(f"TDC tolerance τ={self.tolerance} bits must be >= 0")
+        if not self.factor > 1:
+            raise GeovqError(f"TDC factor f={self.factor} must be > 1 (1.01 is the default)")
+        if not self.initial_lambda > 0:
+            raise GeovqError(f"TDC initial λ={self.initial_lambda} must be > 0")
+        if not (self.lambda_max_limit >= 1 and 0 < self.lambda_min_limit <= 1):
+            raise GeovqError(f"TDC λ limits must satisfy lambda_max_limit >= 1 and 0 < lambda_min_limit <= 1; got "
+                             f"{self.lambda_max_limit}, {self.lambda_min_limit}")
+
 
 @dataclass
 class VQConfig:
@@ -126,6 +145,12 @@ OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--co
 TUNED_FIELDS = ("n_codes", "token_dim", "vae", "vae_overrides", "params")
 #: the training settings a dotted override may set, by section ("train.lr" -> TrainConfig.lr)
 OVERRIDE_SECTIONS = {"train": TrainConfig, "tdc": TDCConfig, "vq": VQConfig}
+
+
+def check_prior_kind(kind: str) -> str:
+    if kind not in PRIOR_KINDS:
+        raise GeovqError(f"prior {kind!r} is unknown; valid: {', '.join(PRIOR_KINDS)}")
+    return kind
 
 
 def option_name(key: str) -> str:
@@ -184,6 +209,17 @@ class SweepConfig:
     @property
     def tokens_per_image(self) -> int:
         return self.layout.tokens_per_image
+
+    def settings(self, overrides: typing.Iterable[tuple[str, Any]], seed: int
+                 ) -> tuple[TrainConfig, TDCConfig, VQConfig]:
+        """The sweep's training, TDC and VQ settings with a unit's dotted overrides ("train.lr", "tdc.factor",
+        "vq.commitment"; each checked by `check_override`) applied, and the unit's seed."""
+        sections: dict[str, Any] = {"train": replace(self.train, seed=seed), "tdc": self.tdc, "vq": self.vq}
+        for key, value in overrides:
+            check_override(key)
+            section, _, name = key.partition(".")
+            sections[section] = replace(sections[section], **{name: value})
+        return sections["train"], sections["tdc"], sections["vq"]
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -272,9 +308,10 @@ def union_config(previous: SweepConfig, current: SweepConfig) -> SweepConfig:
 def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: list[str],
                    codebook_sizes: list[int] | None, seeds: int | None, epochs: int | None, quick: bool,
                    method_params: dict[str, dict[str, Any]] | None = None, tiny: bool = False,
-                   **options: Any) -> SweepConfig:
+                   train_images: int | None = None, **options: Any) -> SweepConfig:
     """Dataset defaults, then --quick (and --tiny, which implies it), then the user's explicit options (None = not
-    given); validated."""
+    given); validated, with K checked against the training tokens when `train_images` (the size of the
+    dataset's training split) is given. A `data_root` is recorded only for a dataset read from disk."""
     preset = DATASET_DEFAULTS[dataset]
     quick = quick or tiny
     c, h, w = image_shape
@@ -295,17 +332,43 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
     if options.get("prior_samples") is None:  # quick runs sample fewer (their test split is small too)
         options["prior_samples"] = (TINY if tiny else QUICK if quick else {}).get("prior_samples",
                                                                                   SweepConfig.prior_samples)
+    if options.get("data_root") is not None:  # workers need it to read the data; an embedded dataset reads none
+        options["data_root"] = str(options["data_root"]) if dataset in READS_DATA_ROOT else None
     for method, given in (method_params or {}).items():
         params.setdefault(method, {}).update(given)
     cfg = SweepConfig(dataset=dataset, methods=methods, codebook_sizes=codebook_sizes or sizes,
                       seeds=seeds if seeds is not None else n_seeds, trunk=trunk, train=train,
                       max_train_images=max_train, method_params=params, quick=quick, **options)
-    validate(cfg)
+    validate(cfg, train_images)
     return cfg
 
 
-def validate(cfg: SweepConfig) -> None:
-    """Every rule of a sweep configuration, in one place; messages name the command-line option."""
+def dataset_root(datasets: list[str], data_root: str | os.PathLike | None) -> Path:
+    """The data root the datasets read (`geovq.data.resolve_data_root`), their names checked first. A data
+    root given for datasets that are all embedded is refused: it would be silently ignored."""
+    for name in datasets:
+        if name not in DATASETS:
+            raise GeovqError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if data_root is not None and not any(name in READS_DATA_ROOT for name in datasets):
+        raise GeovqError(f"--data-root {data_root}: {datasets[0]} is embedded and reads no data root; "
+                         f"drop --data-root (datasets that read one: {', '.join(READS_DATA_ROOT)})")
+    return resolve_data_root(data_root)
+
+
+def check_training_tokens(cfg: SweepConfig, train_images: int, rates: list[tuple[int, int]], remedy: str) -> None:
+    """Each rate (K codes of d channels) must have no more codes than the training split has tokens at d (the
+    images a quantizer is fitted on: at most max_train_images); `remedy` says what to change."""
+    n = min(train_images, cfg.max_train_images or train_images)
+    for k, d in rates:
+        tokens = tokens_per_image(cfg, d)
+        if k > n * tokens:
+            raise GeovqError(f"codebook size K={k} exceeds the {n * tokens} training latents of {cfg.dataset} "
+                             f"({n} images × {tokens} tokens); {remedy}")
+
+
+def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
+    """Every rule of a sweep configuration, in one place; messages name the command-line option. With
+    `train_images` (the dataset's training split), K is checked against the training tokens too."""
     h, w = cfg.trunk.image_size
     f = 2**cfg.trunk.downsamples
     if h % f or w % f:
@@ -333,14 +396,12 @@ def validate(cfg: SweepConfig) -> None:
         if v not in VAE_VARIANTS:
             raise GeovqError(f"--vae {v!r} is unknown; valid: {', '.join(VAE_VARIANTS)}")
     if "tdc" in cfg.vaes:
-        from geovq.training.tdc import TDCController  # its own rules for τ, f and the λ's
-
         for k in cfg.codebook_sizes:
             if cfg.tdc_bits is not None and not math.isclose(math.log2(k), cfg.tdc_bits):
                 raise GeovqError(f"--vae tdc targets {cfg.tdc_bits:g} bits per token, but K={k} codes carry "
                                  f"{math.log2(k):g}; use K={2 ** cfg.tdc_bits:g} or drop --tdc-bits (then "
                                  "each K gets its own TDC VAE with T = log2 K)")
-            TDCController.from_config(cfg.tdc_bits or math.log2(k), cfg.tdc)
+            cfg.tdc.check(cfg.tdc_bits or math.log2(k))
     from geovq.quantize import get_quantizer_class  # quantizer modules are light: no torch here
 
     for method in cfg.methods:
@@ -359,8 +420,6 @@ def validate(cfg: SweepConfig) -> None:
     if cfg.cpus_per_trial < 1:
         raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")
     if cfg.prior is not None:
-        from geovq.models.priors import check_prior_kind  # no torch
-
         check_prior_kind(cfg.prior)
     if cfg.prior_samples < 1:
         raise GeovqError(f"--prior-samples {cfg.prior_samples} must be >= 1")
@@ -376,7 +435,8 @@ def validate(cfg: SweepConfig) -> None:
     if g is not None and not (g >= 0 and (g <= 1 or float(g).is_integer())):
         raise GeovqError(f"--gpus-per-trial {g:g} must be auto, a fraction in [0, 1] (trials share a GPU) or a "
                          "whole number")
-
+    if train_images is not None:
+        check_training_tokens(cfg, train_images, [(k, cfg.d) for k in cfg.codebook_sizes], "choose a smaller K")
 
 
 def tokens_per_image(cfg: SweepConfig, token_dim: int) -> int:

@@ -216,7 +216,8 @@ def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(ray_local,
     from conftest import tiny_config
     from geovq.distributed.tune import run_sweep
     from geovq.errors import RunFailed
-    from geovq.report.tables import markdown_report, progress
+    from geovq.report.tables import markdown_report
+    from geovq.stages.plan import RunPlan
     from geovq.stages.rundir import RunDir
 
     # no retries: each would kill one more worker, and Ray's retries are test_cluster's
@@ -229,7 +230,8 @@ def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(ray_local,
     (line,) = failed.value.lines
     assert line.startswith("crash-q-plain-K16-d4-seed0-") and "its worker process died" in line
     assert (run.root / "errors" / f"{line.split(' ')[0]}.txt").exists()
-    assert progress(run.root) == (1, 2)
+    plan = RunPlan.load(run.root)
+    assert (plan.finished(), len(plan.units)) == (1, 2)
     assert markdown_report([], [], "", 1, 2).startswith("# geovq results (PARTIAL: 1 of 2 units finished)")
 
 

@@ -93,7 +93,7 @@ def test_each_stage_runs_alone_and_writes_its_files(vae_run):
     assert set(info) == {"train", "val", "test"}
     assert np.load(run.codes(unit, "val")).shape == (len(data.val), 16)
     row = run_unit(run, cfg, unit, CPU, no_progress, data)  # the composite resumes after encode: it only scores
-    assert row["unit"] == unit.key and row["encode_info"] == info["test"]
+    assert row.unit == unit.key and row.metrics["encode_info"] == info["test"]
     refit = fit_stage(run, cfg, unit, CPU)  # a second call loads the saved quantizer
     np.testing.assert_array_equal(refit.codebook_, quantizer.codebook_)
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from geovq.data.splits import ImageSplits
 from geovq.errors import GeovqError
 
-__all__ = ["DATASETS", "ImageSplits", "load_dataset", "resolve_data_root"]
+__all__ = ["DATASETS", "READS_DATA_ROOT", "ImageSplits", "load_dataset", "resolve_data_root"]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion", "cifar10", "npz")
+#: the datasets read from a data root (digits is embedded)
+READS_DATA_ROOT: tuple[str, ...] = ("mnist", "fashion", "cifar10", "npz")
 DATA_ROOT_ENV = "GEOVQ_DATA"
 DEFAULT_DATA_ROOT = Path("~/.cache/geovq/data")
 

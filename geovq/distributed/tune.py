@@ -9,8 +9,8 @@ cluster). Two small-machine traps hang Ray forever instead of failing, so this m
 - a GPU request that no node, and no node type the autoscaler may start, can meet fails at once
   (`resolve_gpus_per_trial`) instead of leaving trials pending forever.
 A post-hoc unit waits for its VAE inside the same Tune experiment (`_prerequisites_searcher`), not behind a
-phase barrier. Resuming is by files, not by Tune state: a unit whose output exists is never scheduled again,
-so an interrupted sweep re-run with the same command loses no finished trial.
+phase barrier. Resuming is by files, not by Tune state: a finished unit (`RunDir.unit_done`) is never scheduled
+again, so an interrupted sweep re-run with the same command loses no finished trial.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from geovq.config import SweepConfig
+from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_threads
 from geovq.errors import GeovqError, RunFailed
 from geovq.io import write_json, write_text
+from geovq.stages.plan import RunPlan
 from geovq.stages.rundir import RunDir
-from geovq.stages.units import Unit, VaeSpec, plan_units, work_from_dict
+from geovq.stages.units import Unit, VaeSpec, work_from_dict
 
 log = logging.getLogger("geovq")
 CPU_RESERVE_FRACTION = 0.8
-#: the metric a trial reports when a GeovqError ended it (not retried: a retry cannot fix its cause)
-GEOVQ_ERROR = "geovq_error"
 #: seconds to wait for a cluster address to answer before calling it unreachable
 ADDRESS_TIMEOUT_S = 10
 
@@ -113,53 +113,35 @@ def resolve_gpus_per_trial(requested: float | None) -> float:
     return requested
 
 
-def trial_device():
-    """The torch device of this trial: the GPU Ray assigned it, else the CPU."""
-    import ray
-    import torch
-
-    gpus = ray.get_gpu_ids()
-    if not gpus:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise GeovqError(f"this trial was assigned GPU {gpus} by Ray, but torch sees no CUDA device on node "
-                         f"{ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()}): a CPU-only "
-                         "torch build, or a node declaring GPUs it does not have")
-    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs
+def start_cluster(address: str | None, gpus_per_trial: float | None) -> float:
+    """Start local Ray or join the cluster at `address` (an unreachable one fails here, before a command writes
+    anything); returns the GPUs each trial asks for (`resolve_gpus_per_trial`)."""
+    start_ray(address)
+    return resolve_gpus_per_trial(gpus_per_trial)
 
 
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: one VAE or one unit, given as its dict beside the sweep's configuration."""
-    import faiss
     import ray
-    import torch
     from ray import tune
     from ray.experimental.tqdm_ray import tqdm
-    from threadpoolctl import threadpool_limits
 
     from geovq.stages.common import no_progress
     from geovq.stages.run import run_unit, run_vae
 
-    # Concurrent trials must not oversubscribe the cores: torch, faiss and the BLAS/OpenMP pools behind
-    # scikit-learn and scipy all get the trial's thread count.
-    threads = config["job"]["config"]["cpus_per_trial"]
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
     job = Job.from_dict(config["job"])
     run, cfg, work = job.run, job.cfg, job.work
     progress = tqdm if config["bars"] else no_progress
     _log_to_run(run)
     where = {"node_id": ray.get_runtime_context().get_node_id()}
     try:
-        device = trial_device()
-        with threadpool_limits(threads):
+        with trial_threads(cfg.cpus_per_trial):
+            device = trial_device()
             if isinstance(work, VaeSpec):
                 result = run_vae(run, cfg, work, device, progress, train_only=job.steps == "train")
             else:
-                result = run_unit(run, cfg, work, device, progress)
-    except GeovqError as e:
-        # A geovq error names a cause a retry cannot fix (a corrupt file, a bad setting): record it and end
-        # the trial without asking Tune for retries, which are kept for crashes (a killed worker, a lost node).
+                result = run_unit(run, cfg, work, device, progress).as_dict()
+    except GeovqError as e:  # recorded, and the trial ends without asking Tune for a retry (see GEOVQ_ERROR)
         record_failure(run, work, e)
         tune.report({GEOVQ_ERROR: 1, **where})
         return
@@ -207,7 +189,7 @@ def describe_failure(run: RunDir, work: VaeSpec | Unit, result: Any) -> str:
 
 
 def _unit_logger(total: int):
-    """A Tune callback that logs one line per finished trial (failures are reported once, by run_sweep)."""
+    """A Tune callback that logs one line per finished trial (failures are reported once, by run_sweeps)."""
     from ray.tune import Callback
 
     class UnitLogger(Callback):
@@ -356,11 +338,11 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
 
 def run_sweep(run: RunDir, cfg: SweepConfig, address: str | None) -> None:
     """One dataset's sweep (see `run_sweeps`)."""
-    run_sweeps([(run, cfg)], address)
+    run_sweeps([RunPlan.of(run, cfg)], address)
 
 
-def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> None:
-    """Every planned unit of every run, the datasets' trials sharing the cluster at once.
+def run_sweeps(plans: list[RunPlan], address: str | None) -> None:
+    """Every pending unit of every run's plan, the datasets' trials sharing the cluster at once.
 
     One Tune experiment runs the Gaussian VAEs, the VQ-VAEs and the post-hoc units, each post-hoc unit once its
     VAE is trained (a unit whose VAE failed is reported, not run). On a cluster (`address`), the VAEs only
@@ -371,12 +353,11 @@ def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> N
     on_cluster = address is not None
     first: list[Job] = []  # local: everything; cluster: what needs no Ray Data latents
     second: list[Job] = []  # cluster: the VAEs' scoring and the post-hoc units on them
-    for run, cfg in runs:
-        units = plan_units(cfg)
-        vaes = sorted({u.vae for u in units if not u.end_to_end}, key=lambda v: v.key)
-        ready = {v: run.vae_done(v) for v in vaes}
-        pending = [u for u in units if not run.unit_done(u, cfg.finetune_decoder, cfg.prior)]
-        for vae in vaes:
+    for plan in plans:
+        run, cfg = plan.run, plan.cfg
+        ready = {v: run.vae_done(v) for v in plan.vaes}
+        pending = plan.pending()
+        for vae in plan.vaes:
             if not ready[vae]:
                 first.append(Job(run, cfg, vae, "train" if on_cluster else "all"))
                 if on_cluster:
@@ -384,9 +365,9 @@ def run_sweeps(runs: list[tuple[RunDir, SweepConfig]], address: str | None) -> N
         first += [Job(run, cfg, u) for u in pending if u.end_to_end or ready[u.vae]]
         (second if on_cluster else first).extend(Job(run, cfg, u, after=f"{cfg.dataset}/{u.vae.key}")
                                                  for u in pending if not u.end_to_end and not ready[u.vae])
-        log.info("%s: %d units planned, %d pending; %d VAE(s) to train", cfg.dataset, len(units), len(pending),
+        log.info("%s: %d units planned, %d pending; %d VAE(s) to train", cfg.dataset, len(plan.units), len(pending),
                  sum(not r for r in ready.values()))
-    storage = runs[0][0].root / "ray" if len(runs) == 1 else runs[0][0].root.parent / "ray"
+    storage = plans[0].run.root / "ray" if len(plans) == 1 else plans[0].run.root.parent / "ray"
     failures: dict[str, str] = {}
     for phase, jobs in (("train", first), ("posthoc", second)) if on_cluster else (("sweep", first),):
         if phase == "posthoc":  # between the experiments: the VAEs' latents, sharded over the cluster by Ray Data

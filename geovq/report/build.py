@@ -12,69 +12,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from geovq.config import SweepConfig, changed_options
 from geovq.errors import GeovqError
 from geovq.io import write_json, write_text
-from geovq.report.tables import COLUMNS, collect_rows, markdown_report, progress, sort_rows
-from geovq.stages.rundir import RunDir
-
-
-@dataclass
-class Runs:
-    """The runs of one report: their configuration, rows (each knowing its run) and continuous-VAE ceilings."""
-
-    dirs: list[RunDir]
-    cfg: SweepConfig
-    rows: list[dict[str, Any]]
-    ceilings: list[dict[str, Any]]
-    finished: int
-    planned: int
-
-    def run_of(self, row: dict[str, Any]) -> RunDir:
-        return next(d for d in self.dirs if len(self.dirs) == 1 or d.root.name == row["run"])
-
-
-def load_runs(run_dirs: list[Path]) -> Runs:
-    """The runs, checked: each a geovq run directory, all of one dataset, with compatible configurations."""
-    if not run_dirs:
-        raise GeovqError("give at least one run directory")
-    dirs, configs = [], []
-    for path in run_dirs:
-        if not path.is_dir():
-            raise GeovqError(f"{path} is not a folder; expected a run directory written by `geovq sweep`")
-        if not (path / "config.yaml").exists():
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
-            raise GeovqError(f"{path} is not a geovq run directory: found {found}, expected config.yaml, units/ and "
-                             "vae/ as `geovq sweep --out` writes them")
-        dirs.append(RunDir(path))
-        configs.append(SweepConfig.load(path / "config.yaml"))
-    names = [d.root.name for d in dirs]
-    if len(set(names)) < len(names):
-        raise GeovqError(f"run directories must have distinct names to be merged; got {', '.join(names)}")
-    first = configs[0]
-    for path, cfg in zip(run_dirs[1:], configs[1:]):
-        if cfg.dataset != first.dataset:
-            raise GeovqError(f"{path} is a {cfg.dataset} run, {run_dirs[0]} a {first.dataset} run; a report "
-                             "merges runs of one dataset")
-        # the prior settings change no reconstruction: each row records its own prior and sample count
-        changed = changed_options(first, cfg, ignore=("prior", "prior_samples"))
-        if changed:
-            raise GeovqError(f"{path} and {run_dirs[0]} differ in more than methods, K, seeds, VAE variants and priors "
-                             f"({'; '.join(changed)}); they cannot share a table")
-    rows, ceilings, finished, planned = [], [], 0, 0
-    for d in dirs:
-        for row in collect_rows(d.root):
-            rows.append({**row, "run": d.root.name} if len(dirs) > 1 else row)
-        ceilings += [json.loads(p.read_text()) for p in sorted((d.root / "vae").glob("*/ceiling.json"))]
-        done, total = progress(d.root)
-        finished, planned = finished + done, planned + total
-    if not rows:
-        raise GeovqError(f"{', '.join(map(str, run_dirs))} holds no finished unit yet; run `geovq sweep` first")
-    return Runs(dirs, first, sort_rows(rows), ceilings, finished, planned)
+from geovq.latents import LatentSet
+from geovq.report.figures import (Figure, compare_figure, geometry_figure, rate_distortion_figure, token_kl_figure,
+                                  usage_figure)
+from geovq.report.html import html_report
+from geovq.report.recon import reconstruction_figure, samples_figure
+from geovq.report.runs import Runs, load_runs
+from geovq.report.tables import COLUMNS, markdown_report
+from geovq.stages.units import VaeSpec
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Runs:
@@ -95,9 +44,33 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Runs:
     config_yaml = runs.cfg.to_yaml().replace(str(Path.home()), "~")
     write_text(out / "report.md", markdown_report(runs.rows, runs.ceilings, config_yaml, runs.finished,
                                                   runs.planned))
-    from geovq.report.figures import write_figures
-    from geovq.report.html import html_report
-
     figures = write_figures(out, runs)
     write_text(out / "report.html", html_report(runs, figures, out, config_yaml))
     return runs
+
+
+def write_figures(out: Path, runs: Runs) -> list[Figure]:
+    """Every figure of a report (each with a JSON sidecar of its data); returns them in reading order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures = [rate_distortion_figure(out, runs.rows, runs.ceilings)]
+    by_bits = sorted({r["bits_per_image"] for r in runs.rows})
+    for bits in by_bits:
+        figures.append(compare_figure(out, runs.rows, runs.ceilings, bits))
+        figures.append(usage_figure(out, runs, bits))
+        figures.append(reconstruction_figure(out, runs, bits))
+        figures.extend(f for f in (samples_figure(out, runs, bits), geometry_figure(out, runs, bits)) if f)
+    for run in runs.dirs:  # each VAE's KL figure, drawn into its folder by the first report that finds it missing
+        for done in sorted((run.root / "vae").glob("*/ceiling.json")):
+            path = done.parent / "kl_histogram.png"
+            if not path.exists():
+                ceiling = json.loads(done.read_text())
+                spec = VaeSpec.from_dict(json.loads((done.parent / "spec.json").read_text()))
+                token_kl_figure(done.parent, LatentSet.load(done.parent / "latents_test.npz"),
+                                ceiling["tdc_target_bits"], ceiling["tdc_tolerance"], title=spec.slug)
+            figures.append(Figure(path, f"per-token KL of VAE {done.parent.name} against log2 K (test tokens)",
+                                  {"panels": 2}))
+    for figure in figures:
+        write_json(figure.path.with_suffix(".json"), {"caption": figure.caption, **figure.data})
+    return figures

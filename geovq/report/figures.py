@@ -1,9 +1,9 @@
-"""Figures of a report: rate–distortion curves, the methods at each rate, codebook usage, reconstruction grids
-(geovq.report.recon) and each VAE's per-token KL. No comparison across rates appears without its rate."""
+"""Figures of a report: rate–distortion curves, the methods at each rate, codebook usage, geodesic diagnostics
+and each VAE's per-token KL (reconstruction and sample grids: geovq.report.recon; all of them in reading order:
+geovq.report.build.write_figures). No comparison across rates appears without its rate."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from geovq.io import atomic_path, write_json
+from geovq.io import atomic_path
 from geovq.latents import LatentSet
 from geovq.report.tables import mean_ci, vqvae_difference
 
 if TYPE_CHECKING:
-    from geovq.report.build import Runs
+    from geovq.report.runs import Runs
 
 
 @dataclass
@@ -26,34 +26,6 @@ class Figure:
     path: Path
     caption: str
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def write_figures(out: Path, runs: Runs) -> list[Figure]:
-    """Every figure of a report (each with a JSON sidecar of its data); returns them in reading order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    figures = [rate_distortion_figure(out, runs.rows, runs.ceilings)]
-    by_bits = sorted({r["bits_per_image"] for r in runs.rows})
-    for bits in by_bits:
-        figures.append(compare_figure(out, runs.rows, runs.ceilings, bits))
-        figures.append(usage_figure(out, runs, bits))
-        from geovq.report.recon import reconstruction_figure, samples_figure
-
-        figures.append(reconstruction_figure(out, runs, bits))
-        figures.extend(f for f in (samples_figure(out, runs, bits), geometry_figure(out, runs, bits)) if f)
-    for run in runs.dirs:  # each VAE's KL figure: drawn when it was scored, redrawn only when missing
-        for done in sorted((run.root / "vae").glob("*/ceiling.json")):
-            path = done.parent / "kl_histogram.png"
-            if not path.exists():
-                ceiling = json.loads(done.read_text())
-                token_kl_figure(done.parent, LatentSet.load(done.parent / "latents_test.npz"),
-                                ceiling["tdc_target_bits"], ceiling["tdc_tolerance"], title=done.parent.name)
-            figures.append(Figure(path, f"per-token KL of VAE {done.parent.name} against log2 K (test tokens)",
-                                  {"panels": 2}))
-    for figure in figures:
-        write_json(figure.path.with_suffix(".json"), {"caption": figure.caption, **figure.data})
-    return figures
 
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, dict[float, list[dict]]]:

@@ -12,7 +12,7 @@ from geovq.report.tables import (INTRO, SETTINGS_HEADER, SUMMARY_HEADER, ceiling
                                  summary_by_bits, title)
 
 if TYPE_CHECKING:
-    from geovq.report.build import Runs
+    from geovq.report.runs import Runs
     from geovq.report.figures import Figure
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}

@@ -17,7 +17,7 @@ import numpy as np
 from geovq.report.figures import Figure, first_seed_rows
 
 if TYPE_CHECKING:
-    from geovq.report.build import Runs
+    from geovq.report.runs import Runs
 
 #: test images shown per grid
 N_IMAGES = 12

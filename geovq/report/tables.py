@@ -1,4 +1,4 @@
-"""Collects the unit rows of a run into results.json / results.csv / report.md.
+"""The tables of a report: results rows summarised per rate, as report.md (and report.html) show them.
 
 report.md groups rows by bits per image (only rows at equal bits are comparable) and summarises seeds as
 mean ± 95% confidence half-width (Student t), the per-seed rows staying in results.json/.csv.
@@ -6,11 +6,9 @@ mean ± 95% confidence half-width (Student t), the per-seed rows staying in resu
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from scipy import stats
@@ -24,14 +22,15 @@ COLUMNS = ["dataset", "method", "vae", "finetuned", "K", "token_dim", "grouping"
 SUMMARY_METRICS = ["psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_codes"]
 
 
-def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "units").glob("*/row*.json"))]
-    return sort_rows(rows)
-
-
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["bits_per_image"], r["method"], r.get("vae") or "", r["finetuned"],
                                        r["seed"], r.get("run", "")))
+
+
+def decoder_label(finetuned: bool, vae: str | None) -> str:
+    """Which decoder made a row's reconstructions: its VAE's own, the one fine-tuned on the codebook, or (no VAE)
+    the VQ-VAE's, trained end to end with its codebook."""
+    return "fine-tuned" if finetuned else ("end-to-end" if vae is None else "VAE's")
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -54,7 +53,7 @@ class SummaryLine:
 
     method: str
     vae: str | None
-    decoder: str  # "VAE's", "fine-tuned" or "end-to-end"
+    decoder: str  # decoder_label
     k: int
     bits: float
     bpp: float
@@ -106,8 +105,7 @@ def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]
             cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
         delta = vqvae_difference(rs, rows)
         cells.insert(1, "—" if method == "vqvae" else _fmt(*delta, 2) if delta else "n/a")
-        decoder = "fine-tuned" if tuned else ("end-to-end" if vae is None else "VAE's")
-        out[bits].append(SummaryLine(method, vae, decoder, k, bits, rs[0]["bpp"], len(rs), cells,
+        out[bits].append(SummaryLine(method, vae, decoder_label(tuned, vae), k, bits, rs[0]["bpp"], len(rs), cells,
                                      mean_ci([r["psnr"] for r in rs])[0]))
     return out
 
@@ -188,21 +186,3 @@ def settings_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Settings of each row", "", "| " + " | ".join(SETTINGS_HEADER) + " |", "|" + "---|" * 6]
     return lines + ["| " + " | ".join(map(str, s)) + " |" for s in seen]
-
-
-def progress(run_dir: Path) -> tuple[int, int]:
-    """(finished, planned) units of a run directory, planned by its config.yaml (every unit it has held)."""
-    from geovq.config import SweepConfig
-    from geovq.stages.rundir import RunDir
-    from geovq.stages.units import plan_units
-
-    cfg = SweepConfig.load(run_dir / "config.yaml")
-    planned = plan_units(cfg)
-    return sum(RunDir(run_dir).unit_done(u, cfg.finetune_decoder, cfg.prior) for u in planned), len(planned)
-
-
-def write_results(run_dir: Path) -> list[dict[str, Any]]:
-    """One run's results.json/.csv, report.md/.html and figures (see `geovq.report.build.write_report`)."""
-    from geovq.report.build import write_report
-
-    return write_report([run_dir]).rows

@@ -44,10 +44,11 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from geovq.config import SweepConfig
+from geovq.distributed.trial import GEOVQ_ERROR
 from geovq.distributed.tune import CPU_RESERVE_FRACTION
 from geovq.errors import GeovqError
 from geovq.search.space import Study
-from geovq.search.trial import BITS, EPOCH, EPOCH_METRIC, GEOVQ_ERROR, OBJECTIVE, search_trial
+from geovq.search.trial import BITS, EPOCH, EPOCH_METRIC, OBJECTIVE, search_trial
 
 log = logging.getLogger("geovq")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's multivariate options
@@ -312,12 +313,13 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def plan_search(dataset: str, data: Any, data_root: str | None, download: bool, space_path: Path,
+def plan_search(dataset: str, data: Any, data_root: str | os.PathLike | None, download: bool, space_path: Path,
                 methods: list[str] | None, bits: int | None, pareto: bool, cpus_per_trial: int = 1
                 ) -> tuple[SweepConfig, dict[str, Study]]:
     """The search's base configuration (the dataset's defaults, as a sweep resolves them) and one study per
-    method, validated: the space file against the settings and quantizers, the budget against the grid."""
-    from geovq.config import resolve_config, validate
+    method, validated by the sweep's rules (geovq.config): the space file against the settings and quantizers,
+    the budget against the grid, each rate against the training tokens."""
+    from geovq.config import check_training_tokens, resolve_config, validate
     from geovq.search.space import load_space
 
     base = resolve_config(dataset, data.image_shape, [], [2], 1, None, False, data_root=data_root,
@@ -336,12 +338,8 @@ def plan_search(dataset: str, data: Any, data_root: str | None, download: bool, 
     cfg = replace(base, methods=chosen, codebook_sizes=sizes, vaes=list(space.variants),
                   max_train_images=space.max_train_images)
     validate(cfg)
-    n_train = min(len(data.train), cfg.max_train_images or len(data.train))
-    for study in studies.values():
-        for k, d in study.rates or [(space.max_codes, min(space.token_dims))]:
-            if k > n_train * space.tokens(d):
-                raise GeovqError(f"K={k} at d={d} exceeds the {n_train * space.tokens(d)} training tokens of "
-                                 f"{dataset}; lower rate.max_codes in {space_path}")
+    rates = [rate for study in studies.values() for rate in study.rates or [(space.max_codes, min(space.token_dims))]]
+    check_training_tokens(cfg, len(data.train), rates, f"lower rate.max_codes in {space_path}")
     return cfg, studies
 
 

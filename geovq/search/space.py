@@ -498,11 +498,9 @@ def _param(where: str, name: str, key: str, kind: type, spec: Any, fail) -> Para
             if not ok(value):
                 raise fail(where, f"{value!r} must be {rule}")
     if key.startswith("tdc."):
-        from geovq.training.tdc import TDCController  # the TDC settings' own rules
-
-        for value in param.extremes():
+        for value in param.extremes():  # the TDC settings' own rules
             try:
-                TDCController.from_config(1.0, replace(TDCConfig(), **{key[len("tdc."):]: value}))
+                replace(TDCConfig(), **{key[len("tdc."):]: value}).check(1.0)
             except GeovqError as e:
                 raise fail(where, str(e)) from None
     return param

@@ -25,6 +25,7 @@ import torch
 
 from geovq.config import SweepConfig
 from geovq.data import ImageSplits
+from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_threads
 from geovq.errors import GeovqError
 from geovq.io import write_json
 from geovq.stages.common import INFERENCE_BATCH, decode_grids, load_splits, no_progress
@@ -33,8 +34,6 @@ from geovq.stages.units import Unit, tuned_unit
 
 #: the metrics a trial reports: the scheduler's (every epoch) and the searcher's (once, at the end)
 EPOCH, EPOCH_METRIC, OBJECTIVE, BITS = "epoch", "epoch_val_psnr", "val_psnr", "bits"
-#: reported instead of the objective when a GeovqError ended the trial (a cause a retry cannot fix)
-GEOVQ_ERROR = "geovq_error"
 #: a model's per-epoch validation PSNR, {epoch: dB}, beside its checkpoint (a VAE's: of posterior samples)
 HISTORY, VAE_HISTORY = "val_psnr.json", "val_psnr_sampled.json"
 Report = Callable[[dict[str, Any]], None]
@@ -72,15 +71,9 @@ class Diverged(Exception):
 def search_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     """Tune's trainable: `config` is the sampled point (Study.sample's values), `job` the search's fixed part
     (run_dir, config, study, seed)."""
-    import faiss
     from ray import tune
-    from threadpoolctl import threadpool_limits
-
-    from geovq.distributed.tune import trial_device
 
     cfg = SweepConfig.from_dict(job["config"])
-    torch.set_num_threads(cfg.cpus_per_trial)
-    faiss.omp_set_num_threads(cfg.cpus_per_trial)
     study = job["study"]
     candidate = study.candidate(config)
     unit = tuned_unit(cfg, study.method, candidate.record(), job["seed"])
@@ -94,13 +87,13 @@ def search_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         tune.report({**metrics, "epochs_trained": trained["epochs"], **fixed})
 
     t0 = time.time()
-    with threadpool_limits(cfg.cpus_per_trial):
+    with trial_threads(cfg.cpus_per_trial):
         try:
             final = run_candidate(run, cfg, unit, search_splits(cfg), trial_device(), report, trained)
         except Diverged as e:
             report({"diverged": 1, "reason": str(e), "seconds": time.time() - t0})
             return
-        except GeovqError as e:  # e.g. a setting this dataset cannot take: recorded, not retried by Tune
+        except GeovqError as e:  # e.g. a setting this dataset cannot take: reported instead of the objective
             report({GEOVQ_ERROR: str(e).splitlines()[0], "seconds": time.time() - t0})
             return
     report({**final, "seconds": time.time() - t0})
@@ -113,7 +106,6 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
     epoch before its quantizer is scored) and the objective."""
     from filelock import FileLock
 
-    from geovq.stages.common import settings
     from geovq.stages.fit import fit_stage
     from geovq.stages.train_vae import train_vae_stage
     from geovq.stages.vqvae import train_vqvae_stage
@@ -122,7 +114,7 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
     if unit.end_to_end:
         out = run.unit(unit)
         out.mkdir(parents=True, exist_ok=True)
-        epochs = settings(cfg, unit.params, unit.seed)[0].epochs
+        epochs = cfg.settings(unit.params, unit.seed)[0].epochs
         with FileLock(str(out / ".train.lock")):
             last = train_reporting(out / HISTORY, epochs, report, trained,
                                    lambda on_epoch: train_vqvae_stage(run, cfg, unit, data, device, no_progress,
@@ -131,7 +123,7 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
         return {EPOCH: epochs, EPOCH_METRIC: last, OBJECTIVE: last}
     spec = run.vae(unit.vae)
     spec.mkdir(parents=True, exist_ok=True)
-    epochs = settings(cfg, unit.vae.overrides, unit.seed)[0].epochs
+    epochs = cfg.settings(unit.vae.overrides, unit.seed)[0].epochs
     with FileLock(str(spec / ".train.lock")):  # one trial trains a VAE; the others wait, then reuse it
         last = train_reporting(spec / VAE_HISTORY, epochs, report, trained,
                                lambda on_epoch: train_vae_stage(run, cfg, unit.vae, data, device, no_progress,

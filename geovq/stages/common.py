@@ -1,25 +1,20 @@
-"""What several stages share: the dataset of a run, a unit's settings, decoding latent grids on a device."""
+"""What several stages share: the dataset of a run, progress bars, decoding latent grids on a device."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from geovq.config import SweepConfig, TDCConfig, TrainConfig, VQConfig
+from geovq.config import SweepConfig
 from geovq.data import ImageSplits, load_dataset
-from geovq.errors import GeovqError
 from geovq.models.vae import GaussianVAE
-from geovq.stages.units import Params
 from geovq.training.loop import to_device
 
 Progress = Callable[..., Any]
 #: images per decoder or encoder call outside training (fixed: batch size can change float rounding)
 INFERENCE_BATCH = 512
-log = logging.getLogger("geovq")
 
 
 def no_progress(**kwargs: Any) -> Any:
@@ -36,18 +31,6 @@ def load_splits(cfg: SweepConfig) -> ImageSplits:
         data.train = data.train[: cfg.max_train_images]
         data.train_labels = data.train_labels[: cfg.max_train_images]
     return data
-
-
-def settings(cfg: SweepConfig, overrides: Params, seed: int) -> tuple[TrainConfig, TDCConfig, VQConfig]:
-    """The sweep's training, TDC and VQ settings with a unit's dotted overrides ("train.lr", "tdc.factor",
-    "vq.commitment") applied, and the unit's seed."""
-    sections: dict[str, Any] = {"train": replace(cfg.train, seed=seed), "tdc": cfg.tdc, "vq": cfg.vq}
-    for key, value in overrides:
-        section, _, name = key.partition(".")
-        if section not in sections or not hasattr(sections[section], name):
-            raise GeovqError(f"unknown training setting {key!r}; valid: train.*, tdc.*, vq.* fields")
-        sections[section] = replace(sections[section], **{name: value})
-    return sections["train"], sections["tdc"], sections["vq"]
 
 
 @torch.no_grad()

@@ -1,10 +1,11 @@
 """The two composite stages a sweep schedules: a whole VAE and a whole unit, each resumable stage by stage.
 
     run_vae:  train_vae -> extract latents (train, val, test) -> score the continuous VAE
-    run_unit (post-hoc):   fit -> encode (train, val, test) -> score -> [fine-tune the decoder]
-    run_unit (end to end): train the VQ-VAE -> encode (train, val, test) -> score
+    run_unit (post-hoc):   fit -> encode (train, val, test) -> score -> [fine-tune the decoder] -> [prior]
+    run_unit (end to end): train the VQ-VAE -> encode (train, val, test) -> score -> [prior]
 
-Each step skips work whose output exists, so an interrupted unit resumes at its first missing file.
+Each step skips work whose output exists, so an interrupted unit resumes at its first missing file. A unit is
+finished when its last step has run: `RunDir.mark_finished` records it, with the prior it ran.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import torch
 
 from geovq.config import SweepConfig
 from geovq.data import ImageSplits
-from geovq.io import write_json
 from geovq.metrics.latent import quantization_error
-from geovq.stages.common import Progress, decode_grids, load_splits, settings
+from geovq.stages.common import Progress, decode_grids, load_splits
 from geovq.stages.encode import encode_stage
 from geovq.stages.extract import extract_stage
 from geovq.stages.finetune import finetune_stage
 from geovq.stages.fit import EdgeLengths, fit_stage, load_latents, load_vae
+from geovq.stages.row import Row
 from geovq.stages.rundir import RunDir
 from geovq.stages.score import rate_diagnostics, score_unit_stage, score_vae_stage
 from geovq.stages.train_vae import train_vae_stage
@@ -51,34 +52,51 @@ def run_vae(run: RunDir, cfg: SweepConfig, spec: VaeSpec, device: torch.device, 
 
 
 def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, progress: Progress,
-             data: ImageSplits | None = None, edge_lengths: EdgeLengths | None = None) -> dict[str, Any]:
-    """Fit (or train), encode and score one unit, then fine-tune its decoder when the sweep asks; returns
-    its row (the fine-tuned row's twin without fine-tuning)."""
-    out = run.unit(unit)
+             data: ImageSplits | None = None, edge_lengths: EdgeLengths | None = None) -> Row:
+    """Fit (or train), encode and score one unit, fine-tune its decoder and train and sample its prior when the
+    sweep asks, then mark it finished; returns its row (through the VAE's decoder, or the VQ-VAE's)."""
     if run.unit_done(unit, cfg.finetune_decoder, cfg.prior):
-        return json.loads((out / "row.json").read_text())
+        return run.read_row(unit)
+    run.unmark_finished(unit)  # a crash in what follows must not leave it marked with what it had before
     data = data or load_splits(cfg)
-    t0 = time.time()
     if unit.end_to_end:
-        if (out / "row.json").exists():
-            row = json.loads((out / "row.json").read_text())
-        else:
-            model = train_vqvae_stage(run, cfg, unit, data, device, progress)
-            info = encode_vqvae_stage(run, unit, model, data, device)
-            fit = json.loads((out / "fit.json").read_text())
-            extra = {**fit, "latent_error": info["test"]["latent_error"], "seconds": time.time() - t0}
-            row = score_unit_stage(run, cfg, unit, data, device, vqvae_reconstruct(model, device), extra)
-        return prior_rows(run, cfg, unit, device, progress, data) if cfg.prior else row
+        score_vqvae(run, cfg, unit, data, device, progress)
+    else:
+        score_posthoc(run, cfg, unit, data, device, progress, edge_lengths)
+    if cfg.prior:
+        prior_rows(run, cfg, unit, device, progress, data)
+    run.mark_finished(unit, cfg.prior)
+    return run.read_row(unit)
+
+
+def score_vqvae(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
+                progress: Progress) -> None:
+    """Train the unit's VQ-VAE, encode every split with it and score its test codes: row.json, unless it exists."""
+    if run.row_path(unit).exists():
+        return
+    t0 = time.time()
+    model = train_vqvae_stage(run, cfg, unit, data, device, progress)
+    info = encode_vqvae_stage(run, unit, model, data, device)
+    fit = json.loads((run.unit(unit) / "fit.json").read_text())
+    extra = {**fit, "latent_error": info["test"]["latent_error"], "seconds": time.time() - t0}
+    score_unit_stage(run, cfg, unit, data, device, vqvae_reconstruct(model, device), extra)
+
+
+def score_posthoc(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
+                  progress: Progress, edge_lengths: EdgeLengths | None = None) -> None:
+    """Fit the unit's quantizer on its VAE's latents, encode every split and score the test codes (row.json), then
+    fine-tune the decoder when the sweep asks (row_finetuned.json); each step skips what exists."""
+    t0 = time.time()
     vae = load_vae(run, unit, device)
     quantizer = fit_stage(run, cfg, unit, device, vae, edge_lengths)
     info = encode_stage(run, unit, quantizer)
-    if (out / "row.json").exists():
-        row = json.loads((out / "row.json").read_text())
+    if run.row_path(unit).exists():
+        row = run.read_row(unit)
     else:
         test = load_latents(run, unit, "test")
         tokens_hat = quantizer.decode(np.load(run.codes(unit, "test")))
         ceiling = json.loads((run.vae(unit.vae) / "ceiling.json").read_text())
-        _, tdc, _ = settings(cfg, unit.vae.overrides, unit.seed)
+        _, tdc, _ = cfg.settings(unit.vae.overrides, unit.seed)
         extra = {"fit_seconds": quantizer.fit_info_.get("fit_seconds"), "encode_seconds": info["test"]["seconds"],
                  "vae_psnr": ceiling["psnr"], **rate_diagnostics(test, unit.n_codes, tdc.tolerance),
                  **quantization_error(tokens_hat.reshape(-1, test.token_dim), test.token_mu, test.token_sigma),
@@ -88,9 +106,8 @@ def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, pr
             return decode_grids(vae.decoder, test.layout.tokens_to_grid(quantizer.decode(codes)), device)
 
         row = score_unit_stage(run, cfg, unit, data, device, reconstruct, extra)
-    if cfg.finetune_decoder and not (out / "row_finetuned.json").exists():
+    if cfg.finetune_decoder and not run.row_path(unit, finetuned=True).exists():
         finetune_stage(run, cfg, unit, data, device, vae, quantizer, row, progress)
-    return prior_rows(run, cfg, unit, device, progress, data) if cfg.prior else row
 
 
 #: samples.json fields renamed sample_* in a row (they would read as the row's own otherwise)
@@ -101,10 +118,10 @@ PRIOR_ROW_FIELDS = ("prior", "prior_bits_per_token", "prior_bits_per_image", "un
 
 
 def prior_rows(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, progress: Progress,
-               data: ImageSplits) -> dict[str, Any]:
+               data: ImageSplits) -> None:
     """Train the unit's prior and sample it (geovq.stages.prior); its rate goes into every row of the unit, the
     sample metrics into the row of the decoder the samples were decoded by (the fine-tuned one where it
-    exists). Returns row.json."""
+    exists)."""
     from geovq.stages.prior import prior_stage, sample_stage
 
     prior = prior_stage(run, cfg, unit, device, progress, kind=cfg.prior, data=data)
@@ -113,10 +130,7 @@ def prior_rows(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, 
     rate = {key: prior[key] for key in PRIOR_ROW_FIELDS}
     sampled = {(f"sample_{key}" if key in SAMPLE_SETTINGS else key): value for key, value in samples.items()
                if key not in ("prior", "prior_conditional")}
-    out = run.unit(unit)
-    tuned = out / "row_finetuned.json"
-    for path in [out / "row.json"] + ([tuned] if tuned.exists() else []):
-        row = json.loads(path.read_text())
-        own = samples["decoder"] == ("finetuned" if path == tuned else ("vqvae" if unit.end_to_end else "vae"))
-        write_json(path, {**row, **rate, **(sampled if own else {})})
-    return json.loads((out / "row.json").read_text())
+    for finetuned in (False, True):
+        if run.row_path(unit, finetuned).exists():
+            own = samples["decoder"] == ("finetuned" if finetuned else ("vqvae" if unit.end_to_end else "vae"))
+            run.write_row(unit, run.read_row(unit, finetuned).with_metrics({**rate, **(sampled if own else {})}))

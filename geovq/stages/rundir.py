@@ -13,8 +13,9 @@
         quantizer.npz | model.pt         the fitted quantizer (post-hoc) or the trained VQ-VAE (end to end)
         codes_{train,val,test}.npy       int codes, images × tokens
         encode.json                      how each split was encoded (seconds, rules, agreement checks)
-        row.json                         the scored test row: the unit is finished
+        row.json                         the scored test row (a `Row`; the prior stage adds its rate, samples)
         decoder_finetuned.pt, row_finetuned.json   with --finetune-decoder
+        finished.json                    written last, with the prior it ran: the unit is finished
         prior-{kind}[-cond]/             a prior over its codes (see `RunDir.prior`)
             prior.pt, prior.json             best-validation weights; test bits/token and bits/image
             state.pt                         the resume point while it trains
@@ -30,6 +31,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from geovq.io import write_json
+from geovq.stages.row import Row
 from geovq.stages.units import Unit, VaeSpec
 
 SPLITS = ("train", "val", "test")
@@ -70,11 +73,34 @@ class RunDir:
     def domain(self) -> Path:
         return self.root / "domain"
 
+    def row_path(self, unit: Unit, finetuned: bool = False) -> Path:
+        return self.unit(unit) / ("row_finetuned.json" if finetuned else "row.json")
+
+    def write_row(self, unit: Unit, row: Row) -> None:
+        write_json(self.row_path(unit, row.finetuned), row.as_dict())
+
+    def read_row(self, unit: Unit, finetuned: bool = False) -> Row:
+        return Row.from_dict(json.loads(self.row_path(unit, finetuned).read_text()))
+
+    def rows(self) -> list[Row]:
+        """Every row the run holds: each scored unit's, and its fine-tuned decoder's where there is one."""
+        return [Row.from_dict(json.loads(path.read_text())) for path in sorted(self.root.glob("units/*/row*.json"))]
+
+    def mark_finished(self, unit: Unit, prior: str | None) -> None:
+        """The unit ran to its end: scored, fine-tuned where asked, and with `prior` trained and sampled."""
+        write_json(self.unit(unit) / "finished.json", {"prior": prior})
+
+    def unmark_finished(self, unit: Unit) -> None:
+        """Before a unit's stages run again (a prior or a fine-tune newly asked, a deleted row): until they
+        end, it is not finished with what it was finished with."""
+        (self.unit(unit) / "finished.json").unlink(missing_ok=True)
+
     def unit_done(self, unit: Unit, finetune: bool, prior: str | None = None) -> bool:
-        """Finished: its row exists; when fine-tuning is asked of a post-hoc unit, its fine-tuned row too; when a
-        prior is asked, its row carries that prior's rate (and samples)."""
-        out = self.unit(unit)
-        rows = [out / "row.json"] + ([out / "row_finetuned.json"] if finetune and not unit.end_to_end else [])
-        if not all(row.exists() for row in rows):
+        """Finished, with what is asked now: when fine-tuning is asked of a post-hoc unit, its fine-tuned row; when
+        a prior is asked, that prior. Its rows must still be there (a deleted row is scored again)."""
+        marker = self.unit(unit) / "finished.json"
+        if not marker.exists() or not self.row_path(unit).exists():
             return False
-        return prior is None or json.loads(rows[0].read_text()).get("prior") == prior
+        if finetune and not unit.end_to_end and not self.row_path(unit, finetuned=True).exists():
+            return False
+        return prior is None or json.loads(marker.read_text())["prior"] == prior

@@ -1,7 +1,7 @@
 """Stage: score. Paired test metrics of reconstructions from saved test codes, and the rate of the code.
 
 `score_vae_stage` scores a continuous VAE (its ceiling: no quantization); `score_unit_stage` scores a unit
-from its saved test codes and writes row.json, the results row; `unit_row` is the row's fixed part.
+from its saved test codes and writes row.json, its results `Row`; `unit_row` is the row before any metric.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from geovq.metrics.codebook import dead_codes, usage_perplexity, usage_perplexit
 from geovq.metrics.image import image_metrics
 from geovq.metrics.rate import bits_per_image, bits_per_pixel
 from geovq.models.vae import GaussianVAE
-from geovq.stages.common import decode_grids, settings
+from geovq.stages.common import decode_grids
+from geovq.stages.row import Row
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit, VaeSpec
 from geovq.training.checkpoint import load_model
@@ -37,7 +38,7 @@ def in_band(kl_bits: np.ndarray, target_bits: float, tolerance: float) -> float:
 
 def score_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSplits, device: torch.device,
                     model: GaussianVAE | None = None, train_seconds: float | None = None) -> dict[str, Any]:
-    """ceiling.json: the continuous VAE's own test metrics and per-token KL, and its KL figure."""
+    """ceiling.json: the continuous VAE's own test metrics and per-token KL (the report draws its KL figure)."""
     out = run.vae(spec)
     done = out / "ceiling.json"
     if done.exists():
@@ -46,46 +47,41 @@ def score_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSpl
     test = LatentSet.load(run.latents(spec, "test"))
     recon = decode_grids(model.decoder, test.mu, device)
     kl = test.token_kl_bits()
-    _, tdc, _ = settings(cfg, spec.overrides, spec.seed)
+    _, tdc, _ = cfg.settings(spec.overrides, spec.seed)
     ceiling = {"vae": spec.variant, "vae_key": spec.key, "tdc_target_bits": spec.target_bits,
                "tdc_tolerance": tdc.tolerance, "seed": spec.seed, "train_seconds": train_seconds,
                **image_metrics(to_device(data.test, device), recon), "mean_token_kl_bits": float(kl.mean())}
     if spec.target_bits is not None:
         ceiling["frac_tokens_in_band"] = in_band(kl, spec.target_bits, tdc.tolerance)
-    from geovq.report.figures import token_kl_figure
-
-    token_kl_figure(out, test, spec.target_bits, tdc.tolerance, title=spec.slug)
     write_json(done, ceiling)  # written last: its presence marks the VAE finished
     return ceiling
 
 
-def unit_row(cfg: SweepConfig, unit: Unit, data: ImageSplits) -> dict[str, Any]:
-    """The part of a results row that says what was measured: method, VAE (and its training overrides), rate,
-    seed, hyperparameters."""
+def unit_row(cfg: SweepConfig, unit: Unit, data: ImageSplits) -> Row:
+    """A results row that says what is measured, nothing measured yet: method, VAE (and its training
+    overrides), rate, seed, hyperparameters."""
     layout = cfg.layout.with_token_dim(unit.token_dim, unit.grouping)
     bits = bits_per_image(layout.tokens_per_image, unit.n_codes)
-    return {"dataset": cfg.dataset, "method": unit.method, "vae": None if unit.vae is None else unit.vae.variant,
-            "finetuned": False, "K": unit.n_codes, "token_dim": unit.token_dim, "grouping": unit.grouping,
-            "tokens_per_image": layout.tokens_per_image, "bits_per_image": bits,
-            "bpp": bits_per_pixel(bits, data.native_hw), "seed": unit.seed, "params": dict(unit.params),
-            "vae_overrides": {} if unit.vae is None else dict(unit.vae.overrides),
-            "unit": unit.key, "vae_key": None if unit.vae is None else unit.vae.key}
+    return Row(dataset=cfg.dataset, method=unit.method, vae=None if unit.vae is None else unit.vae.variant,
+               finetuned=False, K=unit.n_codes, token_dim=unit.token_dim, grouping=unit.grouping,
+               tokens_per_image=layout.tokens_per_image, bits_per_image=bits,
+               bpp=bits_per_pixel(bits, data.native_hw), seed=unit.seed, params=dict(unit.params),
+               vae_overrides={} if unit.vae is None else dict(unit.vae.overrides),
+               unit=unit.key, vae_key=None if unit.vae is None else unit.vae.key)
 
 
 def score_unit_stage(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
-                     reconstruct: Reconstruct, extra: dict[str, Any]) -> dict[str, Any]:
+                     reconstruct: Reconstruct, extra: dict[str, Any]) -> Row:
     """row.json from the saved test codes: paired image metrics (image i against its reconstruction),
     test-code usage, and `extra` (fit figures, rate and latent diagnostics)."""
-    out = run.unit(unit)
     codes = np.load(run.codes(unit, "test"))
-    row = {**unit_row(cfg, unit, data),
-           **image_metrics(to_device(data.test, device), reconstruct(codes)),
-           "usage_perplexity": usage_perplexity(codes, unit.n_codes),
-           "usage_perplexity_corrected": usage_perplexity_corrected(codes, unit.n_codes),
-           "dead_codes": dead_codes(codes, unit.n_codes),
-           "n_test": len(data.test), "codes_path": str(run.codes(unit, "test").relative_to(run.root)),
-           **extra}
-    write_json(out / "row.json", row)  # its presence marks the unit scored
+    row = unit_row(cfg, unit, data).with_metrics({
+        **image_metrics(to_device(data.test, device), reconstruct(codes)),
+        "usage_perplexity": usage_perplexity(codes, unit.n_codes),
+        "usage_perplexity_corrected": usage_perplexity_corrected(codes, unit.n_codes),
+        "dead_codes": dead_codes(codes, unit.n_codes),
+        "n_test": len(data.test), "codes_path": str(run.codes(unit, "test").relative_to(run.root)), **extra})
+    run.write_row(unit, row)
     return row
 
 

@@ -10,7 +10,7 @@ from geovq.config import SweepConfig
 from geovq.data import ImageSplits
 from geovq.io import write_json
 from geovq.latents import TokenLayout
-from geovq.stages.common import Progress, settings
+from geovq.stages.common import Progress
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import VaeSpec
 from geovq.training.loop import EpochCallback, train_vae
@@ -25,7 +25,7 @@ def train_vae_stage(run: RunDir, cfg: SweepConfig, spec: VaeSpec, data: ImageSpl
     if checkpoint.exists():
         return checkpoint
     write_json(out / "spec.json", spec.to_dict())
-    train, tdc, _ = settings(cfg, spec.overrides, spec.seed)
+    train, tdc, _ = cfg.settings(spec.overrides, spec.seed)
     layout = None if spec.token_dim is None else cfg.layout.with_token_dim(spec.token_dim, spec.grouping)
     train_vae(cfg.trunk, train, data.train, data.val, out, progress, device, layout, spec.target_bits, tdc, on_epoch)
     return checkpoint

@@ -13,7 +13,7 @@ from geovq.config import SweepConfig
 from geovq.data import ImageSplits
 from geovq.io import save_npy, write_json
 from geovq.models.vqvae import VQVAE
-from geovq.stages.common import INFERENCE_BATCH, Progress, settings
+from geovq.stages.common import INFERENCE_BATCH, Progress
 from geovq.stages.encode import code_dtype
 from geovq.stages.rundir import SPLITS, RunDir
 from geovq.stages.units import Unit
@@ -29,7 +29,7 @@ def train_vqvae_stage(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSpli
     if (out / "model.pt").exists():
         return load_model(out / "model.pt", "vqvae", device)
     write_json(out / "unit.json", unit.to_dict())
-    train, _, vq = settings(cfg, unit.params, unit.seed)
+    train, _, vq = cfg.settings(unit.params, unit.seed)
     layout = cfg.layout.with_token_dim(unit.token_dim, unit.grouping)
     t0 = time.time()
     model = train_vqvae(cfg.trunk, layout, unit.n_codes, vq, train, data.train, data.val, out, progress, device,

@@ -63,17 +63,8 @@ class TDCController:
     lambda_min_limit: float = _DEFAULTS.lambda_min_limit
 
     def __post_init__(self) -> None:
-        if not self.target_bits > 0:
-            raise GeovqError(f"TDC target T={self.target_bits} bits must be > 0 (T = log2 K)")
-        if not self.tolerance >= 0:
-            raise GeovqError(f"TDC tolerance τ={self.tolerance} bits must be >= 0")
-        if not self.factor > 1:
-            raise GeovqError(f"TDC factor f={self.factor} must be > 1 (1.01 is the default)")
-        if not self.lam > 0:
-            raise GeovqError(f"TDC initial λ={self.lam} must be > 0")
-        if not (self.lambda_max_limit >= 1 and 0 < self.lambda_min_limit <= 1):
-            raise GeovqError(f"TDC λ limits must satisfy lambda_max_limit >= 1 and 0 < lambda_min_limit <= 1; got "
-                             f"{self.lambda_max_limit}, {self.lambda_min_limit}")
+        TDCConfig(self.tolerance, self.factor, self.lam, self.lambda_max_limit, self.lambda_min_limit
+                  ).check(self.target_bits)
 
     @classmethod
     def from_config(cls, target_bits: float, cfg: TDCConfig) -> TDCController:

@@ -16,17 +16,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from geovq.errors import GeovqError
+from geovq.config import check_prior_kind
 
-#: trained priors, by name -> "module:Class" (imported on use)
+#: trained priors, by name (geovq.config.PRIOR_KINDS) -> "module:Class" (imported on use)
 PRIORS = {"transformer": "geovq.models.priors.transformer:TransformerPrior",
           "pixelcnn": "geovq.models.priors.pixelcnn:PixelCNNPrior"}
-
-
-def check_prior_kind(kind: str) -> str:
-    if kind not in PRIORS:
-        raise GeovqError(f"prior {kind!r} is unknown; valid: {', '.join(PRIORS)}")
-    return kind
 
 
 def prior_class(kind: str) -> type:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from geovq.config import check_prior_kind
 from geovq.errors import GeovqError
-from geovq.models.priors import check_prior_kind
 
 
 @dataclass
