@@ -267,11 +267,11 @@ def test_a_row_with_tokens_smaller_than_a_cell_is_rated_by_its_tokens(plain_vae,
     n_test, h, w, channels = np.load(run.latents(spec, "test"))["mu"].shape
     assert channels == 4 and d < channels and data.native_hw == (8, 8)
     tokens = h * w * channels // d
-    assert row["token_dim"] == d and row["K"] == unit.n_codes == 16
-    assert row["tokens_per_image"] == tokens, f"{row['tokens_per_image']} tokens per image, not h·w·C/d = {tokens}"
-    assert row["bits_per_image"] == tokens * math.log2(16)
-    assert row["bpp"] == pytest.approx(tokens * 4 / 64, rel=1e-12)
-    assert json.loads((run.unit(unit) / "row.json").read_text()) == row  # the row the tables read
+    assert row.token_dim == d and row.K == unit.n_codes == 16
+    assert row.tokens_per_image == tokens, f"{row.tokens_per_image} tokens per image, not h·w·C/d = {tokens}"
+    assert row.bits_per_image == tokens * math.log2(16)
+    assert row.bpp == pytest.approx(tokens * 4 / 64, rel=1e-12)
+    assert json.loads((run.unit(unit) / "row.json").read_text()) == row.as_dict()  # the row the tables read
     codes = np.load(run.codes(unit, "test"))
     assert codes.shape == (n_test, tokens) == (len(data.test), tokens)
     assert codes.min() >= 0 and codes.max() < 16

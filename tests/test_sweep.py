@@ -229,9 +229,10 @@ def test_several_datasets_share_one_sweep_each_with_its_own_run_directory(ray_lo
                                  "--out", str(parent)])
     assert result.exit_code == 0, result.output
     for name in ("digits", "npz"):
-        rows = json.loads((parent / name / "results.json").read_text())
+        run = parent / f"{name}-tiny"  # each dataset's default run directory's name, inside --out
+        rows = json.loads((run / "results.json").read_text())
         assert [(r["dataset"], r["method"]) for r in rows] == [(name, "kmeans")]
-        assert f"{name} report: {parent / name / 'report.html'} (and report.md)" in result.output
+        assert f"{name} report: {run / 'report.html'} (and report.md)" in result.output
     # one Tune experiment for both datasets: their trials shared the cluster at once
     experiments = [p.name.split("-")[0] for p in (parent / "ray").iterdir()]
     assert experiments == ["sweep"]
