@@ -103,3 +103,25 @@ def quick_run(ray_local, tmp_path_factory):
     result = CliRunner().invoke(app, QUICK + ["--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def plugin_sweep(ray_local, tmp_path_factory):
+    """One sweep on local Ray of the two quantizers defined outside geovq (tests/plugins/geovq_toy.py), which Ray's
+    workers import by the path their units carry: toy-q (spread 0.5) finishes, crash-q kills its own worker while
+    fitting, with no retry (each would kill one more worker; Ray's retries are test_cluster's). Returns the run
+    directory, the configuration and the sweep's RunFailed."""
+    import geovq_toy  # noqa: F401  (registers toy-q and crash-q here)
+
+    from geovq.distributed.tune import run_sweep
+    from geovq.errors import RunFailed
+    from geovq.stages.rundir import RunDir
+
+    cfg = tiny_config(["toy-q", "crash-q"], method_params={"toy-q": {"spread": 0.5}}, max_failures=0,
+                      cpus_per_trial=2)  # one trial process (its imports cost seconds), one trial at a time
+    run = RunDir(tmp_path_factory.mktemp("plugins") / "run")
+    run.root.mkdir()
+    run.config.write_text(cfg.to_yaml())
+    with pytest.raises(RunFailed) as failed:
+        run_sweep(run, cfg, None)
+    return run, cfg, failed.value

@@ -1,5 +1,5 @@
 """CIFAR-10's path on natural images without a download: the photograph fixture (fixtures_cifar.py) in the
-official on-disk format, read by torchvision through geovq, and a sweep through the CIFAR trunk."""
+official on-disk format, read by torchvision through geovq, and a sweep of it beside digits."""
 
 from __future__ import annotations
 
@@ -109,17 +109,29 @@ def test_a_malformed_declaration_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.slow  # the 5,000 validation images dominate; --tiny's small trunk keeps it to seconds
-def test_sweep_runs_cifar10_through_its_trunk(ray_local, tmp_path):
+def test_one_sweep_runs_cifar10_through_its_trunk_beside_digits_each_with_its_own_run_directory(ray_local, tmp_path):
+    """`geovq sweep digits,cifar10`: one Tune experiment for both datasets (their trials share the cluster at
+    once), a run directory each inside --out, and CIFAR-10's rows through its own layout."""
     from geovq.cli import app
 
     write_cifar10(tmp_path / "data", 5200, 200)  # the fewest training images geovq takes: 5,000 go to validation
-    out = tmp_path / "cifar10"
-    result = CliRunner().invoke(app, ["sweep", "cifar10", "--data-root", str(tmp_path / "data"), "--tiny", "--vae",
-                                      "plain", "--methods", "kmeans,vqvae", "--codebook-sizes", "16", "--epochs", "1",
-                                      "--no-prior", "--out", str(out)])
+    parent = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["sweep", "digits,cifar10", "--data-root", str(tmp_path / "data"), "--tiny",
+                                      "--vae", "plain", "--methods", "kmeans,vqvae", "--codebook-sizes", "16",
+                                      "--epochs", "1", "--no-prior", "--out", str(parent)])
     assert result.exit_code == 0, result.output
+    for name in ("digits", "cifar10"):
+        run = parent / f"{name}-tiny"  # each dataset's default run directory's name, inside --out
+        rows = json.loads((run / "results.json").read_text())
+        assert sorted((r["dataset"], r["method"]) for r in rows) == [(name, "kmeans"), (name, "vqvae")]
+        assert f"{name} report: {run / 'report.html'} (and report.md)" in result.output
+    experiments = [p.name.split("-")[0] for p in (parent / "ray").iterdir()]
+    assert experiments == ["sweep"]
+    trials = [p for p in (parent / "ray").glob("sweep-*/*") if p.is_dir()]
+    assert len(trials) == 6  # each dataset's VAE, and its k-means and VQ-VAE units
+
+    out = parent / "cifar10-tiny"
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
-    assert set(rows) == {"kmeans", "vqvae"}
     for r in rows.values():  # the CIFAR layout: an 8×8 grid, one token per cell, 4 bits each, over 32×32 pixels
         assert (r["tokens_per_image"], r["bits_per_image"], r["bpp"]) == (64, 256, 0.25)
         assert math.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1

@@ -14,15 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from consoles import sigint_at_default
 from geovq.cli import app
 
 runner = CliRunner()
-SMALL = ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--no-prior"]
+# One trial at a time (--cpus-per-trial 2 of local Ray's 2 CPUs): each trial process imports torch, torchmetrics and
+# Ray Tune (about 6 s of CPU), and these failure paths need no parallel trials
+SMALL = ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--no-prior",
+         "--cpus-per-trial", "2"]
 
 
+# The interrupted sweep: 10 epochs, so that its units, one at a time, take seconds and a Ctrl-C after the first
+# finished one lands while others are still to run (at --tiny's 2 epochs they finish within a second or two)
+INTERRUPTIBLE = SMALL + ["--epochs", "10"]
 UNIT_LINE = re.compile(r"geovq: \[\d+/\d+\] digits/")  # the driver's line for a finished job
 
 
@@ -51,7 +58,7 @@ def finished_units(run: Path) -> dict[Path, int]:
 
 def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_repeating(tmp_path):
     run = tmp_path / "run"
-    proc = geovq(*SMALL, "--out", str(run))
+    proc = geovq(*INTERRUPTIBLE, "--out", str(run))
     lines, reader = read_lines(proc)  # read as they come: a unit's files are on disk before the driver logs its line
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -76,7 +83,7 @@ def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_re
     kept = finished_units(run)
     assert len(kept) == done
 
-    proc = geovq(*SMALL, "--out", str(run))
+    proc = geovq(*INTERRUPTIBLE, "--out", str(run))
     output = proc.communicate(timeout=400)[0]
     assert proc.returncode == 0, output
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # no finished unit repeated
@@ -84,10 +91,11 @@ def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_re
     assert "PARTIAL" not in (run / "report.md").read_text()
 
 
-def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path):
-    # `kill`, `timeout` and job schedulers send SIGTERM, to the driver alone; Ray's own handler would dump a
-    # stack and say nothing of what was kept
-    proc = geovq(*SMALL, "--out", str(tmp_path / "run"))
+def test_sigterm_stops_a_sweep_like_ctrl_c(ray_local, tmp_path):
+    # `kill`, `timeout` and job schedulers send SIGTERM, to the driver alone; Ray's own handler (which ray.init
+    # installs when it connects, too) would dump a stack and say nothing of what was kept. The sweep joins the
+    # session's Ray rather than starting one of its own.
+    proc = geovq(*SMALL, "--address", ray_local.get_runtime_context().gcs_address, "--out", str(tmp_path / "run"))
     lines, reader = read_lines(proc)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any("units planned" in line for line in lines):
@@ -206,28 +214,23 @@ def test_a_corrupt_quantizer_file_names_the_file_and_no_unsafe_hint(finished_run
     assert f"{unit / 'quantizer.npz'} is not a readable geovq quantizer file" in result.output
     assert "pickle" not in result.output and "Traceback" not in result.output
     (unit / "quantizer.npz").unlink()  # as the message says: delete it, and the unit is fitted again
-    result = runner.invoke(app, SMALL + ["--out", str(run)])
-    assert result.exit_code == 0, result.output
+    from geovq.config import SweepConfig
+    from geovq.stages.common import no_progress
+    from geovq.stages.rundir import RunDir
+    from geovq.stages.run import run_unit
+    from geovq.stages.units import Unit
+
+    again = Unit.from_dict(json.loads((unit / "unit.json").read_text()))
+    row = run_unit(RunDir(run), SweepConfig.load(run / "config.yaml"), again, torch.device("cpu"), no_progress)
+    assert row.unit == unit.name and (unit / "quantizer.npz").exists() and (unit / "codes_test.npy").exists()
 
 
-def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(ray_local, tmp_path):
-    import geovq_toy  # noqa: F401  (registers crash-q, whose fit kills its own worker process)
-
-    from conftest import tiny_config
-    from geovq.distributed.tune import run_sweep
-    from geovq.errors import RunFailed
+def test_a_killed_worker_is_one_line_and_the_report_is_marked_partial(plugin_sweep):
     from geovq.report.tables import markdown_report
     from geovq.stages.plan import RunPlan
-    from geovq.stages.rundir import RunDir
 
-    # no retries: each would kill one more worker, and Ray's retries are test_cluster's
-    cfg = tiny_config(["kmeans", "crash-q"], max_failures=0)
-    run = RunDir(tmp_path / "run")
-    run.root.mkdir()
-    run.config.write_text(cfg.to_yaml())
-    with pytest.raises(RunFailed) as failed:
-        run_sweep(run, cfg, None)
-    (line,) = failed.value.lines
+    run, _, failed = plugin_sweep  # crash-q's fit killed its worker; toy-q, beside it, finished
+    (line,) = failed.lines
     assert line.startswith("crash-q-plain-K16-d4-seed0-") and "its worker process died" in line
     assert (run.root / "errors" / f"{line.split(' ')[0]}.txt").exists()
     plan = RunPlan.load(run.root)

@@ -157,10 +157,20 @@ def two_runs(quick_run, tmp_path_factory):
     shutil.copytree(quick_run, root / "a")
     # run b's VAE has run a's key: b would train it again bit for bit (its k-means row then scores the same), so
     # b starts with a's VAE files, as a sweep resumes. The geodesic settings of run a concern no unit of run b.
+    # Its one unit is run by the stage functions, as `geovq sweep digits --quick --vae plain --methods kmeans
+    # --codebook-sizes 32 --no-prior` would in its one trial (a sweep's Tune trial costs seconds of imports alone).
+    from geovq.config import resolve_config
+    from geovq.stages.common import no_progress
+    from geovq.stages.rundir import RunDir
+    from geovq.stages.run import run_unit
+    from geovq.stages.units import plan_units
+
     shutil.copytree(quick_run / "vae", root / "b" / "vae")
-    result = runner.invoke(app, ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "kmeans",
-                                 "--codebook-sizes", "32", "--no-prior", "--out", str(root / "b")])
-    assert result.exit_code == 0, result.output
+    cfg = resolve_config("digits", (1, 16, 16), ["kmeans"], [32], None, None, True, vaes=["plain"], prior=None)
+    run = RunDir(root / "b")
+    run.config.write_text(cfg.to_yaml())
+    (unit,) = plan_units(cfg)
+    run_unit(run, cfg, unit, torch.device("cpu"), no_progress)
     return root / "a", root / "b"
 
 

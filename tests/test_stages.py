@@ -128,19 +128,14 @@ def test_the_edge_length_stage_gives_the_geodesic_fit_its_in_process_numbers(vae
     np.testing.assert_array_equal(delegated.encode(test), in_process.encode(test))
 
 
-def test_a_quantizer_defined_outside_geovq_runs_through_a_sweep_on_local_ray(ray_local, tmp_path):
+def test_a_quantizer_defined_outside_geovq_runs_through_a_sweep_on_local_ray(plugin_sweep):
     import geovq_toy  # tests/plugins: registers "toy-q" here; Ray workers import it by the units' path
 
-    from geovq.distributed.tune import run_sweep
     from geovq.quantize import Quantizer
     from geovq.stages.fit import load_latents
 
-    cfg = tiny_config(["toy-q"], method_params={"toy-q": {"spread": 0.5}})
-    run = RunDir(tmp_path / "toy")
-    run.root.mkdir()
-    run.config.write_text(cfg.to_yaml())
-    run_sweep(run, cfg, None)
-    (unit,) = plan_units(cfg)
+    run, cfg, _ = plugin_sweep  # toy-q beside crash-q, which killed its own worker (test_failures)
+    (unit,) = [u for u in plan_units(cfg) if u.method == "toy-q"]
     assert unit.quantizer == "geovq_toy:RandomTokens" and unit.key.startswith("toy-q-plain-K16-d4-seed0-")
     row = json.loads((run.unit(unit) / "row.json").read_text())
     assert row["method"] == "toy-q" and row["params"] == {"spread": 0.5}
