@@ -385,8 +385,8 @@ def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
         if k <= 1:
             raise GeovqError(f"--codebook-sizes: K={k} must be >= 2")
     c = cfg.trunk.latent_channels
-    if cfg.d < 1 or c % cfg.d:
-        raise GeovqError(f"--token-dim {cfg.d} must divide the latent channels C={c} "
+    if (cfg.token_dim is not None and cfg.token_dim < 1) or c % cfg.d:
+        raise GeovqError(f"--token-dim {cfg.d if cfg.token_dim is None else cfg.token_dim} must divide the latent channels C={c} "
                          f"(valid: {', '.join(str(d) for d in range(1, c + 1) if c % d == 0)})")
     if cfg.grouping not in GROUPINGS:
         raise GeovqError(f"--grouping {cfg.grouping!r} is unknown; valid: {', '.join(GROUPINGS)}")

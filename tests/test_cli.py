@@ -29,6 +29,7 @@ runner = CliRunner()
     (["sweep", "digits", "--codebook-sizes", "sixteen"], "'sixteen' must be a comma list of integers"),
     (["sweep", "digits", "--epochs", "-3"], "--epochs -3 must be >= 0"),
     (["sweep", "digits", "--token-dim", "3"], "--token-dim 3 must divide the latent channels C=8"),
+    (["sweep", "digits", "--token-dim", "0"], "--token-dim 0 must divide the latent channels C=8"),  # not d = C
     (["sweep", "mnist", "--data-root", "__missing__"], "__missing__"),
     (["sweep", "digits", "--codebook-sizes", "16,64,16"], "--codebook-sizes lists 16 twice; give each value once"),
     (["sweep", "digits", "--methods", "kmeans,gq,kmeans"], "--methods lists kmeans twice"),

@@ -117,6 +117,10 @@ def test_a_bad_space_file_is_one_line_naming_the_key(tmp_path, edit, message):
 @pytest.mark.parametrize("args, message", [
     (["--bits", "100"], "--bits 100: no (K, d) pair gives tokens × log2 K = 100 on the 4×4×8 latent grid "
                         "(d in [8, 4], K in [4, 256]); nearest feasible budgets: 80, 96, 112, 128"),
+    # a budget whose 2 ** (bits / tokens) would not fit in memory: refused at once, by logarithms
+    (["--bits", "1000000000000"], "--bits 1000000000000: no (K, d) pair gives tokens × log2 K = 1000000000000 on "
+                                  "the 4×4×8 latent grid (d in [8, 4], K in [4, 256]); nearest feasible budgets: "
+                                  "224, 256"),
     (["--trials", "0"], "--trials 0 must be >= 1"),
     (["--pareto", "--bits", "64"], "--pareto searches K freely and makes bits an objective; drop --bits"),
     (["--methods", "gq,wasserstein"], "has no entry for method 'wasserstein'; its methods: vqvae, gq, kmeans"),

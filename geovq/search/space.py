@@ -122,8 +122,10 @@ class Space:
         """The (K, d) pairs whose tokens × log2 K equal `bits`, largest d first."""
         out = []
         for d in self.token_dims:
-            if bits % self.tokens(d) == 0 and self.min_codes <= 2 ** (bits // self.tokens(d)) <= self.max_codes:
-                out.append((2 ** (bits // self.tokens(d)), d))
+            # log2 K against log2 of the bounds: 2 ** (bits // tokens) of a huge budget would not fit in memory
+            log2_k = bits // self.tokens(d)
+            if bits % self.tokens(d) == 0 and math.log2(self.min_codes) <= log2_k <= math.log2(self.max_codes):
+                out.append((2**log2_k, d))
         return out
 
     def budgets(self) -> list[int]:
