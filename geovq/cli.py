@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -246,25 +246,26 @@ def _run_sweep(runs: list[SweepRun], address: str | None, verbose: bool) -> list
     from geovq.distributed.sweep import progress, run_and_report, start_runs
 
     _quiet_ray(verbose)
-    start_runs(runs, address)
-    _setup_logging([run.plan.run.log for run in runs])
-    log = logging.getLogger("geovq")
-    try:
-        with _sigterm_as_ctrl_c():
-            return run_and_report(runs, address)
-    except KeyboardInterrupt:
-        finished, planned = progress(runs)
-        log.error("interrupted: %d of %d units finished and are kept; re-run the same command to resume",
-                  finished, planned)
-        raise typer.Exit(130) from None
-    except RunFailed as e:
-        for line in e.lines:
-            log.error("%s", line)
-        finished, planned = progress(runs)  # the lines may also name a VAE, which is not a unit
-        log.error("%d of %d units failed or were not run (%d finished and are kept); no report was written: fix the "
-                  "cause and re-run the same command (`geovq report DIR` summarises a run's finished units, marked "
-                  "partial)", planned - finished, planned, finished)
-        raise typer.Exit(1) from None
+    with ExitStack() as locks:  # each run directory locked until the command ends
+        start_runs(runs, address, locks)
+        _setup_logging([run.plan.run.log for run in runs])
+        log = logging.getLogger("geovq")
+        try:
+            with _sigterm_as_ctrl_c():
+                return run_and_report(runs, address)
+        except KeyboardInterrupt:
+            finished, planned = progress(runs)
+            log.error("interrupted: %d of %d units finished and are kept; re-run the same command to resume",
+                      finished, planned)
+            raise typer.Exit(130) from None
+        except RunFailed as e:
+            for line in e.lines:
+                log.error("%s", line)
+            finished, planned = progress(runs)  # the lines may also name a VAE, which is not a unit
+            log.error("%d of %d units failed or were not run (%d finished and are kept); no report was written: fix "
+                      "the cause and re-run the same command (`geovq report DIR` summarises a run's finished units, "
+                      "marked partial)", planned - finished, planned, finished)
+            raise typer.Exit(1) from None
 
 
 def _print_sweep(runs: list[SweepRun], reports: list[list[dict[str, Any]]], t_start: float) -> None:
@@ -468,24 +469,25 @@ def tune(
 
     concurrent = max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
     search = Search(dataset, tuple(chosen), trials, budget, seed, concurrent)
-    from geovq.io import write_text
+    from geovq.io import directory_lock, write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "search.yaml", yaml_dump(identity))
-    _setup_logging([out / "search.log"])
-    log = logging.getLogger("geovq")
-    log.info("search %s: %s, methods %s, %d trials each, %s, seed %d, %d at once, space %s", out, dataset,
-             ",".join(chosen), trials, "Pareto (K free)" if pareto else f"{budget} bits per image", seed,
-             concurrent, space_path)
-    try:
-        with _sigterm_as_ctrl_c():
-            best = run_search(out, cfg, studies, search)
-    except SearchInterrupted as e:
-        log.error("interrupted: %s; re-run the same command to resume (finished trials are kept)", e)
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        log.error("interrupted; re-run the same command to resume (finished trials are kept)")
-        raise typer.Exit(130) from None
+    with directory_lock(out):  # a second search on this folder is refused while this one runs
+        write_text(out / "search.yaml", yaml_dump(identity))
+        _setup_logging([out / "search.log"])
+        log = logging.getLogger("geovq")
+        log.info("search %s: %s, methods %s, %d trials each, %s, seed %d, %d at once, space %s", out, dataset,
+                 ",".join(chosen), trials, "Pareto (K free)" if pareto else f"{budget} bits per image", seed,
+                 concurrent, space_path)
+        try:
+            with _sigterm_as_ctrl_c():
+                best = run_search(out, cfg, studies, search)
+        except SearchInterrupted as e:
+            log.error("interrupted: %s; re-run the same command to resume (finished trials are kept)", e)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            log.error("interrupted; re-run the same command to resume (finished trials are kept)")
+            raise typer.Exit(130) from None
     _print_best(best)
     log.info("trials: %s; best configurations: %s; `geovq sweep %s --tuned %s` scores them on test",
              out / "trials.csv", out / "best.yaml", dataset, out)

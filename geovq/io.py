@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file; and the lock that keeps a
+second command out of a folder that a command is writing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from geovq.errors import GeovqError
+
+#: the lock file of a run or search directory (`directory_lock`)
+LOCK_NAME = ".geovq.lock"
 
 
 @contextmanager
@@ -57,3 +63,25 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+
+
+@contextmanager
+def directory_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock (flock) on `folder` for the block: a second geovq command on the same folder gets
+    a one-line GeovqError naming the holder's PID. The kernel drops the lock with the holder's process, so a killed
+    command leaves no stale lock (the file stays, unlocked). The folder must exist."""
+    import fcntl
+
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise GeovqError(f"{folder} is in use by another geovq command (PID {holder}); wait for it to end, or "
+                             "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -110,6 +110,18 @@ def test_sigterm_stops_a_sweep_like_ctrl_c(ray_local, tmp_path):
     assert "Traceback" not in output and "SIGTERM received" not in output
 
 
+def test_a_second_sweep_on_a_run_directory_in_use_is_refused_naming_the_holder(ray_local, tmp_path):
+    from geovq.io import directory_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with directory_lock(run):  # held as a running sweep holds it
+        result = runner.invoke(app, SMALL + ["--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert f"{run} is in use by another geovq command (PID {os.getpid()})" in result.output
+    assert "Traceback" not in result.output and not (run / "config.yaml").exists()
+
+
 def test_unreachable_address_fails_fast_before_writing_anything(tmp_path):
     t0 = time.time()
     proc = subprocess.run(["geovq", *SMALL, "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")],

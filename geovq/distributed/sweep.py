@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,13 @@ def open_run(run: RunDir, cfg: SweepConfig, description: str) -> SweepRun:
     return SweepRun(RunPlan.of(run, cfg), union_config(previous, cfg), description, resuming=True)
 
 
-def start_runs(runs: list[SweepRun], address: str | None) -> None:
+def start_runs(runs: list[SweepRun], address: str | None, locks: ExitStack) -> None:
     """Ray up (an unreachable cluster fails here, before anything is written) and the GPUs per trial resolved;
-    then each run directory made and seen by every node with its data (a new one that is not is removed again),
-    and its config.yaml written."""
+    then each run directory made, locked for this command (held by `locks`: a second command on it is refused) and
+    seen by every node with its data (a new one that is not is removed again), and its config.yaml written."""
     from geovq.distributed.preflight import check_storage
     from geovq.distributed.tune import start_cluster
-    from geovq.io import write_text
+    from geovq.io import directory_lock, write_text
 
     gpus = start_cluster(address, runs[0].cfg.gpus_per_trial)  # one request: the command's
     for run in runs:
@@ -86,6 +87,7 @@ def start_runs(runs: list[SweepRun], address: str | None) -> None:
         created = not run.root.exists()
         run.root.mkdir(parents=True, exist_ok=True)
         try:
+            locks.enter_context(directory_lock(run.root))
             check_storage(run.root, run.cfg.data_root)
         except GeovqError:
             if created:
