@@ -117,8 +117,7 @@ def plugin_sweep(ray_local, tmp_path_factory):
     from geovq.errors import RunFailed
     from geovq.stages.rundir import RunDir
 
-    cfg = tiny_config(["toy-q", "crash-q"], method_params={"toy-q": {"spread": 0.5}}, max_failures=0,
-                      cpus_per_trial=2)  # one trial process (its imports cost seconds), one trial at a time
+    cfg = tiny_config(["toy-q", "crash-q"], method_params={"toy-q": {"spread": 0.5}}, max_failures=0)
     run = RunDir(tmp_path_factory.mktemp("plugins") / "run")
     run.root.mkdir()
     run.config.write_text(cfg.to_yaml())

@@ -21,15 +21,13 @@ from consoles import sigint_at_default
 from geovq.cli import app
 
 runner = CliRunner()
-# One trial at a time (--cpus-per-trial 2 of local Ray's 2 CPUs): each trial process imports torch, torchmetrics and
-# Ray Tune (about 6 s of CPU), and these failure paths need no parallel trials
-SMALL = ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--no-prior",
-         "--cpus-per-trial", "2"]
+SMALL = ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--no-prior"]
 
 
-# The interrupted sweep: 10 epochs, so that its units, one at a time, take seconds and a Ctrl-C after the first
-# finished one lands while others are still to run (at --tiny's 2 epochs they finish within a second or two)
-INTERRUPTIBLE = SMALL + ["--epochs", "10"]
+# The interrupted sweep: its units one at a time (--cpus-per-trial 2 of local Ray's 2 CPUs), 10 epochs each, so that
+# a Ctrl-C after the first finished one lands while others are still to run (at --tiny's 2 epochs, two at a time,
+# they finish within a second of each other)
+INTERRUPTIBLE = SMALL + ["--epochs", "10", "--cpus-per-trial", "2"]
 UNIT_LINE = re.compile(r"geovq: \[\d+/\d+\] digits/")  # the driver's line for a finished job
 
 
