@@ -1,7 +1,5 @@
 """Training loops: exact resume (TDC state included), TDC steering, decoder fine-tuning."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
