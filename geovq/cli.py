@@ -464,7 +464,7 @@ def tune(
     from geovq.distributed.tune import start_cluster
 
     _quiet_ray(verbose)
-    cfg.gpus_per_trial = start_cluster(address, None)
+    cfg.gpus_per_trial = start_cluster(address, None, cpus_per_trial)
     import ray
 
     concurrent = max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))

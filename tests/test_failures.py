@@ -120,6 +120,13 @@ def test_a_second_sweep_on_a_run_directory_in_use_is_refused_naming_the_holder(r
     assert "Traceback" not in result.output and not (run / "config.yaml").exists()
 
 
+def test_a_trial_larger_than_the_cluster_is_refused_before_anything_is_written(ray_local, tmp_path):
+    result = runner.invoke(app, SMALL + ["--cpus-per-trial", "64", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "--cpus-per-trial 64 exceeds the cluster's 2 CPUs" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # no config.yaml, no sweep.log
+
+
 def test_unreachable_address_fails_fast_before_writing_anything(tmp_path):
     t0 = time.time()
     proc = subprocess.run(["geovq", *SMALL, "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")],

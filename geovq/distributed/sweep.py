@@ -81,7 +81,7 @@ def start_runs(runs: list[SweepRun], address: str | None, locks: ExitStack) -> N
     from geovq.distributed.tune import start_cluster
     from geovq.io import directory_lock, write_text
 
-    gpus = start_cluster(address, runs[0].cfg.gpus_per_trial)  # one request: the command's
+    gpus = start_cluster(address, runs[0].cfg.gpus_per_trial, runs[0].cfg.cpus_per_trial)  # the command's request
     for run in runs:
         run.cfg.gpus_per_trial = run.recorded.gpus_per_trial = gpus
         created = not run.root.exists()

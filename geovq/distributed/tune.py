@@ -113,11 +113,22 @@ def resolve_gpus_per_trial(requested: float | None) -> float:
     return requested
 
 
-def start_cluster(address: str | None, gpus_per_trial: float | None) -> float:
-    """Start local Ray or join the cluster at `address` (an unreachable one fails here, before a command writes
-    anything); returns the GPUs each trial asks for (`resolve_gpus_per_trial`)."""
+def start_cluster(address: str | None, gpus_per_trial: float | None, cpus_per_trial: int = 1) -> float:
+    """Start local Ray or join the cluster at `address`, and check that it can run a trial of `cpus_per_trial`
+    (an unreachable cluster or a trial too large for it fails here, before a command writes anything); returns the
+    GPUs each trial asks for (`resolve_gpus_per_trial`)."""
     start_ray(address)
+    check_cpus_per_trial(cpus_per_trial)
     return resolve_gpus_per_trial(gpus_per_trial)
+
+
+def check_cpus_per_trial(threads: int) -> None:
+    """A trial of `threads` CPUs must fit the cluster: Tune would wait for it forever."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    if threads > cpus:
+        raise GeovqError(f"--cpus-per-trial {threads} exceeds the cluster's {cpus:g} CPUs")
 
 
 def _trial(config: dict[str, Any]) -> None:
@@ -294,10 +305,9 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
 
     if not jobs:
         return {}
-    cpus = ray.cluster_resources().get("CPU", 1)
     threads = max(job.cfg.cpus_per_trial for job in jobs)
-    if threads > cpus:
-        raise GeovqError(f"--cpus-per-trial {threads} exceeds the cluster's {cpus:g} CPUs")
+    check_cpus_per_trial(threads)
+    cpus = ray.cluster_resources().get("CPU", 1)
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
         cfg = config["job"]["config"]
