@@ -315,8 +315,8 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
     preset = DATASET_DEFAULTS[dataset]
     quick = quick or tiny
     c, h, w = image_shape
-    trunk = TrunkConfig(in_channels=c, image_size=(h, w), **{**preset["trunk"], **(TINY["trunk"] if tiny else {})})
-    train = TrainConfig(**{**preset["train"], **(TINY["train"] if tiny else {})})
+    trunk = TrunkConfig(in_channels=c, image_size=(h, w), **preset["trunk"])
+    train = TrainConfig(**preset["train"])
     sizes = list(preset["codebook_sizes"])
     n_seeds = 3  # headline tables: 3 seeds with 95% CIs
     max_train = None
@@ -326,12 +326,13 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
         sizes, n_seeds, max_train = list(QUICK["codebook_sizes"]), QUICK["seeds"], QUICK["max_train_images"]
         params = {m: dict(p) for m, p in QUICK["method_params"].items()}
     if tiny:
-        train, max_train = replace(train, **TINY["train"]), TINY["max_train_images"]
+        trunk, train = replace(trunk, **TINY["trunk"]), replace(train, **TINY["train"])
+        max_train = TINY["max_train_images"]
     if epochs is not None:
         train = replace(train, epochs=epochs)
     if options.get("prior_samples") is None:  # quick runs sample fewer (their test split is small too)
-        options["prior_samples"] = (TINY if tiny else QUICK if quick else {}).get("prior_samples",
-                                                                                  SweepConfig.prior_samples)
+        options["prior_samples"] = (TINY["prior_samples"] if tiny else QUICK["prior_samples"] if quick
+                                    else SweepConfig.prior_samples)
     if options.get("data_root") is not None:  # workers need it to read the data; an embedded dataset reads none
         options["data_root"] = str(options["data_root"]) if dataset in READS_DATA_ROOT else None
     for method, given in (method_params or {}).items():
@@ -385,8 +386,8 @@ def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
         if k <= 1:
             raise GeovqError(f"--codebook-sizes: K={k} must be >= 2")
     c = cfg.trunk.latent_channels
-    if (cfg.token_dim is not None and cfg.token_dim < 1) or c % cfg.d:
-        raise GeovqError(f"--token-dim {cfg.d if cfg.token_dim is None else cfg.token_dim} must divide the latent channels C={c} "
+    if cfg.token_dim is not None and (cfg.token_dim < 1 or c % cfg.token_dim):  # None: d = C, one token per cell
+        raise GeovqError(f"--token-dim {cfg.token_dim} must divide the latent channels C={c} "
                          f"(valid: {', '.join(str(d) for d in range(1, c + 1) if c % d == 0)})")
     if cfg.grouping not in GROUPINGS:
         raise GeovqError(f"--grouping {cfg.grouping!r} is unknown; valid: {', '.join(GROUPINGS)}")

@@ -113,7 +113,7 @@ def resolve_gpus_per_trial(requested: float | None) -> float:
     return requested
 
 
-def start_cluster(address: str | None, gpus_per_trial: float | None, cpus_per_trial: int = 1) -> float:
+def start_cluster(address: str | None, gpus_per_trial: float | None, cpus_per_trial: int) -> float:
     """Start local Ray or join the cluster at `address`, and check that it can run a trial of `cpus_per_trial`
     (an unreachable cluster or a trial too large for it fails here, before a command writes anything); returns the
     GPUs each trial asks for (`resolve_gpus_per_trial`)."""
@@ -122,13 +122,14 @@ def start_cluster(address: str | None, gpus_per_trial: float | None, cpus_per_tr
     return resolve_gpus_per_trial(gpus_per_trial)
 
 
-def check_cpus_per_trial(threads: int) -> None:
-    """A trial of `threads` CPUs must fit the cluster: Tune would wait for it forever."""
+def check_cpus_per_trial(threads: int) -> float:
+    """The cluster's CPUs, which a trial of `threads` CPUs must fit: Tune would wait for it forever."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1)
     if threads > cpus:
         raise GeovqError(f"--cpus-per-trial {threads} exceeds the cluster's {cpus:g} CPUs")
+    return cpus
 
 
 def _trial(config: dict[str, Any]) -> None:
@@ -300,14 +301,12 @@ def _prerequisites_searcher(jobs: list[Job], failed: dict[str, str]):
 def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str] | None = None) -> dict[str, str]:
     """Run the jobs as one Tune experiment, each after its prerequisite (`Job.after`); returns {label: one-line
     report} of the failed ones and of those not run because their prerequisite failed here or in `failed`."""
-    import ray
     from ray import tune
 
     if not jobs:
         return {}
     threads = max(job.cfg.cpus_per_trial for job in jobs)
-    check_cpus_per_trial(threads)
-    cpus = ray.cluster_resources().get("CPU", 1)
+    cpus = check_cpus_per_trial(threads)
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
         cfg = config["job"]["config"]
