@@ -330,3 +330,69 @@ def test_bad_input_is_a_clear_error():
     q = make_quantizer("pullback", 4, decoder=SqrtDecoder()).fit(latents)
     with pytest.raises(GeovqError, match="NaN or inf"):
         q.encode(grid_latents(mu))
+
+
+# -- the probed rule (issue 26) --------------------------------------------------------------------------
+def probed_setup(channels: int, grid: int, n_codes: int, seed: int = 8):
+    torch.manual_seed(seed)
+    decoder = ConvDecoder(channels)
+    mu = np.random.default_rng(seed).standard_normal((40, grid, grid, channels))
+    train, test = grid_latents(mu[:30]), grid_latents(mu[30:])
+    return decoder, make_quantizer("pullback", n_codes, seed=3, decoder=decoder, max_tokens=400).fit(train), test
+
+
+def test_a_full_frame_of_output_probes_gives_every_tokens_exact_metric_and_codes():
+    from geovq.geometry.probes import image_probes
+
+    decoder, q, test = probed_setup(4, 3, 10)  # 9 tokens of d = 4 per image, 6×6 = 36 output values
+    grads = image_probes(decoder, test.mu.astype(np.float64), 36, seed=0)  # s = P: the identity frame
+    assert grads.shape == (10, 36, 3, 3, 4)
+    per_token = grads.reshape(10, 36, 9, 4).transpose(0, 2, 1, 3).reshape(90, 36, 4)
+    metrics = token_metrics_by_autograd(decoder, test)  # independent: torch.autograd, token by token
+    np.testing.assert_allclose(np.einsum("nsi,nsj->nij", per_token, per_token), metrics, rtol=1e-4, atol=1e-9)
+    q.probes = 0
+    exact = q.encode(test).ravel()
+    q.probes = 36
+    np.testing.assert_array_equal(q.encode_probed(test), exact)
+
+
+def test_the_probed_rule_settles_unsure_tokens_exactly_and_reports_its_agreement():
+    decoder, q, test = probed_setup(8, 4, 12)  # 16 tokens of d = 8 per image: 128 tangent passes, P = 64
+    q.probes, q.check_tokens = 32, test.n_tokens
+    assert q.rule_for(test) == "probed"  # 32 probes + as many exact passes < 128
+    q.probes = 0
+    exact = q.encode(test).ravel()
+    q.probes = 32
+    codes, info = q.encode_with_info(test)
+    json.dumps(info, allow_nan=False)
+    assert info["rule"] == "probed" and info["probes"] == 32 and info["check_tokens"] == test.n_tokens
+    assert info["agreement"] == pytest.approx((codes.ravel() == exact).mean())
+    assert 0 < info["unsure_fraction"] < 1 and info["verify_passes_per_token"] >= info["unsure_fraction"]
+    assert info["encode_forward_equivalents_per_token"] > 0
+    # no confidence test: the probes' estimate alone, which 32 probes of 64 outputs often get wrong here (a random
+    # decoder's metrics are nearly isotropic: many near-ties)
+    q.confidence = 0.0
+    estimate = q.encode_probed(test)
+    assert q._encode_stats["unsure"] == 0 and (estimate != exact).mean() > 0.05
+    # every code unsure (K = 12 <= the shortlist): each token's code is settled by its exact costs alone
+    q.confidence = float("inf")
+    np.testing.assert_array_equal(q.encode_probed(test), exact)
+    assert q._encode_stats["unsure"] == test.n_tokens
+    # the default confidence agrees at least as well as the bare estimate
+    q.confidence = 2.0
+    assert (q.encode_probed(test) == exact).mean() >= max(info["agreement"] - 1e-9, (estimate == exact).mean())
+
+
+def test_the_probed_rule_refuses_bad_input():
+    decoder, q, test = probed_setup(8, 4, 12)
+    q.probes = 8
+    with pytest.raises(GeovqError, match="empty split"):
+        q.encode_probed(test.subset(np.array([], dtype=np.int64)))
+    mu = test.mu.copy()
+    mu[3, 1, 2] = 0.0
+    q.decoder = lambda grids: torch.sqrt(grids.abs()).reshape(grids.shape[0], -1)  # no derivative at 0
+    with pytest.raises(GeovqError, match=r"NaN or inf in images 0\.\.9"):
+        q.encode_probed(grid_latents(mu))
+    for bad in ({"probes": -1}, {"confidence": -1.0}, {"confidence": float("nan")}):
+        with pytest.raises(GeovqError, match="probes >= 0"):
+            make_quantizer("pullback", 4, **bad)
