@@ -23,12 +23,10 @@ import faiss
 import numpy as np
 import torch
 
-from geovq.config import SweepConfig
-from geovq.latents import LatentSet
+from _trained import load_trained_vae
 from geovq.metrics.image import psnr
 from geovq.quantize import make_quantizer
-from geovq.stages.common import GridDecoder, decode_grids, load_splits
-from geovq.training.checkpoint import load_model
+from geovq.stages.common import GridDecoder, decode_grids
 
 FORWARD_BATCH = 64
 
@@ -62,15 +60,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     device = torch.device("cpu")
 
-    cfg = SweepConfig.load(args.run / "config.yaml")
-    vae_dir = args.run / "vae" / args.vae
-    vae = load_model(vae_dir / "model.pt", "vae", device)
-    decoder = GridDecoder(vae)
-    train = LatentSet.load(vae_dir / "latents_train.npz")
-    test_all = LatentSet.load(vae_dir / "latents_test.npz")
-    images = np.sort(np.random.default_rng(args.seed).choice(test_all.n_images, args.images, replace=False))
-    test = test_all.subset(images)
-    originals = torch.as_tensor(load_splits(cfg).test[images])
+    trained = load_trained_vae(args.run, args.vae, args.images, args.seed, device)
+    cfg, vae, decoder, train, test, originals = (trained.cfg, trained.vae, trained.decoder, trained.train,
+                                                 trained.test, trained.originals)
     n, d = test.n_images, test.token_dim
 
     q = make_quantizer("pullback", args.codes, seed=args.seed, decoder=decoder, max_tokens=args.fit_tokens,

@@ -27,14 +27,12 @@ import faiss
 import numpy as np
 import torch
 
-from geovq.config import SweepConfig
-from geovq.latents import LatentSet
+from _trained import load_trained_vae
 from geovq.metrics.image import psnr, ssim
 from geovq.nearest import exact_nearest
 from geovq.quantize import Quantizer, make_quantizer
 from geovq.quantize.pullback import assign
-from geovq.stages.common import GridDecoder, decode_grids, load_splits
-from geovq.training.checkpoint import load_model
+from geovq.stages.common import decode_grids
 
 
 def main() -> None:
@@ -53,15 +51,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     device = torch.device("cpu")
 
-    cfg = SweepConfig.load(args.run / "config.yaml")
-    vae_dir = args.run / "vae" / args.vae
-    vae = load_model(vae_dir / "model.pt", "vae", device)
-    decoder = GridDecoder(vae)
-    train = LatentSet.load(vae_dir / "latents_train.npz")
-    test_all = LatentSet.load(vae_dir / "latents_test.npz")
-    images = np.sort(np.random.default_rng(args.seed).choice(test_all.n_images, args.images, replace=False))
-    test = test_all.subset(images)
-    originals = torch.as_tensor(load_splits(cfg).test[images])
+    trained = load_trained_vae(args.run, args.vae, args.images, args.seed, device)
+    cfg, vae, decoder, train, test, originals = (trained.cfg, trained.vae, trained.decoder, trained.train,
+                                                 trained.test, trained.originals)
     n, d = test.n_images, test.token_dim
 
     t0 = time.process_time()
