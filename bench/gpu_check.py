@@ -21,8 +21,12 @@ per image or edge):
 - JVP edges/s: `edge_lengths_stage` (checkpoint -> GridTokenDecoder -> `edge_lengths`) on an undirected
   10-NN graph of training tokens (Euclidean μ), quadratures midpoint (1 JVP per segment side) and endpoint
   (each node's metric tensor, d JVPs around one primal).
+- pull-back probed encode tokens/s: `PullbackQuantizer.encode_probed` (32 output probes per image, the unsure
+  tokens settled by exact forward-mode passes: issue 26) of the extracted latents against a K = 256 codebook of
+  their own tokens (no fit: the fit needs faiss).
 - agreement: the same edges of the same checkpoint measured on the CPU and the GPU, max |GPU − CPU| / CPU,
-  with torch's default for cuDNN convolutions (TF32 allowed on Ampere and later) and with TF32 off.
+  with torch's default for cuDNN convolutions (TF32 allowed on Ampere and later) and with TF32 off; and the
+  share of the CPU workload's tokens given the same pull-back code on both.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ STUBBED = stub_absent(OPTIONAL_AT_IMPORT)
 
 from geovq.config import resolve_config  # noqa: E402  (after the stubs)
 from geovq.data import ImageSplits  # noqa: E402
+from geovq.quantize import make_quantizer  # noqa: E402
+from geovq.stages.common import GridDecoder  # noqa: E402
 from geovq.stages.edges import edge_lengths_stage  # noqa: E402
 from geovq.stages.extract import extract_latents  # noqa: E402
 from geovq.stages.rundir import RunDir  # noqa: E402
@@ -82,11 +88,11 @@ from geovq.training.checkpoint import load_model  # noqa: E402
 
 #: fixed workloads per device: training images, first epoch count, extracted images, graph nodes, edges timed
 WORKLOADS = {
-    "cpu": dict(train=1024, epochs=1, extract=2048, nodes=600, edges=1000),
-    "cuda": dict(train=32768, epochs=1, extract=65536, nodes=8000, edges=40000),
+    "cpu": dict(train=1024, epochs=1, extract=2048, nodes=600, edges=1000, probed=200),
+    "cuda": dict(train=32768, epochs=1, extract=65536, nodes=8000, edges=40000, probed=10000),
 }
 #: --tiny, for the test suite: proves the script runs where only its four packages exist, not the figures
-TINY = dict(train=64, epochs=1, extract=128, nodes=60, edges=100)
+TINY = dict(train=64, epochs=1, extract=128, nodes=60, edges=100, probed=8)
 EXTRA_EPOCHS = 2
 K_NEIGHBOURS = 10
 N_CODES = 256
@@ -192,8 +198,28 @@ def measure(device: torch.device, images: np.ndarray, cfg, root: Path) -> dict:
         edge_lengths_stage(checkpoint, latents, tokens, edges[:256], quadrature, device)  # warm-up
         _, seconds = timed(device, edge_lengths_stage, checkpoint, latents, tokens, edges, quadrature, device)
         out[f"edges_{quadrature}"] = len(edges) / seconds
+    quantizer = probed_quantizer(model, latents)
+    quantizer.encode_probed(latents.subset(np.arange(2)))  # warm-up
+    _, seconds = timed(device, quantizer.encode_probed, latents.subset(np.arange(w["probed"])))
+    out["probed"] = w["probed"] * latents.tokens_per_image / seconds
     out.update(checkpoint=checkpoint, latents=latents, tokens=tokens, edges=edges)
     return out
+
+
+def probed_quantizer(model, latents):
+    """A pull-back quantizer on `model`'s decoder with K = N_CODES of the latents' own tokens as its codebook."""
+    quantizer = make_quantizer("pullback", N_CODES, decoder=GridDecoder(model))
+    picks = np.random.default_rng(0).choice(latents.n_tokens, N_CODES, replace=False)
+    quantizer.layout_, quantizer.codebook_ = latents.layout, latents.token_mu[picks].astype(np.float32)
+    return quantizer
+
+
+def code_agreement(cpu: torch.device, gpu: torch.device, ref: dict) -> float:
+    """Share of the CPU workload's tokens given the same probed pull-back code on the CPU and on the GPU."""
+    latents = ref["latents"].subset(np.arange(WORKLOADS["cpu"]["probed"]))
+    codes = [probed_quantizer(load_model(ref["checkpoint"], "vae", device), latents).encode_probed(latents)
+             for device in (cpu, gpu)]
+    return float((codes[0] == codes[1]).mean())
 
 
 def agreement(cpu: torch.device, gpu: torch.device, ref: dict, quadrature: str, tf32: bool) -> float:
@@ -242,6 +268,7 @@ def main() -> None:
             for quadrature in ("midpoint", "endpoint"):
                 for tf32 in (True, False):
                     agree[quadrature, tf32] = agreement(cpu, gpu, gpu_rates, quadrature, tf32)
+            agree["codes"] = code_agreement(cpu, gpu, gpu_rates)
 
     gpu_name = torch.cuda.get_device_name(gpu) if gpu else "no CUDA device"
     print(f"geovq gpu_check ({args.dataset} trunk, {'×'.join(map(str, SHAPES[args.dataset]))} images): "
@@ -252,7 +279,8 @@ def main() -> None:
           f"{'written' if importlib.util.find_spec('tensorboard') else 'none (tensorboard absent)'}")
     rows = [("VAE training img/s", "vae_train", "train"), ("VQ-VAE training img/s", "vqvae_train", "train"),
             ("latent extraction img/s", "extract", "extract"),
-            ("JVP edges/s midpoint", "edges_midpoint", "edges"), ("JVP edges/s endpoint", "edges_endpoint", "edges")]
+            ("JVP edges/s midpoint", "edges_midpoint", "edges"), ("JVP edges/s endpoint", "edges_endpoint", "edges"),
+            ("pull-back probed encode tokens/s", "probed", "probed")]
     print(f"{'measure':<50}{'CPU':>12}{'GPU':>16}{'GPU/CPU':>9}   workload CPU | GPU")
     for label, key, size in rows:
         on_gpu = (f"{rate(gpu_rates[key]):>16}{gpu_rates[key] / cpu_rates[key]:>8.1f}×" if gpu
@@ -263,6 +291,9 @@ def main() -> None:
             label = f"edge lengths max rel diff {quadrature}, TF32 {'default' if tf32 else 'off'}"
             value = f"{agree[quadrature, tf32]:>16.1e}" if gpu else f"{gpu_name:>16}"
             print(f"{label:<50}{'(reference)':>12}{value}{'':>9}   {WORKLOADS['cpu']['edges']} edges")
+    value = f"{agree['codes']:>16.4%}" if gpu else f"{gpu_name:>16}"
+    print(f"{'pull-back probed codes identical':<50}{'(reference)':>12}{value}{'':>9}   "
+          f"{WORKLOADS['cpu']['probed']} images")
     print(f"total {time.perf_counter() - t_start:.0f} s; training: +{EXTRA_EPOCHS} epochs after the first "
           f"(fixed costs cancel); TF32 default for cuDNN convolutions: {torch.backends.cudnn.allow_tf32}")
 

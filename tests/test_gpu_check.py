@@ -101,7 +101,7 @@ def test_gpu_check_runs_with_only_torch_numpy_scipy_sklearn(tmp_path):
     assert absent.stdout.strip() == "[]"  # the environment really lacks them
     assert "stubbed absent packages: yaml, faiss, kmedoids" in out.stdout
     labels = ("VAE training img/s", "VQ-VAE training img/s", "latent extraction img/s", "JVP edges/s midpoint",
-              "JVP edges/s endpoint")
+              "JVP edges/s endpoint", "pull-back probed encode tokens/s")
     rows = dict(re.findall(rf"^({'|'.join(labels)}) +(.*)$", out.stdout, re.MULTILINE))
     assert set(rows) == set(labels)
     for label, rest in rows.items():

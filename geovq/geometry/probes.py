@@ -34,6 +34,13 @@ GridDecoderFn = Callable[[torch.Tensor], torch.Tensor]
 #: decoder rows (probes or tangents × images) per backward/forward-mode call: more runs slower per row on a CPU
 #: (the activations leave the cache: 1.65 forward-equivalents per probe at 128 rows, 1.98 at 1024, MNIST)
 ROWS_PER_CALL = 128
+#: the same on a CUDA device, where a call of 128 rows would leave it idle (not measured: no GPU here yet;
+#: bench/gpu_check.py times this stage)
+CUDA_ROWS_PER_CALL = 16384
+
+
+def rows_per_call(device: torch.device) -> int:
+    return CUDA_ROWS_PER_CALL if device.type == "cuda" else ROWS_PER_CALL
 
 
 def probe_frame(n_outputs: int, n_probes: int, seed: int, image: int) -> np.ndarray:
@@ -58,7 +65,7 @@ def image_probes(decoder: GridDecoderFn, grids: np.ndarray, n_probes: int, seed:
         n_out = decoder(torch.as_tensor(grids[:1], dtype=dtype, device=device)).reshape(1, -1).shape[1]
     s = min(n_probes, n_out)
     out = np.empty((len(grids), s, *grids.shape[1:]))
-    step = max(1, ROWS_PER_CALL // s)  # images per backward call
+    step = max(1, rows_per_call(device) // s)  # images per backward call
     for start in range(0, len(grids), step):
         stop = min(start + step, len(grids))
         z = torch.as_tensor(grids[start:stop], dtype=dtype, device=device)
@@ -79,7 +86,7 @@ def image_tangent_norms(decoder: GridDecoderFn, grids: np.ndarray, tangents: np.
     device, dtype = _module_device(decoder), _module_dtype(decoder) or torch.float32
     m, n = tangents.shape[:2]
     out = np.empty((m, n))
-    step = max(1, ROWS_PER_CALL // max(m, 1))
+    step = max(1, rows_per_call(device) // max(m, 1))
     fast = getattr(decoder, "jvp", None)
     with torch.no_grad():
         for start in range(0, n, step):
