@@ -527,13 +527,22 @@ def _tuned_records(tune_dir: Path, dataset: str, methods: list[str] | None) -> t
     path = tune_dir / "best.yaml"
     if not path.is_file():
         raise GeovqError(f"--tuned {tune_dir} holds no best.yaml; give the --out of a finished `geovq tune`")
-    best = yaml.safe_load(path.read_text()) or {}
+    try:
+        best = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise GeovqError(f"{path} is not a readable best.yaml: {' '.join(str(e).split())}") from None
+    if not isinstance(best, dict) or not isinstance(best.get("methods") or {}, dict):
+        raise GeovqError(f"{path} must be a mapping with a `methods:` mapping (what `geovq tune` writes)")
     if best.get("dataset") != dataset:
         raise GeovqError(f"--tuned {tune_dir} was tuned on {best.get('dataset')!r}, not {dataset!r}")
     if best.get("pareto"):
         raise GeovqError(f"--tuned {tune_dir} is a --pareto search (a front per method, no single best); tune "
                          "with --bits B for a comparison at equal bits")
-    found = {m: e["tuned"] for m, e in (best.get("methods") or {}).items() if e}
+    entries = {m: e for m, e in (best.get("methods") or {}).items() if e}
+    for method, entry in entries.items():
+        if not isinstance(entry, dict) or "tuned" not in entry:
+            raise GeovqError(f"{path}: methods.{method} must be a mapping with a `tuned:` configuration")
+    found = {m: e["tuned"] for m, e in entries.items()}
     if not found:
         raise GeovqError(f"--tuned {tune_dir}: no method has a finished trial")
     chosen = methods or list(found)

@@ -456,6 +456,32 @@ def check_override(key: str) -> type:
     return hints[name]
 
 
+#: settings whose valid values are not checked elsewhere before a trial would use them (quantizer parameters
+#: are checked by the quantizer): a space file's values and a --tuned record's are held to the same rules
+SETTING_RULES: dict[str, tuple[Any, str]] = {
+    "train.epochs": (lambda v: v >= 1, ">= 1 (epochs are the ASHA resource)"),
+    "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.beta": (lambda v: v >= 0, ">= 0"),
+    "train.recon": (lambda v: v in RECON_LOSSES, f"one of {', '.join(RECON_LOSSES)}"),
+    "vq.decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "vq.commitment": (lambda v: v >= 0, ">= 0"),
+    "vq.dead_code_threshold": (lambda v: v >= 0, ">= 0"),
+    "vq.kmeans_init_tokens": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_setting(key: str, value: Any) -> None:
+    """A dotted setting's value against its rule (SETTING_RULES, or the TDC settings' own); GeovqError, one line,
+    naming the value and what is valid."""
+    if key in SETTING_RULES:
+        ok, rule = SETTING_RULES[key]
+        if not ok(value):
+            raise GeovqError(f"{value!r} must be {rule}")
+    elif key.startswith("tdc."):
+        replace(TDCConfig(), **{key[len("tdc."):]: value}).check(1.0)
+
+
 def validate_tuned(cfg: SweepConfig, method: str, record: dict[str, Any]) -> None:
     """One --tuned record: its fields, rate, VAE variant, overrides and hyperparameters."""
     where = f"--tuned {method}"
@@ -474,9 +500,17 @@ def validate_tuned(cfg: SweepConfig, method: str, record: dict[str, Any]) -> Non
     if (record["vae"] is None) != end_to_end or (not end_to_end and record["vae"] not in VAE_VARIANTS):
         valid = "null (trained end to end)" if end_to_end else ", ".join(VAE_VARIANTS)
         raise GeovqError(f"{where}: vae {record['vae']!r} is not valid; valid: {valid}")
-    overrides = dict(record["vae_overrides"] or {}) if not end_to_end else dict(record["params"] or {})
-    for key in overrides:
-        check_override(key)
+    overrides = record["vae_overrides"] if not end_to_end else record["params"]
+    if not isinstance(overrides or {}, dict) or not isinstance(record["params"] or {}, dict):
+        raise GeovqError(f"{where}: vae_overrides and params must be mappings of settings to values")
+    for key, value in (overrides or {}).items():
+        kind = check_override(key)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (float, int) if kind is float else kind):
+            raise GeovqError(f"{where}: {key} {value!r} must be a {kind.__name__}")
+        try:
+            check_setting(key, value)
+        except GeovqError as e:
+            raise GeovqError(f"{where}: {key} {e}") from None
     if end_to_end:
         if record["vae_overrides"]:
             raise GeovqError(f"{where}: vae_overrides must be empty for a method trained end to end")

@@ -437,3 +437,27 @@ def test_an_interrupted_pareto_search_resumes_without_repeating_a_finished_trial
     for bits, psnr in on_front:  # and no point dominates a point of the front
         assert not any(b <= bits and p >= psnr and (b, p) != (bits, psnr) for b, p in points)
     assert (out / "figures" / "pareto.png").stat().st_size > 1000
+
+
+TUNED_GQ = ("dataset: digits\nmethods:\n  gq:\n    val_psnr: 20.0\n    tuned: {n_codes: 16, token_dim: 4, vae: plain, "
+            "vae_overrides: {train.epochs: 2}, params: {beta: 0.5}}\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("!!python/object/apply:os.system ['touch PWNED']\n", "is not a readable best.yaml: could not determine a constructor"),
+    ("methods: [\n", "is not a readable best.yaml: while parsing"),
+    ("- digits\n- gq\n", "must be a mapping with a `methods:` mapping"),
+    ("dataset: digits\nmethods: [gq]\n", "must be a mapping with a `methods:` mapping"),
+    ("dataset: digits\nmethods:\n  gq: {val_psnr: 20.0}\n", "methods.gq must be a mapping with a `tuned:` configuration"),
+    (TUNED_GQ.replace("train.epochs: 2", "train.epochs: -5"), "--tuned gq: train.epochs -5 must be >= 1"),
+    (TUNED_GQ.replace("train.epochs: 2", "train.lr: fast"), "--tuned gq: train.lr 'fast' must be a float"),
+    (TUNED_GQ.replace("train.epochs: 2", "tdc.factor: 0.5"), "--tuned gq: tdc.factor"),
+    (TUNED_GQ.replace("vae_overrides: {train.epochs: 2}", "vae_overrides: [1]"), "must be mappings of settings"),
+])
+def test_a_bad_best_yaml_is_one_line_naming_it_before_anything_runs(tmp_path, text, message):
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "best.yaml").write_text(text)
+    result = runner.invoke(app, ["sweep", "digits", "--tuned", str(tmp_path / "tuned"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "PWNED").exists()

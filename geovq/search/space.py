@@ -21,30 +21,17 @@ second objective.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from geovq.config import END_TO_END, RECON_LOSSES, VAE_VARIANTS, TDCConfig, check_override
+from geovq.config import END_TO_END, VAE_VARIANTS, check_override, check_setting
 from geovq.errors import GeovqError
 
 TOP_KEYS = ("bits", "rate", "sampler", "asha", "max_train_images", "vae", "vqvae", "methods")
 RANGE_FIELDS = ("low", "high", "log", "step")
-#: settings whose valid values are not checked elsewhere before a trial would use them (the TDC settings are
-#: checked by the TDC controller itself, quantizer parameters by the quantizer)
-SETTING_RULES: dict[str, tuple[Any, str]] = {
-    "train.epochs": (lambda v: v >= 1, ">= 1 (epochs are the ASHA resource)"),
-    "train.batch_size": (lambda v: v >= 1, ">= 1"),
-    "train.lr": (lambda v: v > 0, "> 0"),
-    "train.beta": (lambda v: v >= 0, ">= 0"),
-    "train.recon": (lambda v: v in RECON_LOSSES, f"one of {', '.join(RECON_LOSSES)}"),
-    "vq.decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "vq.commitment": (lambda v: v >= 0, ">= 0"),
-    "vq.dead_code_threshold": (lambda v: v >= 0, ">= 0"),
-    "vq.kmeans_init_tokens": (lambda v: v >= 1, ">= 1"),
-}
 #: Optuna names of the parameters that are not settings: the VAE variant and the rate
 VAE_PARAM, RATE_PARAM, DIM_PARAM, LOG2K_PARAM = "vae", "rate", "token_dim", "log2_codes"
 
@@ -494,17 +481,11 @@ def _param(where: str, name: str, key: str, kind: type, spec: Any, fail) -> Para
             param = Param(name, key, kind, low=low, high=high, log=log, step=step)
     else:
         param = Param(name, key, kind, value=_typed(where, kind, spec, fail), fixed=True)
-    if key in SETTING_RULES:
-        ok, rule = SETTING_RULES[key]
-        for value in param.extremes():
-            if not ok(value):
-                raise fail(where, f"{value!r} must be {rule}")
-    if key.startswith("tdc."):
-        for value in param.extremes():  # the TDC settings' own rules
-            try:
-                replace(TDCConfig(), **{key[len("tdc."):]: value}).check(1.0)
-            except GeovqError as e:
-                raise fail(where, str(e)) from None
+    for value in param.extremes():
+        try:
+            check_setting(key, value)
+        except GeovqError as e:
+            raise fail(where, str(e)) from None
     return param
 
 
