@@ -300,3 +300,25 @@ def test_report_bad_input_is_one_line_naming_what_was_found(two_runs, tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[:len(text) // 2], ""),  # truncated: the JSON parser's own words follow
+    (lambda text: text.replace('"psnr": ', '"psnr": NaN, "was": ', 1), "NaN is not a number JSON allows"),
+    (lambda text: json.dumps({**json.loads(text), "psnr": "high"}), "psnr 'high' must be a number or null)"),
+    (lambda text: json.dumps({**json.loads(text), "K": "16"}), "K '16' is not a valid int)"),
+    (lambda text: json.dumps([1, 2]), "a results row must be a JSON object, got list)"),
+])
+def test_a_damaged_row_is_one_line_naming_it_and_the_report_is_left_as_it_was(two_runs, tmp_path, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    row = next(run.glob("units/kmeans-*/row.json"))
+    if '"psnr": ' not in row.read_text():  # the writer's spacing, which the NaN case edits
+        row.write_text(json.dumps(json.loads(row.read_text())))
+    row.write_text(damage(row.read_text()))
+    before = {p.name: p.read_bytes() for p in (run / "results.json", run / "report.md")}
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 2, result.output
+    assert f"{row} is not a valid results row ({message}" in result.output and "delete it and re-run" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (run / "results.json", run / "report.md")} == before

@@ -9,8 +9,17 @@ row_finetuned.json; `RunDir` writes and reads them) and in results.json a row is
 
 from __future__ import annotations
 
+import math
+import types
+import typing
+from dataclasses import MISSING as dataclass_missing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from geovq.errors import GeovqError
+
+#: the test metrics a report averages: numbers (or null where a metric could not be measured, e.g. LPIPS)
+NUMERIC_METRICS = ("psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_codes")
 
 
 @dataclass(kw_only=True)
@@ -46,3 +55,42 @@ class Row:
         typed = {f.name for f in fields(cls)} - {"metrics"}
         return cls(**{k: v for k, v in record.items() if k in typed},
                    metrics={k: v for k, v in record.items() if k not in typed})
+
+    @classmethod
+    def checked(cls, record: Any) -> Row:
+        """A row read back from a file: every typed field present with its type, and the report's metrics
+        numbers or null (a GeovqError naming the first that is not)."""
+        if not isinstance(record, dict):
+            raise GeovqError(f"a results row must be a JSON object, got {type(record).__name__}")
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name == "metrics":
+                continue
+            if f.name not in record:
+                if f.default is dataclass_missing and f.default_factory is dataclass_missing:
+                    raise GeovqError(f"a results row needs {f.name!r}")
+                continue
+            if not _is_a(record[f.name], hints[f.name]):
+                hint = hints[f.name]
+                raise GeovqError(f"{f.name} {record[f.name]!r} is not a valid {getattr(hint, '__name__', hint)}")
+        for name in NUMERIC_METRICS:
+            value = record.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise GeovqError(f"{name} {value!r} must be a number or null")
+        return cls.from_dict(record)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (str, int, float, bool, dict, or X | None)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        option = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option in (str, bool, dict) and isinstance(value, option):
+            return True
+    return False

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from geovq.errors import GeovqError
 from geovq.io import write_json
 from geovq.stages.row import Row
 from geovq.stages.units import Unit, VaeSpec
@@ -80,11 +81,11 @@ class RunDir:
         write_json(self.row_path(unit, row.finetuned), row.as_dict())
 
     def read_row(self, unit: Unit, finetuned: bool = False) -> Row:
-        return Row.from_dict(json.loads(self.row_path(unit, finetuned).read_text()))
+        return load_row(self.row_path(unit, finetuned))
 
     def rows(self) -> list[Row]:
         """Every row the run holds: each scored unit's, and its fine-tuned decoder's where there is one."""
-        return [Row.from_dict(json.loads(path.read_text())) for path in sorted(self.root.glob("units/*/row*.json"))]
+        return [load_row(path) for path in sorted(self.root.glob("units/*/row*.json"))]
 
     def mark_finished(self, unit: Unit, prior: str | None) -> None:
         """The unit ran to its end: scored, fine-tuned where asked, and with `prior` trained and sampled."""
@@ -104,3 +105,17 @@ class RunDir:
         if finetune and not unit.end_to_end and not self.row_path(unit, finetuned=True).exists():
             return False
         return prior is None or json.loads(marker.read_text())["prior"] == prior
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def load_row(path: Path) -> Row:
+    """A results row file, read defensively: truncated or invalid JSON, NaN or Infinity, a missing or mistyped
+    field are one GeovqError naming the file (delete it and re-run the command: the unit is scored again)."""
+    try:
+        return Row.checked(json.loads(path.read_text(), parse_constant=_no_constant))
+    except (ValueError, UnicodeDecodeError, GeovqError) as e:
+        raise GeovqError(f"{path} is not a valid results row ({' '.join(str(e).split())}); delete it and re-run "
+                         "the same command to score its unit again") from None
