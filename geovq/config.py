@@ -253,14 +253,20 @@ class SweepConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SweepConfig:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # a tag, truncated or not text: never a traceback
+            raise GeovqError(f"{path} is not a readable geovq run configuration: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise GeovqError(f"{path} is not a geovq run configuration")
         if raw.get("run_format") != RUN_FORMAT:
             raise GeovqError(f"{os.path.dirname(path) or '.'} was written by an older geovq (run layout "
                              f"{raw.get('run_format', 1)}; this geovq reads layout {RUN_FORMAT}): start a new --out")
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except GeovqError as e:
+            raise GeovqError(f"{path}: {e}") from None
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -322,3 +322,21 @@ def test_a_damaged_row_is_one_line_naming_it_and_the_report_is_left_as_it_was(tw
     assert f"{row} is not a valid results row ({message}" in result.output and "delete it and re-run" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in (run / "results.json", run / "report.md")} == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[:len(text) // 3] + "\n  - [unclosed\n", "is not a readable geovq run configuration: while parsing"),
+    (lambda text: "!!python/object/apply:os.system ['touch PWNED']\n", "is not a readable geovq run configuration: could not"),
+    (lambda text: text.replace("trunk:", "trunk: [1, 2]\nold_trunk:", 1), "config.yaml: bad config:"),
+])
+def test_a_damaged_run_configuration_is_one_line_for_report_and_rerun(two_runs, tmp_path, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    config = run / "config.yaml"
+    config.write_text(damage(config.read_text()))
+    for args in (["report", str(run)], ["sweep", "digits", "--tiny", "--out", str(run)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and str(config) in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "PWNED").exists() and not list(tmp_path.rglob("PWNED"))
