@@ -102,6 +102,9 @@ def test_mnist_392_bits_are_d16_k256_d8_k16_d4_k4():
     ("vqvae: {tdc.tolerance: 0.5}\n", "vqvae.tdc.tolerance: acts on the Gaussian VAE only"),
     ("methods: {magic: {}}\n", "methods.magic: unknown quantizer 'magic'"),
     ("bits: 100\nmethods: {kmeans: {}}\n", "no (K, d) pair gives tokens × log2 K = 100"),
+    # a range no sampler can draw from: refused before the output folder is made (it was an OverflowError)
+    ("methods: {gq: {beta: {low: 0.1, high: .inf}}}\n", "methods.gq.beta: inf must be a finite number"),
+    ("methods: {gq: {beta: .nan}}\n", "methods.gq.beta: nan must be a finite number"),
 ])
 def test_a_bad_space_file_is_one_line_naming_the_key(tmp_path, edit, message):
     path = space_file(tmp_path, edit)
