@@ -361,3 +361,28 @@ def test_npz_unreadable_files(tmp_path):
     (tmp_path / "junk.npz").write_text("not an archive")
     with pytest.raises(GeovqError, match="cannot read"):
         load_dataset("npz", root=tmp_path / "junk.npz")
+
+
+def test_npz_sizes_are_read_from_the_headers_before_any_array(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    # a 1 TB array declared in 200 bytes: refused from its header, before numpy would try to allocate it
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (2**18, 1024, 1024)})
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("x_train.npy", header.getvalue())
+    with pytest.raises(GeovqError, match=r"declares 1024\.0 GiB of arrays \(x_train \(262144, 1024, 1024\)\), "
+                                         r"above the 4\.0 GiB cap; set GEOVQ_NPZ_MAX_BYTES"):
+        load_dataset("npz", root=tmp_path / "huge.npz")
+    # the cap is the arrays' declared bytes: 20 images of 8×8 uint8 are 1280 bytes
+    np.savez_compressed(tmp_path / "images.npz", x_train=GOOD)
+    monkeypatch.setenv("GEOVQ_NPZ_MAX_BYTES", "1279")
+    with pytest.raises(GeovqError, match="above the 0.0 GiB cap"):
+        load_dataset("npz", root=tmp_path)
+    monkeypatch.setenv("GEOVQ_NPZ_MAX_BYTES", "1280")
+    assert load_dataset("npz", root=tmp_path).train.shape[1:] == (1, 8, 8)
+    np.savez(tmp_path / "objects.npz", x_train=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(GeovqError, match="x_train is an object array; object arrays are refused, never unpickled"):
+        load_dataset("npz", root=tmp_path / "objects.npz")

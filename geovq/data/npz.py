@@ -8,6 +8,7 @@ seed: val 10% and test 20% of that pool.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,9 @@ SPLITS = ("train", "val", "test")
 CARVED_FRACTION = {"val": 0.1, "test": 0.2}
 VALID_CHANNELS = (1, 3)
 _KEY_HELP = "valid keys: x_train (+ y_train), optional x_val/y_val and x_test/y_test; or images (+ labels)"
+#: the most bytes of arrays an archive may declare (its .npy headers, read before any array): a 500 KB compressed
+#: file can expand to gigabytes; GEOVQ_NPZ_MAX_BYTES raises it on a machine with the memory
+NPZ_MAX_BYTES = 4 << 30
 _LAYOUT_HELP = "valid: uint8 (0..255) or float in [0, 1], shaped (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {1, 3}"
 
 
@@ -71,7 +75,39 @@ def load_npz(root: Path, split_seed: int) -> ImageSplits:
     )
 
 
+def declared_sizes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's (shape, dtype) from its .npy header in the archive, reading no array data."""
+    out = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)  # (1, 0), else a 4-byte header length (2.0 and 3.0)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(member, max_header_size=10_000)
+            out[name.removesuffix(".npy")] = (shape, dtype)
+    return out
+
+
+def check_declared_size(path: Path) -> None:
+    """Refuse an archive whose arrays would take more than the memory cap (or are object arrays) before loading."""
+    cap = int(os.environ.get("GEOVQ_NPZ_MAX_BYTES", NPZ_MAX_BYTES))
+    try:
+        sizes = declared_sizes(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError):
+        return  # not an archive of .npy members: np.load below says so in its own terms
+    total = 0
+    for key, (shape, dtype) in sizes.items():
+        if dtype.hasobject:
+            raise GeovqError(f"{path}: {key} is an object array; object arrays are refused, never unpickled")
+        total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if total > cap:
+        raise GeovqError(f"{path} declares {total / 2**30:.1f} GiB of arrays ({', '.join(f'{k} {s}' for k, (s, _) in sizes.items())}), "
+                         f"above the {cap / 2**30:.1f} GiB cap; set GEOVQ_NPZ_MAX_BYTES to load it on a machine with "
+                         "the memory")
+
+
 def _read_archive(path: Path) -> dict[str, np.ndarray]:
+    check_declared_size(path)
     try:
         archive = np.load(path, allow_pickle=False)  # never unpickle a user's file
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
