@@ -340,3 +340,26 @@ def test_a_damaged_run_configuration_is_one_line_for_report_and_rerun(two_runs, 
         assert message in result.output and str(config) in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "PWNED").exists() and not list(tmp_path.rglob("PWNED"))
+
+
+def test_paths_in_a_row_and_unit_folders_stay_inside_the_run(two_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    row = next(run.glob("units/kmeans-*/row.json"))
+    original = json.loads(row.read_text())
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for field, value in (("codes_path", str(outside / "codes_test.npy")), ("codes_path", "../../elsewhere/c.npy"),
+                         ("vae_key", "../../elsewhere"), ("unit", "/etc")):
+        row.write_text(json.dumps({**original, field: value}))
+        result = runner.invoke(app, ["report", str(run)])
+        assert result.exit_code == 2, result.output
+        assert f"{field} {value!r} must be" in result.output and "inside the run" in result.output
+    row.write_text(json.dumps(original))
+    # a unit folder that is a link out of the run: refused, nothing read or written through it
+    unit = row.parent
+    shutil.move(unit, outside / unit.name)
+    unit.symlink_to(outside / unit.name, target_is_directory=True)
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 2 and "leads out of the run directory" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1

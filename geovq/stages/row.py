@@ -14,12 +14,15 @@ import types
 import typing
 from dataclasses import MISSING as dataclass_missing
 from dataclasses import dataclass, field, fields, replace
+from pathlib import PurePath
 from typing import Any
 
 from geovq.errors import GeovqError
 
 #: the test metrics a report averages: numbers (or null where a metric could not be measured, e.g. LPIPS)
 NUMERIC_METRICS = ("psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_codes")
+#: metrics that name files of the run, relative to its directory
+PATH_METRICS = ("codes_path", "samples_path")
 
 
 @dataclass(kw_only=True)
@@ -73,6 +76,15 @@ class Row:
             if not _is_a(record[f.name], hints[f.name]):
                 hint = hints[f.name]
                 raise GeovqError(f"{f.name} {record[f.name]!r} is not a valid {getattr(hint, '__name__', hint)}")
+        for name in ("unit", "vae_key"):  # a unit's and a VAE's folder names: one path component each
+            value = record.get(name)
+            if isinstance(value, str) and (value in ("", ".", "..") or "/" in value or "\\" in value):
+                raise GeovqError(f"{name} {value!r} must be a folder name inside the run")
+        for name in PATH_METRICS:  # files the report reads: inside the run directory
+            value = record.get(name)
+            if value is not None and (not isinstance(value, str) or PurePath(value).is_absolute()
+                                      or ".." in PurePath(value).parts):
+                raise GeovqError(f"{name} {value!r} must be a path inside the run directory")
         for name in NUMERIC_METRICS:
             value = record.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

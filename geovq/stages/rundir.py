@@ -78,14 +78,22 @@ class RunDir:
         return self.unit(unit) / ("row_finetuned.json" if finetuned else "row.json")
 
     def write_row(self, unit: Unit, row: Row) -> None:
-        write_json(self.row_path(unit, row.finetuned), row.as_dict())
+        write_json(self.inside(self.row_path(unit, row.finetuned)), row.as_dict())
 
     def read_row(self, unit: Unit, finetuned: bool = False) -> Row:
-        return load_row(self.row_path(unit, finetuned))
+        return load_row(self.inside(self.row_path(unit, finetuned)))
 
     def rows(self) -> list[Row]:
         """Every row the run holds: each scored unit's, and its fine-tuned decoder's where there is one."""
-        return [load_row(path) for path in sorted(self.root.glob("units/*/row*.json"))]
+        return [load_row(self.inside(path)) for path in sorted(self.root.glob("units/*/row*.json"))]
+
+    def inside(self, path: Path) -> Path:
+        """`path` if it lies inside the run directory once links are followed; a folder linked out of the run
+        is refused (geovq would read or write through it)."""
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise GeovqError(f"{path} leads out of the run directory {self.root} (a symbolic link?); geovq reads and "
+                             "writes only inside it: replace the link by the folder itself")
+        return path
 
     def mark_finished(self, unit: Unit, prior: str | None) -> None:
         """The unit ran to its end: scored, fine-tuned where asked, and with `prior` trained and sampled."""
