@@ -363,3 +363,30 @@ def test_paths_in_a_row_and_unit_folders_stay_inside_the_run(two_runs, tmp_path)
     result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 2 and "leads out of the run directory" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_report_that_fails_part_way_leaves_the_previous_one_whole(two_runs, tmp_path, monkeypatch):
+    import geovq.report.build as build
+
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def half_the_figures(out, runs):
+        (out / "figures").mkdir(exist_ok=True)
+        (out / "figures" / "rate_distortion.png").write_bytes(b"half")
+        raise RuntimeError("the disk filled up")
+
+    monkeypatch.setattr(build, "write_figures", half_the_figures)
+    with pytest.raises(RuntimeError, match="the disk filled up"):
+        build.write_report([run])
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before and not list(run.glob(".report-*"))  # results, report.md and figures as they were
+    merged = tmp_path / "merged"
+    with pytest.raises(RuntimeError):
+        build.write_report([run, two_runs[1]], merged)
+    assert not merged.exists()  # a folder the failed report made is removed
+    monkeypatch.undo()
+    build.write_report([run])  # and a report that succeeds replaces them
+    assert (run / "report.md").read_bytes() == before[Path("report.md")]
+    assert not list(run.glob(".report-*"))

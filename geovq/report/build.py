@@ -12,6 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from geovq.errors import GeovqError
@@ -27,11 +30,34 @@ from geovq.stages.units import VaeSpec
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Runs:
-    """Write results, report.md, report.html and figures for the runs into `out` (the run itself when one)."""
+    """Write results, report.md, report.html and figures for the runs into `out` (the run itself when one).
+
+    Everything is written into a temporary folder inside `out` first and moved into place only once all of it
+    was written (report.html last), so a report that fails part-way leaves the previous one as it was."""
     if len(run_dirs) > 1 and out is None:
         raise GeovqError("--out is required when several run directories are merged")
     runs = load_runs(run_dirs)
     out = out or run_dirs[0]
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        _write_report_files(stage, runs)
+        files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: p.name == "report.html")
+        for path in files:
+            target = out / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return runs
+
+
+def _write_report_files(out: Path, runs: Runs) -> None:
     write_json(out / "results.json", runs.rows)
     buf = io.StringIO()
     # nested records (fit_info, encode_info, params, finetune) stay in results.json
@@ -46,7 +72,6 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Runs:
                                                   runs.planned))
     figures = write_figures(out, runs)
     write_text(out / "report.html", html_report(runs, figures, out, config_yaml))
-    return runs
 
 
 def write_figures(out: Path, runs: Runs) -> list[Figure]:
