@@ -522,15 +522,12 @@ def _print_best(best: dict) -> None:
 
 def _tuned_records(tune_dir: Path, dataset: str, methods: list[str] | None) -> tuple[list[str], dict[str, dict]]:
     """(methods, {method: tuned record}) from a `geovq tune` directory's best.yaml, for `sweep --tuned`."""
-    import yaml
+    from geovq.io import read_yaml
 
     path = tune_dir / "best.yaml"
     if not path.is_file():
         raise GeovqError(f"--tuned {tune_dir} holds no best.yaml; give the --out of a finished `geovq tune`")
-    try:
-        best = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise GeovqError(f"{path} is not a readable best.yaml: {' '.join(str(e).split())}") from None
+    best = read_yaml(path, "a readable best.yaml") or {}
     if not isinstance(best, dict) or not isinstance(best.get("methods") or {}, dict):
         raise GeovqError(f"{path} must be a mapping with a `methods:` mapping (what `geovq tune` writes)")
     if best.get("dataset") != dataset:

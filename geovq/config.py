@@ -253,11 +253,9 @@ class SweepConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SweepConfig:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f)
-        except (yaml.YAMLError, UnicodeDecodeError) as e:  # a tag, truncated or not text: never a traceback
-            raise GeovqError(f"{path} is not a readable geovq run configuration: {' '.join(str(e).split())}") from None
+        from geovq.io import read_yaml
+
+        raw = read_yaml(path, "a readable geovq run configuration")
         if not isinstance(raw, dict):
             raise GeovqError(f"{path} is not a geovq run configuration")
         if raw.get("run_format") != RUN_FORMAT:

@@ -1,5 +1,5 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file; and the lock that keeps a
-second command out of a folder that a command is writing."""
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file; the lock that keeps a second
+command out of a folder that a command is writing; and reading back a YAML file a user may have edited."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import yaml
 
 from geovq.errors import GeovqError
 
@@ -33,6 +34,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def one_line(error: BaseException) -> str:
+    """A parser's message (YAML's and JSON's span several lines) as one line, for a one-line GeovqError."""
+    return " ".join(str(error).split())
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """The YAML file at `path`, loaded safely; a YAML error (a tag, truncated or invalid YAML) or a file that is
+    not text is one GeovqError naming the file as not `what`, never a traceback."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise GeovqError(f"{path} is not {what}: {one_line(e)}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -3,17 +3,16 @@
 A token's metric G_i = J_iᵀJ_i, J_i the decoder's Jacobian in token i's own context (its image's μ-grid), takes
 d tangent passes of the whole decoder per token (`lengths.node_metrics`): 784 passes per MNIST image. But every
 token of an image shares that context, so ONE vector–Jacobian product of the image's output with a vector ω
-gives J_iᵀω for all of its tokens at once. With s orthonormal output probes q_1..q_s (a random orthonormal
-frame of the P output values, drawn per image) and g_ij = √(P/s) J_iᵀq_j (`probe_frame`: Gaussian q_j, whose
-frame is orthonormal in expectation),
+gives J_iᵀω for all of its tokens at once. With s output probes q_1..q_s per image (`probe_frame`: Gaussian,
+scaled so that E[Σ_j q_j q_jᵀ] = (s/P)·I over the P output values) and g_ij = √(P/s) J_iᵀq_j,
 
-    Ĝ_i = Σ_j g_ij g_ijᵀ  is unbiased for G_i,  and equal to it when s = P (the frame is then the whole basis),
+    Ĝ_i = Σ_j g_ij g_ijᵀ  is unbiased for G_i,  and equal to it when s >= P (the probes are then the whole basis),
 
 at s backward passes per image: on MNIST (P = 784, 49 tokens) s = 32 probes cost about 0.7 decoder passes per
 token against 16 for the exact metrics. The estimate alone picks the exact rule's code for ~91% of MNIST
-tokens; `probed_codes` keeps the per-probe terms so that a caller can test which codes the estimate cannot
-rule out, and `image_tangent_norms` settles those exactly (‖J_i δ‖² for a few δ per token, a forward-mode
-pass each, the image's primal pass shared).
+tokens; `image_probes` returns the per-probe g_ij, so that a caller can test which codes the estimate cannot rule
+out (quantize/pullback.py, `probe_candidates`), and `image_tangent_norms` settles those exactly (‖J_i δ‖² for a
+few δ per token, a forward-mode pass each, the image's primal pass shared).
 
 Both run on the decoder's own device (an nn.Module's parameters', or a wrapper's `device`), in its dtype; the
 numbers come back as float64 numpy arrays.

@@ -540,13 +540,17 @@ class PullbackQuantizer(Quantizer):
         of the split's μ-grids timed in this call)."""
         stats = self._encode_stats
         n = max(latents.n_tokens, 1)
-        seconds = stats["probes"] + stats["assign"] + stats["verify"]
-        per_image = self._forward_seconds(latents)
         return {"probes": int(self.probes), "confidence": float(self.confidence), "seconds_probes": stats["probes"],
                 "seconds_assign": stats["assign"], "seconds_verify": stats["verify"],
                 "unsure_fraction": stats["unsure"] / n, "verify_passes_per_token": stats["verify_passes"] / n,
-                "forward_seconds_per_image": per_image,
-                "encode_forward_equivalents_per_token": seconds / n / per_image,
+                **self._forward_equivalents(latents, stats["probes"] + stats["assign"] + stats["verify"])}
+
+    def _forward_equivalents(self, latents: LatentSet, seconds: float) -> dict[str, float]:
+        """An encode's `seconds` against a plain decoder forward of the split's μ-grids timed now: per image, and the
+        encode in forward-equivalents per token and per image."""
+        per_image = self._forward_seconds(latents)
+        return {"forward_seconds_per_image": per_image,
+                "encode_forward_equivalents_per_token": seconds / max(latents.n_tokens, 1) / per_image,
                 "encode_forward_equivalents_per_image": seconds / max(latents.n_images, 1) / per_image}
 
     def _exact_info(self, latents: LatentSet) -> dict[str, Any]:
@@ -560,13 +564,8 @@ class PullbackQuantizer(Quantizer):
           of the former (rerank_sq_error_predicted)."""
         stats = self._encode_stats
         n = latents.n_tokens
-        seconds = stats["metrics"] + stats["assign"]
-        per_image = self._forward_seconds(latents)
         info = {"rule": "exact", "tokens": int(n), "seconds_metrics": stats["metrics"], "seconds_assign": stats["assign"],
-                "forward_seconds_per_image": per_image,
-                "encode_forward_equivalents_per_token": seconds / max(n, 1) / per_image,
-                "encode_forward_equivalents_per_image": seconds / max(latents.n_images, 1) / per_image,
-                "rerank": int(self.rerank)}
+                **self._forward_equivalents(latents, stats["metrics"] + stats["assign"]), "rerank": int(self.rerank)}
         if self.rerank:
             info.update({"seconds_rerank": stats["rerank"], "rerank_changed": stats["changed"],
                          "rerank_changed_fraction": stats["changed"] / max(n, 1),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geovq.errors import GeovqError
-from geovq.io import write_json
+from geovq.io import one_line, write_json
 from geovq.stages.row import Row
 from geovq.stages.units import Unit, VaeSpec
 
@@ -125,5 +125,5 @@ def load_row(path: Path) -> Row:
     try:
         return Row.checked(json.loads(path.read_text(), parse_constant=_no_constant))
     except (ValueError, UnicodeDecodeError, GeovqError) as e:
-        raise GeovqError(f"{path} is not a valid results row ({' '.join(str(e).split())}); delete it and re-run "
+        raise GeovqError(f"{path} is not a valid results row ({one_line(e)}); delete it and re-run "
                          "the same command to score its unit again") from None
