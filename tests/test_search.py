@@ -7,11 +7,14 @@ withheld test split), then small searches on real local Ray: digits, a 300-image
 import csv
 import json
 import math
+import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -178,7 +181,7 @@ def test_every_post_hoc_study_starts_from_the_same_random_vaes_then_tpe_takes_ov
         for i in range(10):
             trial = optuna_study.ask()
             proposals[method].append(study.candidate(study(trial)))
-            optuna_study.tell(trial, float(i % 4) + (method == "gq"))
+            optuna_study.tell(trial, float(i % 4 if method != "gq" else -i % 4))  # gq ranks its trials otherwise
     vaes = {m: [(c.vae, c.n_codes, c.token_dim, c.vae_overrides) for c in cs] for m, cs in proposals.items()}
     assert vaes["gq"][:5] == vaes["kmeans"][:5] == vaes["geodesic"][:5]  # shared start-up: shared VAEs
     assert len({json.dumps(v, sort_keys=True) for v in vaes["gq"][:5]}) == 5  # and 5 different ones
@@ -384,44 +387,77 @@ def test_tuned_sweep_scores_each_method_at_its_own_configuration_on_test(search,
 KMEANS = SMALL.replace("  train.lr: 0.003\n", "  train.lr: {low: 1.0e-3, high: 5.0e-3, log: true}\n")
 
 
-def test_same_seed_same_proposals_with_one_trial_at_a_time(ray_local, tmp_path):
-    space = space_file(tmp_path, KMEANS)
-    runs = []
-    for name in ("a", "b"):
-        result = runner.invoke(app, tune_args(space, tmp_path / name, "--methods", "kmeans", "--trials", "4",
-                                              "--max-concurrent", "1", "--seed", "3"))
-        assert result.exit_code == 0, result.output
-        runs.append(read_trials(tmp_path / name))
-    keys = ("number", "status", "rate", "vae", "train.lr", "train.beta", "tdc.factor", "val_psnr", "epoch")
-    a, b = ([{k: r[k] for k in keys} for r in rows] for rows in runs)
-    assert a == b  # 4 trials, 2 of them proposed by TPE after its 2 random start-up trials
-    assert len({r["train.lr"] for r in a}) == 4  # and they are 4 different proposals
+PARETO = ("--methods", "kmeans", "--trials", "5", "--max-concurrent", "1", "--pareto", "--seed", "3")
+#: the columns that describe a trial's proposal and its outcome
+PROPOSAL = ("number", "status", "bits", "K", "token_dim", "vae", "train.lr", "train.beta", "tdc.factor", "val_psnr",
+            "epoch")
 
 
-def test_an_interrupted_pareto_search_resumes_without_repeating_a_finished_trial(ray_local, tmp_path):
-    space, out = space_file(tmp_path, KMEANS), tmp_path / "out"
-    args = tune_args(space, out, "--methods", "kmeans", "--trials", "5", "--max-concurrent", "1", "--pareto",
-                     "--address", ray_local.get_runtime_context().gcs_address)
-    console = open(tmp_path / "console.txt", "w")  # a file, not a pipe: Ray's worker logs could fill a pipe
+class Planted:
+    """What a tampered search folder might hold: a pickle whose loading runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def pareto_search(ray_local, tmp_path_factory):
+    """The --pareto search of 5 k-means trials, one at a time, seed 3, run through."""
+    root = tmp_path_factory.mktemp("pareto")
+    result = runner.invoke(app, tune_args(space_file(root, KMEANS), root / "out", *PARETO))
+    assert result.exit_code == 0, result.output
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def resumed_search(ray_local, tmp_path_factory):
+    """The same search, Ctrl-C'd after 2 trials finished, its pickle-named files replaced by planted pickles, and
+    resumed by the same command. Returns what the tests look at."""
+    root = tmp_path_factory.mktemp("resumed")
+    out = root / "out"
+    args = tune_args(space_file(root, KMEANS), out, *PARETO, "--address", ray_local.get_runtime_context().gcs_address)
+    console = open(root / "console.txt", "w")  # a file, not a pipe: Ray's worker logs could fill a pipe
     proc = subprocess.Popen([sys.executable, "-m", "geovq.cli", *args], stdout=console, stderr=subprocess.STDOUT,
                             preexec_fn=sigint_at_default)
     log = out / "search.log"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and log.read_text().count("finished:") >= 2):
-        assert proc.poll() is None, (tmp_path / "console.txt").read_text()
+        assert proc.poll() is None, (root / "console.txt").read_text()
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the running trial stays open in the study
     proc.wait(timeout=120)
     console.close()
-    output = (tmp_path / "console.txt").read_text()
-    assert proc.returncode == 130, output
-    assert "re-run the same command to resume" in output
     first = log.read_text()
+    marker = root / "PWNED"
+    planted = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".pkl", ".pickle"))
+    payload = pickle.dumps(Planted(marker))
+    for path in planted:
+        path.write_bytes(payload)
+    result = runner.invoke(app, args)  # the same command
+    return SimpleNamespace(out=out, returncode=proc.returncode, console=(root / "console.txt").read_text(),
+                           first=first, planted=planted, payload=payload, marker=marker, result=result)
+
+
+def test_same_seed_same_proposals_with_one_trial_at_a_time_even_across_an_interruption(pareto_search,
+                                                                                       resumed_search):
+    assert resumed_search.result.exit_code == 0, resumed_search.result.output
+    a, b = ([{k: r[k] for k in PROPOSAL if k in r} for r in read_trials(out)]
+            for out in (pareto_search, resumed_search.out))
+    assert a == b  # 5 trials, 3 of them proposed by TPE after its 2 random start-up trials
+    assert len({r["train.lr"] for r in a}) == 5  # and they are 5 different proposals
+
+
+def test_an_interrupted_search_resumes_its_stored_study_without_repeating_a_finished_trial(resumed_search):
+    out, first = resumed_search.out, resumed_search.first
+    assert resumed_search.returncode == 130, resumed_search.console
+    assert "re-run the same command to resume" in resumed_search.console
     done_before = {line.split("(")[1].split(")")[0] for line in first.splitlines() if "finished:" in line}
     assert 2 <= len(done_before) < 5
-    result = runner.invoke(app, args)  # the same command
-    assert result.exit_code == 0, result.output
-    text = log.read_text()
+    assert resumed_search.result.exit_code == 0, resumed_search.result.output
+    text = (out / "search.log").read_text()
     assert "resuming the search" in text[len(first):]
     started = [line.split("(")[1].split(")")[0] for line in text.splitlines() if "started:" in line]
     for trial_id in done_before:
@@ -429,6 +465,17 @@ def test_an_interrupted_pareto_search_resumes_without_repeating_a_finished_trial
     rows = read_trials(out)
     assert sorted(int(r["number"]) for r in rows) == list(range(5))
     assert len({r["trial_id"] for r in rows}) == 5 and done_before <= {r["trial_id"] for r in rows}
+    # one study, continued: Optuna's own API reads it from the journal, with geovq's record of every trial
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="kmeans", storage=JournalStorage(JournalFileBackend(str(out / "study.journal"))))
+    assert [t.number for t in study.trials] == list(range(5))
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    by_number = {int(r["number"]): r for r in rows}
+    for t in study.trials:
+        assert t.values == [pytest.approx(float(by_number[t.number]["val_psnr"])), int(by_number[t.number]["bits"])]
+        assert t.user_attrs["trial_id"] == by_number[t.number]["trial_id"]
     # --pareto: K free, ASHA off (every trial trains all its epochs), the front in best.yaml and its figure
     assert {r["status"] for r in rows} == {"finished"}
     points = [(int(r["bits"]), float(r["val_psnr"])) for r in rows]
@@ -440,6 +487,17 @@ def test_an_interrupted_pareto_search_resumes_without_repeating_a_finished_trial
     for bits, psnr in on_front:  # and no point dominates a point of the front
         assert not any(b <= bits and p >= psnr and (b, p) != (bits, psnr) for b, p in points)
     assert (out / "figures" / "pareto.png").stat().st_size > 1000
+
+
+def test_resuming_a_search_unpickles_no_file_of_its_folder(resumed_search):
+    # Tune left its pickles (tuner.pkl, trainable.pkl, each trial's params.pkl); each was replaced by a pickle
+    # that touches PWNED when loaded, and the resume loaded none of them
+    names = {p.name for p in resumed_search.planted}
+    assert {"tuner.pkl", "params.pkl"} <= names, names
+    assert resumed_search.result.exit_code == 0, resumed_search.result.output
+    assert not resumed_search.marker.exists()
+    pickle.loads(resumed_search.payload)  # what loading one would have done
+    assert resumed_search.marker.exists()
 
 
 TUNED_GQ = ("dataset: digits\nmethods:\n  gq:\n    val_psnr: 20.0\n    tuned: {n_codes: 16, token_dim: 4, vae: plain, "

@@ -1,6 +1,11 @@
 """The driver of `geovq tune`: one Ray Tune experiment per method, so that every method gets the same number
-of trials, each resumable by Tune's experiment restore (the OptunaSearch state included).
+of trials, over one Optuna study per method kept in the search folder's `study.journal`.
 
+- Storage: the studies live in Optuna's JournalStorage (`study.journal`, JSON lines: no pickle anywhere, safe
+  on a cluster's shared filesystem). Each trial's Tune id, its whole configuration, its status and its last
+  metrics are user attributes of its Optuna trial, so trials.csv, best.yaml and a resume read the study alone.
+  `optuna.load_study(study_name=METHOD, storage=JournalStorage(JournalFileBackend(".../study.journal")))` and
+  optuna-dashboard open it.
 - Searcher: OptunaSearch over the method's define-by-run `Study`, with a seeded TPE sampler (with two
   objectives under --pareto, TPE is Optuna's multi-objective MOTPE) after `n_startup_trials` random ones that
   are the same in every method's study (`SharedStartupSampler`), so post-hoc methods share their start-up VAEs.
@@ -15,10 +20,10 @@ of trials, each resumable by Tune's experiment restore (the OptunaSearch state i
   command and seed propose the same configurations (training on the CPU is deterministic). With c > 1 trials
   at once, the n_startup_trials random proposals are still the same (each value is seeded by its trial number
   and parameter name); later ones depend on which trials had finished when each was asked, i.e. on timing.
-- Interruption: Ctrl-C lets Tune save the experiment state and stop; the CLI then exits 130, and the same
-  command resumes: finished trials are kept, unfinished ones start again (their VAEs resume from their epoch
-  files). After a hard kill, trials that finished in the last ~10 s may run again (cheaply: their models are
-  cached).
+- Interruption: Ctrl-C (or a kill) leaves the trials that were running open in the study; the same command
+  starts a new Tune experiment whose first trials are those open ones, with their own numbers and values (their
+  models resume from their epoch files), then asks for the rest. Tune's own experiment state (pickles) is never
+  restored: nothing under the search folder is unpickled.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import time
 import warnings
 import zlib
@@ -40,7 +44,6 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from geovq.config import SweepConfig
@@ -90,14 +93,19 @@ class SharedStartupSampler(optuna.samplers.BaseSampler):
     """Seeded TPE after `n_startup` random start-up trials whose values depend only on (seed, trial number,
     parameter name), not on the draws before them. So every method's study starts from the same random rates
     and VAE configurations: the post-hoc methods' start-up trials share their VAEs (trained once), and the
-    start-up proposals do not depend on the order in which trials finish."""
+    start-up proposals do not depend on the order in which trials finish. TPE, too, is seeded per trial (by seed
+    and trial number): a proposal depends on the study's history and its number, not on how many proposals this
+    process made before it, so a resumed search proposes what an uninterrupted one would have."""
 
     def __init__(self, seed: int, n_startup: int, multivariate: bool) -> None:
-        self.seed, self.n_startup = seed, n_startup
+        self.seed, self.n_startup, self.multivariate = seed, n_startup, multivariate
+        self.tpe = self._tpe(0)
+
+    def _tpe(self, number: int) -> optuna.samplers.TPESampler:
         # TPE sees the start-up trials as its first observations; constant_liar: trials still running count as
         # bad, so concurrent proposals spread out
-        self.tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=0, multivariate=multivariate,
-                                              group=multivariate, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=zlib.crc32(f"{self.seed}/{number}/tpe".encode()), n_startup_trials=0,
+                                          multivariate=self.multivariate, group=self.multivariate, constant_liar=True)
 
     def _startup(self, trial: Any) -> bool:
         return trial.number < self.n_startup
@@ -115,6 +123,7 @@ class SharedStartupSampler(optuna.samplers.BaseSampler):
         return optuna.samplers.RandomSampler(seed=seed).sample_independent(study, trial, param_name, distribution)
 
     def before_trial(self, study: Any, trial: Any) -> None:
+        self.tpe = self._tpe(trial.number)
         self.tpe.before_trial(study, trial)
 
     def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
@@ -124,19 +133,48 @@ class SharedStartupSampler(optuna.samplers.BaseSampler):
         self.tpe.reseed_rng()
 
 
-def make_searcher(study: Study, search: Search) -> EpochAwareOptunaSearch:
-    """OptunaSearch over the study with a seeded TPE sampler (two objectives under --pareto)."""
+#: the search folder's Optuna storage: one study per method, named by the method
+JOURNAL = "study.journal"
+#: user attributes of a study's trials: Tune's id, Tune's whole config, geovq's status, the last metrics, the error
+TRIAL_ID, CONFIG, STATUS, METRICS, ERROR = "trial_id", "config", "status", "metrics", "error"
+
+
+def open_storage(out: Path) -> optuna.storages.BaseStorage:
+    """The search folder's study storage: Optuna's journal file, JSON lines (its file backend keeps no pickled
+    snapshots), appended under a file lock, so drivers on a cluster's shared filesystem can share it."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(out / JOURNAL)))
+
+
+def open_study(storage: optuna.storages.BaseStorage, study: Study, search: Search) -> optuna.Study:
+    """The method's stored study (created on the first run; a grid search enqueues its points then)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = ["maximize", "minimize"] if search.pareto else ["maximize"]
+    new = study.method not in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    stored = optuna.create_study(storage=storage, study_name=study.method, directions=directions, load_if_exists=True)
+    if new and search.grid:
+        distributions = study.distributions()
+        for point in study.grid():  # one trial per point, asked in this order: trial numbers are grid indices
+            stored.enqueue_trial({k: v for k, v in point.items() if k in distributions})
+    return stored
+
+
+def make_searcher(study: Study, search: Search, storage: optuna.storages.BaseStorage,
+                  error_dir: Path) -> StoredOptunaSearch:
+    """OptunaSearch over the stored study with a seeded TPE sampler (two objectives under --pareto)."""
     space = study.space
     sampler = SharedStartupSampler(search.seed, space.n_startup_trials, space.multivariate)
-    if search.pareto:
-        return EpochAwareOptunaSearch(Numbered(study), metric=[OBJECTIVE, BITS], mode=["max", "min"], sampler=sampler)
-    return EpochAwareOptunaSearch(Numbered(study), metric=OBJECTIVE, mode="max", sampler=sampler)
+    objectives = dict(metric=[OBJECTIVE, BITS], mode=["max", "min"]) if search.pareto else dict(metric=OBJECTIVE,
+                                                                                                 mode="max")
+    return StoredOptunaSearch(Numbered(study), sampler=sampler, study_name=study.method, storage=storage,
+                              error_dir=error_dir, **objectives)
 
 
 @dataclass(frozen=True)
 class Numbered:
-    """The study's define-by-run sampler, adding each trial's proposal number to its config (picklable)."""
+    """The study's define-by-run sampler, adding each trial's proposal number to its config."""
 
     study: Study
 
@@ -144,42 +182,92 @@ class Numbered:
         return {**self.study(trial), NUMBER: trial.number}
 
 
-class EpochAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that takes a trial's per-epoch results (which carry the scheduler's metric, not the
-    objective) as Optuna intermediate values by epoch, so that TPE ranks stopped trials by how far they got and
-    how well they were doing. Tune's own OptunaSearch would look for the objective in them."""
+def open_trials(stored: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials asked but never settled: running when the search was interrupted (or killed)."""
+    return [t for t in stored.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if STATUS not in t.user_attrs]
+
+
+class StoredOptunaSearch(OptunaSearch):
+    """OptunaSearch over a stored study that
+    - hands out the study's open trials first (same number, same values) before asking for new ones, so that a
+      resumed search runs exactly the trials an uninterrupted one would have;
+    - records on each Optuna trial its Tune id and config when it starts, and its status and last metrics when
+      it ends (before telling Optuna, which freezes the trial);
+    - takes a trial's per-epoch results (which carry the scheduler's metric, not the objective) as Optuna
+      intermediate values by epoch, so that TPE ranks stopped trials by how far they got and how well they were
+      doing; an epoch already recorded (a resumed trial replaying its history) is not reported twice;
+    - saves nothing: the study is its state (Tune would pickle the searcher otherwise)."""
+
+    def __init__(self, *args: Any, error_dir: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.error_dir = error_dir
+        self._open = open_trials(self._ot_study)
+        self._last: dict[str, dict] = {}  # Tune id: its last result (an erroring trial completes without one)
+        self._reported: dict[str, set[int]] = {}  # Tune id: the epochs its Optuna trial has values for
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._open and trial_id not in self._ot_trials:
+            frozen = self._open.pop(0)
+            # Optuna's handle on an existing trial takes its storage id, which only the private field holds
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+            self._reported[trial_id] = set(frozen.intermediate_values)
+        config = super().suggest(trial_id)
+        trial = self._ot_trials[trial_id]
+        trial.set_user_attr(TRIAL_ID, trial_id)
+        trial.set_user_attr(CONFIG, config)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._last[trial_id] = result
         if isinstance(self.metric, list) or OBJECTIVE in result or EPOCH_METRIC not in result:
             return
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+        reported = self._reported.setdefault(trial_id, set())
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and result[EPOCH] not in reported:
             self._ot_trials[trial_id].report(result[EPOCH_METRIC], result[EPOCH])
-
-
-class GridSearcher(Searcher):
-    """Every point of an exhaustive grid, in order (the reference arm of bench/search_efficiency.py)."""
-
-    def __init__(self, points: list[dict[str, Any]]) -> None:
-        super().__init__()
-        self.points, self.given = points, 0
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | str:
-        if self.given >= len(self.points):
-            return Searcher.FINISHED
-        self.given += 1
-        return self.points[self.given - 1]
+            reported.add(result[EPOCH])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        pass
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None and trial_id not in self._completed_trials:
+            metrics = plain_metrics(result or self._last.get(trial_id) or {})
+            trial.set_user_attr(METRICS, metrics)
+            trial.set_user_attr(STATUS, "error" if error else trial_status(metrics))
+            if error or metrics.get(GEOVQ_ERROR):
+                trial.set_user_attr(ERROR, metrics.get(GEOVQ_ERROR) or error_line(self.error_dir / trial_id))
+        super().on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"points": self.points, "given": self.given}, f)
+        pass
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        self.points, self.given = state["points"], state["given"]
+        raise NotImplementedError("a search resumes from its stored study, never from Tune's searcher state")
+
+
+def trial_status(metrics: dict[str, Any]) -> str:
+    """finished (scored), error (a GeovqError in the trial), diverged, or stopped (by ASHA)."""
+    if OBJECTIVE in metrics:
+        return "finished"
+    if metrics.get(GEOVQ_ERROR):
+        return "error"
+    return "diverged" if metrics.get("diverged") else "stopped"
+
+
+def plain_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """A result's top-level scalars, JSON-safe (the journal stores JSON): non-finite floats become None."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if "/" in key or key == "config" or not isinstance(value, (str, int, float, bool, type(None))):
+            continue
+        out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    return out
+
+
+def error_line(trial_dir: Path) -> str:
+    """The last line of Tune's error.txt for a trial that raised (the exception and its message)."""
+    path = trial_dir / "error.txt"
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.exists() else []
+    return lines[-1].strip() if lines else f"the trial raised; see {path}"
 
 
 @contextmanager
@@ -211,69 +299,57 @@ def trial_dirname(trial: Any) -> str:
 
 
 def run_study(out: Path, cfg: SweepConfig, study: Study, search: Search, callbacks: tuple = ()) -> list[dict]:
-    """One method's experiment (new, or restored from out/ray/METHOD); returns its trials (see `trial_rows`).
-    Raises SearchInterrupted when it stopped before every trial finished (Ctrl-C)."""
-    storage = (out / "ray").resolve()
-    path = storage / study.method
-    job = {"run_dir": str(out.resolve()), "config": cfg.as_dict(), "study": study, "seed": search.seed}
-    trainable = tune.with_resources(tune.with_parameters(search_trial, job=job),
-                                    {"cpu": cfg.cpus_per_trial * CPU_RESERVE_FRACTION, "gpu": cfg.gpus_per_trial or 0})
-    points = [{**p, NUMBER: i} for i, p in enumerate(study.grid())] if search.grid else None
-    total = len(points) if points is not None else search.trials
-    with tune_environment():
-        if tune.Tuner.can_restore(path):
-            log.info("%s: resuming the search in %s", study.method, path)
-            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            if points is not None:
-                searcher, scheduler = GridSearcher(points), FIFOScheduler()
-            else:
-                searcher = make_searcher(study, search)
-                max_t = study.max_epochs(cfg.train.epochs)
-                scheduler = FIFOScheduler() if search.pareto else ASHAScheduler(
-                    time_attr=EPOCH, metric=EPOCH_METRIC, mode="max", max_t=max_t,
-                    grace_period=min(study.space.grace_period, max_t),
-                    reduction_factor=study.space.reduction_factor, stop_last_trials=False)
-            tuner = tune.Tuner(
+    """One method's study: its open trials, then new ones until `search.trials` (or the grid) have settled;
+    returns its trials (see `study_rows`). Raises SearchInterrupted when it stopped before that (Ctrl-C)."""
+    experiment = (out / "ray").resolve()
+    storage = open_storage(out)
+    stored = open_study(storage, study, search)
+    total = len(stored.trials) if search.grid else search.trials
+    settled = sum(STATUS in t.user_attrs for t in stored.get_trials(deepcopy=False))
+    if settled:
+        log.info("%s: resuming the search in %s: %d of %d trials settled, %d to run again", study.method,
+                 out / JOURNAL, settled, total, len(open_trials(stored)))
+    if settled < total:
+        job = {"run_dir": str(out.resolve()), "config": cfg.as_dict(), "study": study, "seed": search.seed}
+        trainable = tune.with_resources(tune.with_parameters(search_trial, job=job),
+                                        {"cpu": cfg.cpus_per_trial * CPU_RESERVE_FRACTION,
+                                         "gpu": cfg.gpus_per_trial or 0})
+        searcher = make_searcher(study, search, storage, experiment / study.method)
+        max_t = study.max_epochs(cfg.train.epochs)
+        scheduler = FIFOScheduler() if search.pareto or search.grid else ASHAScheduler(
+            time_attr=EPOCH, metric=EPOCH_METRIC, mode="max", max_t=max_t,
+            grace_period=min(study.space.grace_period, max_t),
+            reduction_factor=study.space.reduction_factor, stop_last_trials=False)
+        with tune_environment():
+            tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total - settled,
                                             max_concurrent_trials=search.max_concurrent, reuse_actors=True,
                                             trial_dirname_creator=trial_dirname),
-                run_config=tune.RunConfig(name=study.method, storage_path=str(storage), verbose=0,
+                run_config=tune.RunConfig(name=study.method, storage_path=str(experiment), verbose=0,
                                           callbacks=[TrialLog(study.method, total), JsonLoggerCallback(),
                                                      *callbacks],
-                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
-        results = tuner.fit()
-    rows = trial_rows(study, results)
+                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures))).fit()
+    rows = study_rows(study, optuna.load_study(study_name=study.method, storage=storage))
     finished = sum(r["status"] != "unfinished" for r in rows)
     if finished < total:
         raise SearchInterrupted(study.method, finished, total, rows)
     return rows
 
 
-def trial_rows(study: Study, results: Any) -> list[dict[str, Any]]:
-    """One dict per trial: method, number, status, metrics, the sampled values (`values`) and the candidate."""
+def study_rows(study: Study, stored: optuna.Study) -> list[dict[str, Any]]:
+    """One dict per trial that reached Tune: method, number, trial_id, status (unfinished: open, it runs again on
+    resume), metrics, the sampled values (`values`), the candidate and the error line."""
     rows = []
-    for result in results:
-        config = dict(result.config or {})
-        number = config.pop(NUMBER, None)
-        metrics = result.metrics or {}
-        if OBJECTIVE in metrics:
-            status = "finished"
-        elif result.error is not None or GEOVQ_ERROR in metrics:
-            status = "error"
-        elif metrics.get("diverged"):
-            status = "diverged"
-        elif metrics.get("done"):
-            status = "stopped"  # by ASHA, after its last reported epoch
-        else:
-            status = "unfinished"  # running when the search was interrupted: it runs again on resume
-        candidate = study.candidate(config) if config else None
-        rows.append({"method": study.method, "number": number, "trial_id": metrics.get("trial_id"),
-                     "status": status, "values": config, "candidate": candidate, "metrics": metrics,
-                     "error": str(result.error).splitlines()[0] if result.error is not None else
-                     metrics.get(GEOVQ_ERROR)})
-    return sorted(rows, key=lambda r: (r["number"] is None, r["number"]))
+    for trial in stored.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if CONFIG not in attrs:
+            continue  # asked, never handed to Tune (a grid point not reached yet, or a kill in between)
+        values = {k: v for k, v in attrs[CONFIG].items() if k != NUMBER}
+        rows.append({"method": study.method, "number": trial.number, "trial_id": attrs.get(TRIAL_ID),
+                     "status": attrs.get(STATUS, "unfinished"), "values": values, "candidate": study.candidate(values),
+                     "metrics": attrs.get(METRICS, {}), "error": attrs.get(ERROR)})
+    return rows
 
 
 class TrialLog(Callback):

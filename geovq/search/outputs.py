@@ -1,5 +1,7 @@
-"""What a search leaves in --out, from its trials (driver.trial_rows):
+"""What a search leaves in --out, from its trials (driver.study_rows):
 
+    study.journal           the Optuna studies themselves, one per method (driver.open_storage): the record a
+                            resume and every file below are made from
     trials.csv              every trial: status, validation PSNR, bits, K, d, epochs, the sampled values
     best.yaml               per method its best validation configuration (under --pareto, its Pareto front);
                             `geovq sweep DATASET --tuned DIR` runs each `tuned:` record

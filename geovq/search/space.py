@@ -162,8 +162,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Study:
-    """The define-by-run sampler of one method's study (Optuna calls it with a trial; picklable, so that Tune
-    can save and restore the searcher). `rates`: the (K, d) pairs at the bit budget; None under --pareto."""
+    """The define-by-run sampler of one method's study (Optuna calls it with a trial; picklable, as Ray
+    ships it to the trials). `rates`: the (K, d) pairs at the bit budget; None under --pareto."""
 
     space: Space
     method: str
