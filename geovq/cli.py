@@ -330,9 +330,14 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="report folder [default: the run directory; required with several]"),
 ) -> None:
     """Write results.json/.csv, report.md, report.html and figures from run directories' finished units."""
+    from geovq.io import directory_lock
     from geovq.report.build import write_report
 
-    runs = write_report(run_dirs, out)
+    destination = out or run_dirs[0]
+    with ExitStack() as lock:
+        if destination.is_dir():  # the folder it writes: refused while a sweep (or another report) writes it
+            lock.enter_context(directory_lock(destination))
+        runs = write_report(run_dirs, out)
     _print_summary(runs.rows)
     if runs.finished < runs.planned:
         typer.secho(f"PARTIAL report: {runs.finished} of {runs.planned} units finished; re-run the sweep to finish "
@@ -438,6 +443,7 @@ def tune(
     t_start = time.time()
     from geovq.config import dataset_root
     from geovq.data import load_dataset
+    from geovq.io import check_writable
 
     root = dataset_root([dataset], data_root)  # the sweep's rules for a dataset and its data root
     if trials < 1:
@@ -458,6 +464,7 @@ def tune(
     out = out or Path("runs") / f"{dataset}-tune"
     if out.exists() and not out.is_dir():
         raise GeovqError(f"--out {out} is an existing file; give a folder for the search directory")
+    check_writable(out)
     identity = {"dataset": dataset, "methods": chosen, "trials": trials, "bits": budget, "pareto": pareto,
                 "seed": seed, "space": Path(space_path).read_text(), "config": cfg.identity()}
     check_resumable(out, identity)
@@ -546,6 +553,11 @@ def _tuned_records(tune_dir: Path, dataset: str, methods: list[str] | None) -> t
     for m in chosen:
         if m not in found:
             raise GeovqError(f"--methods {m}: {tune_dir} has no tuned configuration for it; tuned: {', '.join(found)}")
+    if best.get("complete") is False:
+        counts = ", ".join(f"{m} {e.get('finished', 0)} of {best.get('trials_per_method')} trials finished"
+                           for m, e in entries.items())
+        typer.echo(f"geovq: warning: --tuned {tune_dir} is an interrupted search ({counts}); its best "
+                   "configurations may change when its `geovq tune` command is re-run to finish it", err=True)
     return chosen, {m: found[m] for m in chosen}
 
 

@@ -26,6 +26,8 @@ from geovq.latents import GROUPINGS, TokenLayout
 RUN_FORMAT = 2
 RECON_LOSSES = ("bce", "mse")
 VAE_VARIANTS = ("plain", "tdc")
+#: the most units one sweep plans (each is a folder and a Tune trial; --seeds 100000 would plan 200,000)
+MAX_UNITS = 10_000
 END_TO_END = ("vqvae",)  # methods trained end to end; every other method is a post-hoc quantizer
 #: the priors a sweep can train over its codes (geovq.models.priors.PRIORS holds their classes)
 PRIOR_KINDS = ("transformer", "pixelcnn")
@@ -210,6 +212,15 @@ class SweepConfig:
     def tokens_per_image(self) -> int:
         return self.layout.tokens_per_image
 
+    @property
+    def planned_units(self) -> int:
+        """How many units `stages.units.plan_units` plans, by arithmetic (checked before any is planned): seeds ×
+        K × methods (× VAE variants for post-hoc methods); with --tuned, seeds × methods."""
+        if self.tuned:
+            return self.seeds * len(self.methods)
+        per_k = sum(1 if method in END_TO_END else len(self.vaes) for method in self.methods)
+        return self.seeds * len(self.codebook_sizes) * per_k
+
     def settings(self, overrides: typing.Iterable[tuple[str, Any]], seed: int
                  ) -> tuple[TrainConfig, TDCConfig, VQConfig]:
         """The sweep's training, TDC and VQ settings with a unit's dotted overrides ("train.lr", "tdc.factor",
@@ -374,12 +385,21 @@ def check_training_tokens(cfg: SweepConfig, train_images: int, rates: list[tuple
 def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
     """Every rule of a sweep configuration, in one place; messages name the command-line option. With
     `train_images` (the dataset's training split), K is checked against the training tokens too."""
+    from geovq.metrics import SSIM_WINDOW
+
     h, w = cfg.trunk.image_size
     f = 2**cfg.trunk.downsamples
     if h % f or w % f:
         raise GeovqError(f"image size {h}×{w} must be divisible by {f} (2**downsamples)")
+    if min(h, w) < SSIM_WINDOW:
+        raise GeovqError(f"image size {h}×{w} is below SSIM's {SSIM_WINDOW}×{SSIM_WINDOW} px window, with which every "
+                         f"row is scored; give images of at least {SSIM_WINDOW} px a side")
     if cfg.seeds < 1:
         raise GeovqError(f"--seeds {cfg.seeds} must be >= 1")
+    if cfg.planned_units > MAX_UNITS:
+        raise GeovqError(f"--seeds {cfg.seeds} plans {cfg.planned_units:,} units ({cfg.seeds} seeds × "
+                         f"{cfg.planned_units // cfg.seeds} units each); a sweep plans at most {MAX_UNITS:,}: give "
+                         "fewer seeds, methods, VAEs or codebook sizes, or split it over several --out")
     if cfg.train.epochs < 0:
         raise GeovqError(f"--epochs {cfg.train.epochs} must be >= 0")
     if cfg.train.recon not in RECON_LOSSES:

@@ -51,6 +51,19 @@ def read_yaml(path: str | os.PathLike, what: str) -> Any:
         raise GeovqError(f"{path} is not {what}: {one_line(e)}") from None
 
 
+def check_writable(folder: Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: the nearest existing folder on
+    its path must be writable (a read-only filesystem answers EROFS here, a folder of another user EACCES)."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GeovqError(f"{option} {folder}: {existing} is a file, not a folder; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GeovqError(f"{option} {folder} cannot be written: {existing} is on a read-only filesystem or not "
+                         "writable by this user; give a writable folder")
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

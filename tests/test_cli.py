@@ -38,6 +38,9 @@ runner = CliRunner()
     (["sweep", "digits", "--methods", "kmeans", "--gq-beta", "0.5"], "--gq-beta is given, but gq is not among"),
     (["sweep", "digits", "--geodesic-quadrature", "trapezium"], "quadrature 'trapezium' is unknown"),
     (["sweep", "digits", "--address", "nowhere"], "--address 'nowhere' is not a Ray cluster address"),
+    (["sweep", "digits", "--methods", "kmeans", "--kmeans-tol", "nan"], "kmeans tol=nan must be a number"),
+    (["sweep", "digits", "--seeds", "100000"], "--seeds 100000 plans 3,300,000 units (100000 seeds × 33 units each); "
+                                               "a sweep plans at most 10,000"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, args, message):
     out = tmp_path / "run"
@@ -54,6 +57,70 @@ def test_out_naming_an_existing_file_is_refused(tmp_path):
     result = runner.invoke(app, ["sweep", "digits", "--out", str(existing)])
     assert result.exit_code == 2 and f"--out {existing} is an existing file" in result.output
     assert existing.read_text() == "keep me\n" and "Traceback" not in result.output
+
+
+def test_planned_units_are_counted_before_any_is_planned():
+    from dataclasses import replace
+
+    from conftest import tiny_config
+    from geovq.stages.units import plan_units
+
+    configs = [replace(tiny_config(["vqvae", "kmeans", "gq"], [16, 64], vaes=["plain", "tdc"]), seeds=3),
+               tiny_config(["kmeans"], [4, 16, 64, 256]), replace(tiny_config(["vqvae"], [16]), seeds=5)]
+    for cfg in configs:
+        assert cfg.planned_units == len(plan_units(cfg))
+    assert configs[0].planned_units == 3 * 2 * (1 + 2 + 2)
+
+
+def test_images_smaller_than_the_ssim_window_are_refused_before_training(tmp_path):
+    import numpy as np
+
+    for side, refused in ((4, True), (8, True), (12, False)):
+        data = tmp_path / f"images{side}.npz"
+        np.savez(data, images=np.random.default_rng(0).integers(0, 256, (400, side, side), dtype=np.uint8))
+        out = tmp_path / f"run{side}"
+        # an empty --methods stops a valid configuration right after the image-size rule, before Ray
+        result = runner.invoke(app, ["sweep", "npz", "--data-root", str(data), "--tiny", "--codebook-sizes", "16",
+                                     "--out", str(out)] + (["--methods", "kmeans"] if refused else ["--seeds", "0"]))
+        assert result.exit_code == 2 and "Traceback" not in result.output and not out.exists(), result.output
+        if refused:
+            assert f"image size {side}×{side} is below SSIM's 11×11 px window" in result.output
+        else:
+            assert "--seeds 0 must be >= 1" in result.output
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write: a read-only tmpfs for root (which ignores permission bits), mode 555 otherwise."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.getuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("root without the right to mount: no read-only folder can be made here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("command", [["sweep", "digits", "--tiny"], ["tune", "digits", "--trials", "1"]])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_ray_starts(read_only_folder, command):
+    out = read_only_folder / "run"
+    t0 = time.time()
+    result = runner.invoke(app, command + ["--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"--out {out} cannot be written: {read_only_folder} is on a read-only filesystem" in result.output
+    assert "Traceback" not in result.output and time.time() - t0 < 10
+
+
+def test_a_space_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "space.yaml"
+    os.mkfifo(fifo)  # reading it would block until a writer came
+    result = runner.invoke(app, ["tune", "digits", "--space", str(fifo), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"search space {fifo} is not a regular file" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_unreadable_data_root(tmp_path):

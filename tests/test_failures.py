@@ -54,7 +54,7 @@ def finished_units(run: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in run.glob("units/*/row.json")}
 
 
-def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_repeating(tmp_path):
+def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_repeating(ray_local, tmp_path):
     run = tmp_path / "run"
     proc = geovq(*INTERRUPTIBLE, "--out", str(run))
     lines, reader = read_lines(proc)  # read as they come: a unit's files are on disk before the driver logs its line
@@ -81,7 +81,8 @@ def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_re
     kept = finished_units(run)
     assert len(kept) == done
 
-    proc = geovq(*INTERRUPTIBLE, "--out", str(run))
+    # the same command, on the session's Ray this time (a sweep's cluster is not part of what it is)
+    proc = geovq(*INTERRUPTIBLE, "--out", str(run), "--address", ray_local.get_runtime_context().gcs_address)
     output = proc.communicate(timeout=400)[0]
     assert proc.returncode == 0, output
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # no finished unit repeated
@@ -118,6 +119,18 @@ def test_a_second_sweep_on_a_run_directory_in_use_is_refused_naming_the_holder(r
     assert result.exit_code == 2, result.output
     assert f"{run} is in use by another geovq command (PID {os.getpid()})" in result.output
     assert "Traceback" not in result.output and not (run / "config.yaml").exists()
+
+
+def test_a_report_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
+    from geovq.io import directory_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with directory_lock(run):  # held as a running sweep holds it
+        result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 2, result.output
+    assert f"{run} is in use by another geovq command (PID {os.getpid()})" in result.output
+    assert "Traceback" not in result.output and not (run / "report.md").exists()
 
 
 def test_a_trial_larger_than_the_cluster_is_refused_before_anything_is_written(ray_local, tmp_path):

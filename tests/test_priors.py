@@ -84,7 +84,7 @@ def test_each_prior_reaches_the_entropy_rate_of_a_markov_chain_along_its_order(k
     rate = np.mean([chain_entropies(*chains[c], grid.tokens)[0] for c in test_labels])
     per_token = np.mean([chain_entropies(*chains[c], grid.tokens)[1] for c in test_labels])
 
-    config = PriorConfig(kind, SMALL[kind], PriorTrainConfig(batch_size=128, lr=5e-3, max_steps=250, warmup_steps=20,
+    config = PriorConfig(kind, SMALL[kind], PriorTrainConfig(batch_size=128, lr=5e-3, max_steps=150, warmup_steps=20,
                                                              eval_every=50), conditional=conditional)
     model, record = train_prior(config, grid, len(chains) if conditional else 0, *splits["train"], *splits["val"],
                                 tmp_path, no_progress, CPU)

@@ -431,6 +431,7 @@ def resumed_search(ray_local, tmp_path_factory):
     proc.wait(timeout=120)
     console.close()
     first = log.read_text()
+    interrupted_best = yaml.safe_load((out / "best.yaml").read_text())
     marker = root / "PWNED"
     planted = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".pkl", ".pickle"))
     payload = pickle.dumps(Planted(marker))
@@ -438,6 +439,7 @@ def resumed_search(ray_local, tmp_path_factory):
         path.write_bytes(payload)
     result = runner.invoke(app, args)  # the same command
     return SimpleNamespace(out=out, returncode=proc.returncode, console=(root / "console.txt").read_text(),
+                           interrupted_best=interrupted_best,
                            first=first, planted=planted, payload=payload, marker=marker, result=result)
 
 
@@ -465,6 +467,9 @@ def test_an_interrupted_search_resumes_its_stored_study_without_repeating_a_fini
     rows = read_trials(out)
     assert sorted(int(r["number"]) for r in rows) == list(range(5))
     assert len({r["trial_id"] for r in rows}) == 5 and done_before <= {r["trial_id"] for r in rows}
+    # best.yaml says whether the search is whole, for `sweep --tuned`
+    assert resumed_search.interrupted_best["complete"] is False
+    assert yaml.safe_load((out / "best.yaml").read_text())["complete"] is True
     # one study, continued: Optuna's own API reads it from the journal, with geovq's record of every trial
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -502,6 +507,20 @@ def test_resuming_a_search_unpickles_no_file_of_its_folder(resumed_search):
 
 TUNED_GQ = ("dataset: digits\nmethods:\n  gq:\n    val_psnr: 20.0\n    tuned: {n_codes: 16, token_dim: 4, vae: plain, "
             "vae_overrides: {train.epochs: 2}, params: {beta: 0.5}}\n")
+
+
+def test_sweep_tuned_on_an_interrupted_search_warns_naming_its_counts(tmp_path, capsys):
+    from geovq.cli import _tuned_records
+
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    text = TUNED_GQ.replace("    val_psnr: 20.0\n", "    val_psnr: 20.0\n    finished: 1\n")
+    for complete, warned in (("false", True), ("true", False)):
+        (folder / "best.yaml").write_text(text + f"trials_per_method: 4\ncomplete: {complete}\n")
+        methods, records = _tuned_records(folder, "digits", None)
+        assert methods == ["gq"] and records["gq"]["n_codes"] == 16
+        err = capsys.readouterr().err
+        assert (f"--tuned {folder} is an interrupted search (gq 1 of 4 trials finished)" in err) == warned, err
 
 
 @pytest.mark.parametrize("text, message", [

@@ -21,6 +21,7 @@ from typing import Any
 from geovq.config import SweepConfig, changed_options, dataset_root, resolve_config, union_config
 from geovq.data import load_dataset
 from geovq.errors import GeovqError
+from geovq.io import check_writable
 from geovq.stages.plan import RunPlan
 from geovq.stages.rundir import RunDir
 
@@ -63,6 +64,7 @@ def open_run(run: RunDir, cfg: SweepConfig, description: str) -> SweepRun:
     (`SweepConfig.identity`), which then records the units of both (`union_config`)."""
     if run.root.exists() and not run.root.is_dir():
         raise GeovqError(f"--out {run.root} is an existing file; give a folder for the run directory")
+    check_writable(run.root)
     if not run.config.exists():
         return SweepRun(RunPlan.of(run, cfg), cfg, description, resuming=False)
     previous = SweepConfig.load(run.config)

@@ -20,13 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from geovq.errors import GeovqError
+from geovq.metrics import SSIM_SIGMA, SSIM_WINDOW
 from geovq.metrics._arrays import check_same_shape
 
 ImageBatch = np.ndarray | torch.Tensor
 
-SSIM_SIGMA = 1.5
-# torchmetrics derives the Gaussian window from sigma as in scikit-image (truncate 3.5): 2·int(3.5σ+0.5)+1.
-SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # 11
 SSIM_PAD = (SSIM_WINDOW - 1) // 2
 LPIPS_MIN_SIDE = 32  # AlexNet's pooling stack needs at least this many pixels per side
 # The file of torchvision's AlexNet_Weights.IMAGENET1K_V1 (a test checks they agree), named here rather than

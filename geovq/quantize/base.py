@@ -25,6 +25,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -155,6 +156,8 @@ class Quantizer(ABC):
             if not ok:
                 raise GeovqError(f"{self.name} {name}={value!r} must be {hp.type.__name__}"
                                  + (" or None" if hp.optional else ""))
+            if hp.type is float and math.isnan(value):  # every comparison with NaN is False: no rule below sees it
+                raise GeovqError(f"{self.name} {name}=nan must be a number")
         self._validate_params()
         return self
 

@@ -432,12 +432,12 @@ def run_search(out: Path, cfg: SweepConfig, studies: dict[str, Study], search: S
         t0 = time.time()
         try:
             done = run_study(out, cfg, study, search)
-        except SearchInterrupted as e:
-            write_outputs(out, rows + e.rows, studies, header, search.seed)
+        except SearchInterrupted as e:  # `complete: false` tells `sweep --tuned` that the search goes on
+            write_outputs(out, rows + e.rows, studies, {**header, "complete": False}, search.seed)
             raise
         rows += done
         log.info("%s: %d trials in %.1f s", method, len(done), time.time() - t0)
-    return write_outputs(out, rows, studies, header, search.seed)
+    return write_outputs(out, rows, studies, {**header, "complete": True}, search.seed)
 
 
 def check_resumable(out: Path, identity: dict[str, Any]) -> None:

@@ -305,6 +305,8 @@ def load_space(path: str | Path, latent_grid: tuple[int, int, int]) -> Space:
     """Parse and validate a space file for a trunk with this (h, w, C) latent grid; every mistake is one line
     naming the file and the key."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, or a FIFO or device that reading would block on
+        raise GeovqError(f"search space {path} is not a regular file; give a YAML file with --space FILE")
     if not path.is_file():
         raise GeovqError(f"search space {path} does not exist; give one with --space FILE "
                          "(tune_spaces/ holds one per dataset)")
