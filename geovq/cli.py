@@ -335,7 +335,7 @@ def report(
 
     destination = out or run_dirs[0]
     with ExitStack() as lock:
-        if destination.is_dir():  # the folder it writes: refused while a sweep (or another report) writes it
+        if (destination / "config.yaml").is_file():  # a run directory: refused while a sweep (or report) writes it
             lock.enter_context(directory_lock(destination))
         runs = write_report(run_dirs, out)
     _print_summary(runs.rows)

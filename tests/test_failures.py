@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -81,10 +82,10 @@ def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_re
     kept = finished_units(run)
     assert len(kept) == done
 
-    # the same command, on the session's Ray this time (a sweep's cluster is not part of what it is)
-    proc = geovq(*INTERRUPTIBLE, "--out", str(run), "--address", ray_local.get_runtime_context().gcs_address)
-    output = proc.communicate(timeout=400)[0]
-    assert proc.returncode == 0, output
+    # the same command, in this process on the session's Ray (a sweep's cluster is not part of what it is)
+    result = runner.invoke(app, [*INTERRUPTIBLE, "--out", str(run), "--address",
+                                 ray_local.get_runtime_context().gcs_address])
+    assert result.exit_code == 0, result.output
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # no finished unit repeated
     assert len(finished_units(run)) == planned and (run / "report.md").exists()
     assert "PARTIAL" not in (run / "report.md").read_text()
@@ -126,6 +127,7 @@ def test_a_report_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
+    (run / "config.yaml").write_text("dataset: digits\n")  # a run directory, as a sweep starts it
     with directory_lock(run):  # held as a running sweep holds it
         result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 2, result.output
@@ -159,15 +161,6 @@ def finished_run(ray_local, tmp_path_factory):
     return run
 
 
-def broken_copy(finished_run: Path, tmp_path: Path, method: str) -> tuple[Path, Path]:
-    """A copy of the finished run with one unit of `method` unscored, so that re-running must reload files."""
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    unit = next(p for p in run.glob(f"units/{method}-*"))
-    (unit / "row.json").unlink()
-    return run, unit
-
-
 def damage_file(path: Path, damage: str) -> None:
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:1000])
@@ -196,19 +189,33 @@ def test_a_damaged_checkpoint_is_refused_by_its_loader_naming_the_file(finished_
     assert "weights_only=False" not in message and len(message.splitlines()) == 1
 
 
-def test_a_corrupt_checkpoint_in_a_sweep_fails_its_unit_with_one_line_naming_the_file(finished_run, tmp_path):
-    run, _ = broken_copy(finished_run, tmp_path, "kmeans")
-    (vae,) = run.glob("vae/*")
-    model = vae / "model.pt"
-    damage_file(model, "truncated")  # every damage gives the loader's one error (the test above)
+@pytest.fixture(scope="module")
+def damaged_rerun(finished_run, tmp_path_factory):
+    """One re-run of a copy of the finished run with two damaged files, each in a unit left unscored (so that the
+    re-run must load it): the K=16 VQ-VAE's checkpoint truncated, and the K=16 k-means unit's quantizer file
+    random bytes (its test codes deleted, so that the encode stage must load it). One sweep for two failure
+    paths: each Tune experiment costs seconds of worker start-up."""
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(finished_run, run)
+    vqvae, kmeans = (next(run.glob(f"units/{method}-*K16-*")) for method in ("vqvae", "kmeans"))
+    for unit in (vqvae, kmeans):
+        (unit / "row.json").unlink()
+    damage_file(vqvae / "model.pt", "truncated")  # every damage gives the loader's one error (the test above)
+    (kmeans / "quantizer.npz").write_bytes(np.random.default_rng(1).bytes(2048))
+    (kmeans / "codes_test.npy").unlink()
     result = runner.invoke(app, SMALL + ["--out", str(run)])
+    return SimpleNamespace(run=run, vqvae=vqvae, kmeans=kmeans, result=result)
+
+
+def test_a_corrupt_checkpoint_in_a_sweep_fails_its_unit_with_one_line_naming_the_file(damaged_rerun):
+    run, result, model = damaged_rerun.run, damaged_rerun.result, damaged_rerun.vqvae / "model.pt"
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "weights_only=False" not in result.output
-    (line,) = [line for line in result.output.splitlines() if "failed:" in line]
+    (line,) = [line for line in result.output.splitlines() if "failed:" in line and damaged_rerun.vqvae.name in line]
     assert f"{model} is not a readable geovq checkpoint" in line and "delete it" in line
     trace = Path(re.search(r"full traceback: (\S+)\)", line).group(1))
     assert trace.parent == run / "errors" and "Traceback" in trace.read_text()  # copied into the run directory
-    assert "1 of 6 units failed or were not run (5 finished and are kept)" in result.output
+    assert "2 of 6 units failed or were not run (4 finished and are kept)" in result.output
 
 
 def test_units_on_a_failed_vae_are_named_not_run_and_the_others_finish(finished_run, tmp_path):
@@ -235,13 +242,11 @@ def test_units_on_a_failed_vae_are_named_not_run_and_the_others_finish(finished_
     assert "Traceback" not in result.output
 
 
-def test_a_corrupt_quantizer_file_names_the_file_and_no_unsafe_hint(finished_run, tmp_path):
-    run, unit = broken_copy(finished_run, tmp_path, "kmeans")
-    (unit / "quantizer.npz").write_bytes(np.random.default_rng(1).bytes(2048))
-    (unit / "codes_test.npy").unlink()  # the encode stage must load the quantizer
-    result = runner.invoke(app, SMALL + ["--out", str(run)])
+def test_a_corrupt_quantizer_file_names_the_file_and_no_unsafe_hint(damaged_rerun):
+    run, unit, result = damaged_rerun.run, damaged_rerun.kmeans, damaged_rerun.result
     assert result.exit_code == 1, result.output
-    assert f"{unit / 'quantizer.npz'} is not a readable geovq quantizer file" in result.output
+    (line,) = [line for line in result.output.splitlines() if "failed:" in line and unit.name in line]
+    assert f"{unit / 'quantizer.npz'} is not a readable geovq quantizer file" in line
     assert "pickle" not in result.output and "Traceback" not in result.output
     (unit / "quantizer.npz").unlink()  # as the message says: delete it, and the unit is fitted again
     from geovq.config import SweepConfig

@@ -393,6 +393,7 @@ def test_the_probed_rule_refuses_bad_input():
     q.decoder = lambda grids: torch.sqrt(grids.abs()).reshape(grids.shape[0], -1)  # no derivative at 0
     with pytest.raises(GeovqError, match=r"NaN or inf in images 0\.\.9"):
         q.encode_probed(grid_latents(mu))
-    for bad in ({"probes": -1}, {"confidence": -1.0}, {"confidence": float("nan")}):
-        with pytest.raises(GeovqError, match="probes >= 0"):
+    for bad, message in (({"probes": -1}, "probes >= 0"), ({"confidence": -1.0}, "probes >= 0"),
+                         ({"confidence": float("nan")}, "confidence=nan must be a number")):
+        with pytest.raises(GeovqError, match=message):
             make_quantizer("pullback", 4, **bad)
