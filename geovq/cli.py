@@ -366,23 +366,10 @@ def sample(
     from geovq.models.priors.base import check_sampling
     from geovq.stages.plan import RunPlan
 
-    if not (run_dir / "config.yaml").exists():
-        raise GeovqError(f"{run_dir} is not a geovq run directory (no config.yaml)")
     check_sampling(n, temperature, top_k, top_p)
     plan = RunPlan.load(run_dir)
     run, cfg = plan.run, plan.cfg
-    units = [u for u in plan.units if (run.unit(u) / "unit.json").exists()]
-    if not units:
-        raise GeovqError(f"{run_dir} holds no unit with codes yet; run `geovq sweep` first")
-    methods = sorted({u.method for u in units})
-    if method not in methods:
-        raise GeovqError(f"no {method!r} unit in {run_dir}; valid: {', '.join(methods)}")
-    chosen = [u for u in units if u.method == method and u.seed == seed and (k is None or u.n_codes == k)
-              and (vae is None or (u.vae is not None and u.vae.variant == vae))]
-    if len(chosen) != 1:
-        options = "; ".join(f"--vae {u.vae.variant if u.vae else '-'} --k {u.n_codes} --seed {u.seed}"
-                            for u in units if u.method == method)
-        raise GeovqError(f"{'no' if not chosen else len(chosen)} {method} unit(s) match; choose one of: {options}")
+    chosen = [plan.select(method, vae, k, seed)]
     import torch
     from tqdm import tqdm
 
@@ -525,6 +512,73 @@ def _print_best(best: dict) -> None:
             table.add_row(method, f"{entry['finished']}/{entry['trials']}", f"{e['val_psnr']:.3f}",
                           str(e["bits_per_image"]), str(t["n_codes"]), str(t["token_dim"]), t["vae"] or "—", settings)
     Console(stderr=True).print(table)
+
+
+
+# -- geovq compress / decompress -----------------------------------------------------------------------------
+@app.command()
+@user_errors
+def compress(
+    run_dir: Path = typer.Argument(..., help="a sweep's run directory"),
+    images: list[Path] = typer.Argument(..., help="PNG/JPEG files, or one .npz (key `images`, as `geovq sweep npz` reads it)"),
+    method: str = typer.Option(..., "--method", help="the unit's method"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="its VAE variant (plain, tdc) [default: the only one]"),
+    k: Optional[int] = typer.Option(None, "--k", help="its codebook size K [default: the only one]"),
+    seed: int = typer.Option(0, "--seed", help="the unit's seed"),
+    prior: str = typer.Option("transformer", "--prior", help="the prior that codes the codes: transformer or pixelcnn (fixed-length codes where the sweep trained none)"),
+    out: Path = typer.Option(..., "--out", help="folder for one .gvq file per image"),
+) -> None:
+    """Compress images with one unit of a run: its encoder and codebook, then a range coder driven by its prior."""
+    from geovq.codec import Codec
+    from geovq.io import check_writable, write_bytes
+    from geovq.images import read_images
+
+    check_writable(out)
+    codec = Codec.from_run(run_dir, method, vae, k, seed, prior)
+    names, pixels = read_images(images, codec.image_shape)
+    t0 = time.time()
+    files = codec.compress(pixels)
+    seconds = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    for name, blob in zip(names, files):
+        write_bytes(out / f"{name}.gvq", blob)
+    bits = 8 * sum(len(b) for b in files) / len(files)
+    typer.echo(f"compressed {len(files)} image(s) into {out}: {bits:.1f} bits per image on average (header "
+               f"included), {len(files) / seconds:.1f} images/s", err=True)
+
+
+@app.command()
+@user_errors
+def decompress(
+    run_dir: Path = typer.Argument(..., help="the run directory whose unit compressed the files"),
+    files: list[Path] = typer.Argument(..., help=".gvq files written by `geovq compress`"),
+    out: Path = typer.Option(..., "--out", help="folder for one PNG per file"),
+) -> None:
+    """Decompress .gvq files to PNGs: the unit named by each file's header, its prior, codebook and decoder."""
+    from geovq.codec import PRIOR_KINDS, Codec, Header, unit_tag
+    from geovq.images import write_png
+    from geovq.io import check_writable
+    from geovq.stages.plan import RunPlan
+
+    check_writable(out)
+    plan = RunPlan.load(run_dir)
+    units = {unit_tag(u.key): u for u in plan.with_codes()}
+    by_unit: dict = {}
+    for path in files:
+        blob = path.read_bytes() if path.is_file() else None
+        if blob is None:
+            raise GeovqError(f"{path} is not a file")
+        header = Header.parse(blob, str(path))
+        if header.tag not in units:
+            raise GeovqError(f"{path} was written by a unit that {run_dir} does not hold (tag {header.tag.hex()})")
+        by_unit.setdefault((header.tag, header.kind), []).append((path, blob))
+    out.mkdir(parents=True, exist_ok=True)
+    for (tag, kind), group in by_unit.items():
+        codec = Codec.for_unit(plan, units[tag], PRIOR_KINDS[kind - 1] if kind else None)
+        images = codec.decompress([b for _, b in group], [str(p) for p, _ in group])
+        for (path, _), image in zip(group, images):
+            write_png(out / f"{path.stem}.png", image)
+    typer.echo(f"decompressed {len(files)} file(s) into {out}", err=True)
 
 
 def _tuned_records(tune_dir: Path, dataset: str, methods: list[str] | None) -> tuple[list[str], dict[str, dict]]:

@@ -40,7 +40,7 @@ def npz_path(root: Path) -> Path:
 
 def load_npz(root: Path, split_seed: int) -> ImageSplits:
     path = npz_path(root)
-    images, labels = _arrays_by_split(_read_archive(path), path)
+    images, labels = _arrays_by_split(read_archive(path), path)
 
     shapes = {split: x.shape[1:] for split, x in images.items()}
     if len(set(shapes.values())) != 1:
@@ -106,7 +106,7 @@ def check_declared_size(path: Path) -> None:
                          "the memory")
 
 
-def _read_archive(path: Path) -> dict[str, np.ndarray]:
+def read_archive(path: Path) -> dict[str, np.ndarray]:
     check_declared_size(path)
     try:
         archive = np.load(path, allow_pickle=False)  # never unpickle a user's file
@@ -138,13 +138,13 @@ def _arrays_by_split(arrays: dict[str, np.ndarray], path: Path) -> tuple[dict, d
 
     images, labels = {}, {}
     for split, (x_key, y_key) in named.items():
-        images[split] = _to_unit_nchw(arrays[x_key], x_key, path)
+        images[split] = to_unit_nchw(arrays[x_key], x_key, path)
         n = len(images[split])
         labels[split] = _to_labels(arrays[y_key], y_key, n, path) if y_key in arrays else np.full(n, -1, np.int64)
     return images, labels
 
 
-def _to_unit_nchw(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+def to_unit_nchw(x: np.ndarray, key: str, path: Path) -> np.ndarray:
     found = f"{path}: {key} is {x.dtype} {x.shape}"
     if x.ndim == 3:
         x = x[:, None]

@@ -1,0 +1,245 @@
+"""A run's unit as an image codec: images in, one file per image out, and back (DESIGN.md §2's rate, in bytes).
+
+    images ─ the unit's encoder and codebook ─> (T,) codes ─ range coder driven by the unit's prior ─> bytes
+    bytes ─ range decoder, the same prior step by step ─> codes ─ the unit's codebook and decoder ─> images
+
+A file is a 7-byte header and a payload:
+
+    byte 0      0xA0 | format version (1)
+    bytes 1-3   the unit's tag: the first 3 bytes of SHA-256 of its key (which unit of a run decodes it; the
+                unit's full identity lives in the run, not in every file)
+    byte 4      the payload: 0 the codes at fixed length, 1 range-coded with the unit's Transformer prior,
+                2 with its PixelCNN prior
+    bytes 5-6   CRC-16 (CCITT) of the codes, big endian: a decoder whose arithmetic differs from the encoder's
+                gets other codes, and the check says so instead of returning them
+    payload     fixed length: the T codes as one base-K integer in ceil(T·log2 K / 8) bytes; coded: the range
+                coder's 32-bit words, little endian, without their trailing zero bytes
+
+Why a range coder: the prior is autoregressive (code t's distribution depends on the codes before it), and a
+range coder (a queue) decodes in the order it encodes; ANS (a stack) would have to encode backwards.
+
+What decoding relies on: the encoder and the decoder compute each code's probabilities by the same arithmetic.
+Both run the prior one image at a time (a batch of one, whatever the call's batch), on the CPU, with one torch
+thread, stepping exactly as the decoder steps (codes filled in as they are decoded). So on one machine, with one
+torch build, they agree bit for bit. Another CPU kernel set (AVX2 against AVX-512), another torch build, or a GPU
+can change the last bits of a probability and so the coder's integer model: the CRC catches that, and
+`decompress` refuses the file in one line.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from geovq.errors import GeovqError
+
+MAGIC, VERSION = 0xA0, 1
+HEADER_BYTES = 7
+#: byte 4 of the header: how the payload holds the codes
+FIXED, PRIOR_KINDS = 0, ("transformer", "pixelcnn")  # prior kind i is payload kind i + 1
+
+
+def unit_tag(key: str) -> bytes:
+    """3 bytes naming a unit among a run's units (first bytes of SHA-256 of its key)."""
+    return hashlib.sha256(key.encode()).digest()[:3]
+
+
+def codes_crc(codes: np.ndarray) -> int:
+    return binascii.crc_hqx(np.ascontiguousarray(codes, dtype="<i4").tobytes(), 0)
+
+
+@dataclass(frozen=True)
+class Header:
+    tag: bytes
+    kind: int  # FIXED, or 1 + index in PRIOR_KINDS
+    crc: int
+    version: int = VERSION
+
+    def pack(self) -> bytes:
+        return bytes([MAGIC | self.version]) + self.tag + bytes([self.kind]) + self.crc.to_bytes(2, "big")
+
+    @classmethod
+    def parse(cls, blob: bytes, name: str) -> Header:
+        if len(blob) < HEADER_BYTES or blob[0] & 0xF0 != MAGIC:
+            raise GeovqError(f"{name} is not a geovq compressed image (no geovq header)")
+        version = blob[0] & 0x0F
+        if version > VERSION:
+            raise GeovqError(f"{name} is of format version {version}, newer than this geovq reads ({VERSION}); "
+                             "decompress it with a newer geovq")
+        kind = blob[4]
+        if kind > len(PRIOR_KINDS):
+            raise GeovqError(f"{name}: unknown payload kind {kind} (valid: 0 fixed length, 1..{len(PRIOR_KINDS)} "
+                             "range-coded)")
+        return cls(blob[1:4], kind, int.from_bytes(blob[5:7], "big"), version)
+
+
+class CodeCoder:
+    """(N, T) codes of one unit <-> one file each: the entropy-coding layer alone, usable without images.
+
+    `prior` (a geovq Prior of `prior_kind`, unconditional) codes them; without one they are stored at fixed
+    length."""
+
+    def __init__(self, n_codes: int, tokens: int, tag: bytes, prior=None, prior_kind: str | None = None) -> None:
+        if prior is not None and prior_kind not in PRIOR_KINDS:
+            raise GeovqError(f"prior kind {prior_kind!r} is unknown; valid: {', '.join(PRIOR_KINDS)}")
+        if prior is not None and prior.n_classes:
+            raise GeovqError("a class-conditional prior needs each image's label: the codec takes unconditional priors")
+        self.n_codes, self.tokens, self.tag = n_codes, tokens, tag
+        self.prior, self.kind = prior, (FIXED if prior is None else 1 + PRIOR_KINDS.index(prior_kind))
+        self.fixed_bytes = math.ceil(tokens * math.log2(n_codes) / 8)
+
+    # -- encoding -------------------------------------------------------------------------------------------
+    def encode(self, codes: np.ndarray) -> list[bytes]:
+        """(N, T) ints in [0, K) -> N files."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.tokens or (codes.size and (codes.min() < 0 or
+                                                                               codes.max() >= self.n_codes)):
+            raise GeovqError(f"codes must be (N, {self.tokens}) in [0, {self.n_codes}), got shape {codes.shape}")
+        return [Header(self.tag, self.kind, codes_crc(row)).pack() + self._payload(row) for row in codes]
+
+    def _payload(self, row: np.ndarray) -> bytes:
+        if self.kind == FIXED:
+            value = 0
+            for code in reversed(row.tolist()):
+                value = value * self.n_codes + code
+            return value.to_bytes(self.fixed_bytes, "big")
+        import constriction
+
+        encoder = constriction.stream.queue.RangeEncoder()
+        for t, model in enumerate(self._models(row)):
+            encoder.encode(int(row[t]), model)
+        return encoder.get_compressed().astype("<u4").tobytes().rstrip(b"\0")
+
+    def _models(self, known: np.ndarray | None = None):
+        """The prior's categorical model of code t, t = 0, 1, …; after each, the caller has code t in `codes`
+        (encoding: `known`; decoding: sent back with generator.send). One image, one thread, on the CPU."""
+        import constriction
+        import torch
+
+        codes = torch.zeros(1, self.tokens, dtype=torch.long)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                steps = self.prior.eval()._next_logits(codes, None)
+                for t, logits in enumerate(steps):
+                    probs = torch.softmax(logits[0].double(), -1).numpy()
+                    code = yield constriction.stream.model.Categorical(probs, perfect=False)
+                    codes[0, t] = int(known[t]) if known is not None else code
+        finally:
+            torch.set_num_threads(threads)
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    def decode(self, blobs: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+        """N files -> (N, T) int64 codes; every file checked (header, unit, length, CRC) with a one-line error."""
+        names = names or [f"file {i}" for i in range(len(blobs))]
+        return np.stack([self._decode_one(blob, name) for blob, name in zip(blobs, names)]) if len(blobs) else \
+            np.zeros((0, self.tokens), np.int64)
+
+    def _decode_one(self, blob: bytes, name: str) -> np.ndarray:
+        header = Header.parse(blob, name)
+        if header.tag != self.tag:
+            raise GeovqError(f"{name} was written by another unit (tag {header.tag.hex()}, this one's is "
+                             f"{self.tag.hex()}); decompress it with the run and unit that compressed it")
+        if header.kind != self.kind:
+            wanted = "fixed-length codes" if header.kind == FIXED else f"the {PRIOR_KINDS[header.kind - 1]} prior"
+            raise GeovqError(f"{name} holds {wanted}; this codec reads "
+                             + ("fixed-length codes" if self.kind == FIXED else f"the {PRIOR_KINDS[self.kind - 1]} "
+                                                                                  "prior's"))
+        payload = blob[HEADER_BYTES:]
+        if header.kind == FIXED:
+            if len(payload) != self.fixed_bytes:
+                raise GeovqError(f"{name} is truncated or padded: {len(payload)} payload bytes, a unit of "
+                                 f"{self.tokens} codes of K = {self.n_codes} stores {self.fixed_bytes}")
+            value, row = int.from_bytes(payload, "big"), []
+            for _ in range(self.tokens):
+                value, code = divmod(value, self.n_codes)
+                row.append(code)
+            codes = np.array(row, np.int64)
+        else:
+            codes = self._range_decode(payload, name)
+        if codes_crc(codes) != header.crc:
+            raise GeovqError(f"{name}: the decoded codes fail the file's check (CRC-16): the file is damaged, or "
+                             "was compressed where the prior's arithmetic differs (another CPU kernel set, torch "
+                             "build or a GPU); decompress it where it was compressed")
+        return codes
+
+    def _range_decode(self, payload: bytes, name: str) -> np.ndarray:
+        import constriction
+
+        padded = payload + b"\0" * (-len(payload) % 4)
+        decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, dtype="<u4").astype(np.uint32))
+        row = np.zeros(self.tokens, np.int64)
+        steps = self._models()
+        try:
+            model = next(steps)
+            for t in range(self.tokens):
+                row[t] = int(decoder.decode(model))
+                model = steps.send(int(row[t])) if t + 1 < self.tokens else None
+        except (ValueError, RuntimeError, AssertionError) as e:
+            raise GeovqError(f"{name}: its payload does not decode ({e}); the file is damaged or truncated") from None
+        finally:
+            steps.close()
+        return row
+
+
+class Codec:
+    """compress(images) -> one file (bytes) each; decompress(files) -> images, through one unit of a run."""
+
+    def __init__(self, coder: CodeCoder, encode_images: Callable[[np.ndarray], np.ndarray],
+                 decode_codes: Callable[[np.ndarray], np.ndarray], image_shape: tuple[int, int, int]) -> None:
+        self.coder, self.encode_images, self.decode_codes = coder, encode_images, decode_codes
+        self.image_shape = image_shape  # (channels, height, width) the unit's encoder reads
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, method: str, vae: str | None = None, k: int | None = None,
+                 seed: int = 0, prior: str | None = "transformer", device=None) -> Codec:
+        """The unit of `run_dir` named as `geovq sample` names it (method, VAE variant, K, seed). Its codes are
+        range-coded with its trained `prior` (transformer or pixelcnn) where the sweep trained one, else (or
+        with prior=None) stored at fixed length."""
+        from geovq.stages.plan import RunPlan
+
+        plan = RunPlan.load(Path(run_dir))
+        return cls.for_unit(plan, plan.select(method, vae, k, seed), prior, device)
+
+    @classmethod
+    def for_unit(cls, plan, unit, prior: str | None = "transformer", device=None) -> Codec:
+        import torch
+
+        from geovq.models.priors.base import CodeGrid
+        from geovq.stages.encode import unit_encoder
+        from geovq.stages.prior import code_decoder, unit_grid
+        from geovq.training.checkpoint import load_model
+
+        device = device or torch.device("cpu")
+        run, cfg = plan.run, plan.cfg
+        grid: CodeGrid = unit_grid(cfg, unit)
+        path = run.prior(unit, prior) / "prior.pt" if prior is not None else None
+        model = load_model(path, "prior", torch.device("cpu")) if path is not None and path.exists() else None
+        coder = CodeCoder(unit.n_codes, grid.tokens, unit_tag(unit.key), model, prior if model is not None else None)
+        decode, _ = code_decoder(run, cfg, unit, device)
+        trunk = cfg.trunk
+        return cls(coder, unit_encoder(run, cfg, unit, device),
+                   lambda codes: decode(codes).clamp(0, 1).cpu().numpy(), (trunk.in_channels, *trunk.image_size))
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise GeovqError(f"images must be (N, {', '.join(map(str, self.image_shape))}) (channels, height, "
+                             f"width) for this run, got {tuple(images.shape)}")
+        return images
+
+    def compress(self, images: np.ndarray) -> list[bytes]:
+        """(N, C, H, W) float images in [0, 1] -> N files."""
+        return self.coder.encode(self.encode_images(self.check_images(images)))
+
+    def decompress(self, blobs: bytes | Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+        """One file or several -> (N, C, H, W) float32 images in [0, 1]."""
+        blobs = [blobs] if isinstance(blobs, (bytes, bytearray)) else list(blobs)
+        return self.decode_codes(self.coder.decode(blobs, names))
