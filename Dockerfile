@@ -31,6 +31,7 @@ RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.p
 # autoscaler launches nodes with.
 COPY . /opt/geovq
 RUN pip install /opt/geovq "ray[default]>=2.60,<2.61" boto3 \
-    && python -c "import geovq, ray, torch; print('geovq on torch', torch.__version__, 'cuda', torch.version.cuda, 'ray', ray.__version__)"
+    && python -c "import geovq, ray, torch; print('geovq on torch', torch.__version__, 'cuda', torch.version.cuda, 'ray', ray.__version__)" \
+    && python -c "from geovq.cli import SPACES_DIR; assert (SPACES_DIR / 'digits.yaml').is_file(), SPACES_DIR"
 
 WORKDIR /root

@@ -402,8 +402,8 @@ def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> No
 
 
 # -- geovq tune ----------------------------------------------------------------------------------------------
-#: the space files shipped beside the package (a checkout, or an editable install)
-SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+#: the space files shipped inside the package (package data: a checkout, an editable install and a wheel alike)
+SPACES_DIR = Path(__file__).resolve().parent / "tune_spaces"
 
 
 @app.command()
@@ -416,7 +416,7 @@ def tune(
     pareto: bool = typer.Option(False, "--pareto", help="search K freely; bits per image become a second objective (ASHA off)"),
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="trials at once \\[default: cluster CPUs / --cpus-per-trial]; 1: the same seed proposes the same configurations"),
     seed: int = typer.Option(0, "--seed", help="seeds the TPE sampler and every model"),
-    space: Optional[Path] = typer.Option(None, "--space", help="search space file \\[default: tune_spaces/DATASET.yaml]"),
+    space: Optional[Path] = typer.Option(None, "--space", help="search space file \\[default: geovq/tune_spaces/DATASET.yaml]"),
     out: Optional[Path] = typer.Option(None, "--out", help="search directory \\[default: runs/DATASET-tune]; re-run the same command to resume"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder \\[default: $GEOVQ_DATA or ~/.cache/geovq/data]"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
@@ -514,7 +514,6 @@ def _print_best(best: dict) -> None:
     Console(stderr=True).print(table)
 
 
-
 # -- geovq compress / decompress -----------------------------------------------------------------------------
 @app.command()
 @user_errors
@@ -522,8 +521,8 @@ def compress(
     run_dir: Path = typer.Argument(..., help="a sweep's run directory"),
     images: list[Path] = typer.Argument(..., help="PNG/JPEG files, or one .npz (key `images`, as `geovq sweep npz` reads it)"),
     method: str = typer.Option(..., "--method", help="the unit's method"),
-    vae: Optional[str] = typer.Option(None, "--vae", help="its VAE variant (plain, tdc) [default: the only one]"),
-    k: Optional[int] = typer.Option(None, "--k", help="its codebook size K [default: the only one]"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="its VAE variant (plain, tdc) \\[default: the only one]"),
+    k: Optional[int] = typer.Option(None, "--k", help="its codebook size K \\[default: the only one]"),
     seed: int = typer.Option(0, "--seed", help="the unit's seed"),
     prior: str = typer.Option("transformer", "--prior", help="the prior that codes the codes: transformer or pixelcnn (fixed-length codes where the sweep trained none)"),
     out: Path = typer.Option(..., "--out", help="folder for one .gvq file per image"),

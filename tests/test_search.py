@@ -35,7 +35,7 @@ from geovq.stages.common import no_progress
 from geovq.training.loop import train_vae
 
 runner = CliRunner()
-SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
+SPACES = Path(__file__).resolve().parent.parent / "geovq" / "tune_spaces"
 GRIDS = {"digits": (4, 4, 8), "mnist": (7, 7, 16), "fashion": (7, 7, 16), "cifar10": (8, 8, 32)}
 # A small space: the VAE settings are choices, so 6 gq trials must share the 5 distinct VAEs (plain; TDC with 2
 # factors at 2 rates); gq's β and the VQ-VAE's settings are ranges.

@@ -1,4 +1,4 @@
-"""Search spaces of `geovq tune` (tune_spaces/<dataset>.yaml): parsing, validation, rate allocation, and the
+"""Search spaces of `geovq tune` (geovq/tune_spaces/<dataset>.yaml): parsing, validation, rate allocation, and the
 define-by-run sampler that Optuna calls for each trial.
 
 A space names settings geovq already has, so nothing here invents a parameter:
@@ -309,7 +309,7 @@ def load_space(path: str | Path, latent_grid: tuple[int, int, int]) -> Space:
         raise GeovqError(f"search space {path} is not a regular file; give a YAML file with --space FILE")
     if not path.is_file():
         raise GeovqError(f"search space {path} does not exist; give one with --space FILE "
-                         "(tune_spaces/ holds one per dataset)")
+                         "(geovq/tune_spaces/ holds one per dataset)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
