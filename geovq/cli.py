@@ -138,6 +138,7 @@ def _setup_logging(log_paths: list[Path]) -> None:
 
 
 def _sweep(
+    ctx: typer.Context,
     dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz; a comma list runs several at once"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory [default: runs/DATASET or runs/DATASET-quick]; with several datasets, their parent folder"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma list [default: every registered method]"),
@@ -163,6 +164,8 @@ def _sweep(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
     verbose: bool = typer.Option(False, "--verbose", help="show Ray's own logs and tracebacks on the console"),
     tuned: Optional[Path] = typer.Option(None, "--tuned", help="a `geovq tune` directory: each method at its own best validation configuration (K, d, VAE and its training, hyperparameters)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="a run's config.yaml (the format geovq writes): that run's configuration, with the options given here on top"),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="KEY=VALUE, repeatable: a training or model setting by its dotted name (train.lr, train.batch_size, trunk.hidden, trunk.latent_channels, tdc.factor, vq.commitment, ...)"),
     **method_options: Any,
 ) -> None:
     """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory.
@@ -190,15 +193,56 @@ def _sweep(
                                               ("--quick", quick), ("--tiny", tiny)) if value]
         given += [f"--{m}-{n}".replace("_", "-") for m, named in params.items() for n in named]
         settings.update(_tuned_settings(tuned, datasets, chosen if methods else None, given))
+    base = None
+    if config is not None:  # that configuration, with only the options typed here on top
+        base, settings = _config_settings(config, datasets, settings, _typed_options(ctx), bool(params))
     suffix = ("-tiny" if tiny else "-quick" if quick else "") + ("-tuned" if tuned is not None else "")
     # one dataset: --out is its run directory; several: --out is their parent, one run directory each
     roots = {d: out if out and len(datasets) == 1 else (out or Path("runs")) / f"{d}{suffix}" for d in datasets}
     # resolve: each dataset's configuration, every rule checked (geovq.config), in its run directory
-    runs = resolve_runs(roots, data_root, settings)
+    runs = resolve_runs(roots, data_root, settings, base, tuple(set_values or ()))
     # run: on Ray, logged into each run directory; interrupted or failed units end the command here
     reports = _run_sweep(runs, address, verbose)
     # print: each run's summary and where its report is
     _print_sweep(runs, reports, t_start)
+
+
+#: the sweep's options as resolve_config's arguments (the settings dict's keys)
+_SETTING_OF_OPTION = {"methods": "methods", "codebook_sizes": "codebook_sizes", "vae": "vaes", "seeds": "seeds",
+                      "epochs": "epochs", "token_dim": "token_dim", "grouping": "grouping", "tdc_bits": "tdc_bits",
+                      "prior": "prior", "no_prior": "prior", "prior_samples": "prior_samples",
+                      "finetune_decoder": "finetune_decoder", "finetune_epochs": "finetune_epochs",
+                      "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial",
+                      "max_failures": "max_failures", "download": "download"}
+
+
+def _typed_options(ctx: typer.Context | None) -> set[str]:
+    """The parameters given on the command line (not their defaults). By the source's name: typer may carry a
+    click of its own, whose ParameterSource is not click's."""
+    if ctx is None:
+        return set()
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+
+
+def _config_settings(path: Path, datasets: list[str], settings: dict[str, Any], typed: set[str],
+                     method_params_given: bool) -> tuple[Any, dict[str, Any]]:
+    """(the recorded configuration of --config, the settings of the options typed on top of it)."""
+    from geovq.config import SweepConfig
+
+    refused = [f"--{name}" for name in ("quick", "tiny", "tuned") if name in typed]
+    if refused:
+        raise GeovqError(f"--config replays a configuration as it was resolved; drop {refused[0]}")
+    if not path.is_file():
+        raise GeovqError(f"--config {path} is not a file; give a run's config.yaml")
+    base = SweepConfig.load(path)
+    if datasets != [base.dataset]:
+        raise GeovqError(f"--config {path} is a {base.dataset} configuration; run it as `geovq sweep {base.dataset} "
+                         f"--config {path}`")
+    given = {_SETTING_OF_OPTION[name]: settings[_SETTING_OF_OPTION[name]] for name in typed
+             if name in _SETTING_OF_OPTION}
+    if method_params_given:
+        given["method_params"] = settings["method_params"]
+    return base, given
 
 
 def _methods(methods: str | None) -> list[str]:
@@ -306,7 +350,9 @@ def _derived_parameters() -> list[inspect.Parameter]:
 
 
 def _register_sweep() -> None:
-    base = [p for p in inspect.signature(_sweep).parameters.values() if p.kind != p.VAR_KEYWORD]
+    # typer finds the context by its annotation's class; _sweep's annotations are strings (postponed evaluation)
+    base = [p.replace(annotation=typer.Context) if p.name == "ctx" else p
+            for p in inspect.signature(_sweep).parameters.values() if p.kind != p.VAR_KEYWORD]
     signature = inspect.Signature(base + _derived_parameters())
 
     @functools.wraps(_sweep)

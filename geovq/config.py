@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import typing
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +357,83 @@ def resolve_config(dataset: str, image_shape: tuple[int, int, int], methods: lis
                       max_train_images=max_train, method_params=params, quick=quick, **options)
     validate(cfg, train_images)
     return cfg
+
+
+def replay_config(base: SweepConfig, given: dict[str, Any], train_images: int | None = None) -> SweepConfig:
+    """`geovq sweep --config FILE`: the configuration a config.yaml records (`base`, e.g. another run's), with
+    the options given on the command line on top (`given`: resolve_config's arguments that were typed); the
+    GPUs per trial are the machine's, resolved again. Validated as resolve_config validates."""
+    given = dict(given)
+    train = replace(base.train, epochs=given.pop("epochs")) if given.get("epochs") is not None else base.train
+    params = {m: dict(p) for m, p in base.method_params.items()}
+    for method, named in (given.pop("method_params", None) or {}).items():
+        params.setdefault(method, {}).update(named)
+    if given.get("data_root") is not None:
+        given["data_root"] = str(given["data_root"]) if base.dataset in READS_DATA_ROOT else None
+    unknown = sorted(set(given) - {f.name for f in fields(SweepConfig)})
+    if unknown:
+        raise GeovqError(f"--config takes no {unknown[0]!r} on top of its file")
+    cfg = replace(base, train=train, method_params=params, gpus_per_trial=None, **given)
+    validate(cfg, train_images)
+    return cfg
+
+
+#: trunk settings that --set may change (the image size and channels come from the data)
+TRUNK_SETTINGS = ("hidden", "latent_channels", "downsamples", "res_blocks")
+
+
+def apply_settings(cfg: SweepConfig, assignments: list[str], train_images: int | None = None) -> SweepConfig:
+    """`--set KEY=VALUE`, repeatable: a training or model setting by its dotted name (train.lr, trunk.hidden,
+    tdc.factor, vq.commitment), typed by its field and held to the rules search spaces use; returns the
+    validated configuration, which records them (config.yaml) and so makes them part of the run's identity."""
+    sections: dict[str, Any] = {"train": cfg.train, "tdc": cfg.tdc, "vq": cfg.vq, "trunk": cfg.trunk}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not text.strip():
+            raise GeovqError(f"--set {assignment!r} must be KEY=VALUE, e.g. --set train.lr=1e-3")
+        section, _, name = key.partition(".")
+        if section == "trunk":
+            if name not in TRUNK_SETTINGS:
+                raise GeovqError(f"--set {key}: unknown trunk setting; valid: "
+                                 + ", ".join(f"trunk.{n}" for n in TRUNK_SETTINGS) + " (the image size comes from the data)")
+            kind: type = int
+        else:
+            try:
+                kind = check_override(key)
+            except GeovqError as e:
+                raise GeovqError(f"--set {key}: {e}; or trunk.{', trunk.'.join(TRUNK_SETTINGS)}") from None
+        value = _typed_setting(key, kind, text.strip())
+        if section == "trunk" and value < (0 if name in ("res_blocks", "downsamples") else 1):
+            raise GeovqError(f"--set {key}={value} must be >= {0 if name in ('res_blocks', 'downsamples') else 1}")
+        try:
+            check_setting(key, value)
+        except GeovqError as e:
+            raise GeovqError(f"--set {key}: {e}") from None
+        sections[section] = replace(sections[section], **{name: value})
+    out = replace(cfg, **sections)
+    validate(out, train_images)
+    return out
+
+
+def _typed_setting(key: str, kind: type, text: str) -> Any:
+    """A --set value as its field's type: ints and floats by Python's own parsing (1e-3, 64), booleans as
+    true/false, strings as given; a float must be finite."""
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if kind is int:
+            return int(text)
+        if kind is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise GeovqError(f"--set {key}={text} must be a finite number")
+            return value
+    except ValueError:
+        raise GeovqError(f"--set {key}={text!r} must be {'true or false' if kind is bool else kind.__name__}") from None
+    return text
 
 
 def dataset_root(datasets: list[str], data_root: str | os.PathLike | None) -> Path:

@@ -39,6 +39,14 @@ runner = CliRunner()
     (["sweep", "digits", "--geodesic-quadrature", "trapezium"], "quadrature 'trapezium' is unknown"),
     (["sweep", "digits", "--address", "nowhere"], "--address 'nowhere' is not a Ray cluster address"),
     (["sweep", "digits", "--methods", "kmeans", "--kmeans-tol", "nan"], "kmeans tol=nan must be a number"),
+    (["sweep", "digits", "--set", "train.lr=abc"], "--set train.lr='abc' must be float"),
+    (["sweep", "digits", "--set", "train.lr=-1"], "--set train.lr: -1.0 must be > 0"),
+    (["sweep", "digits", "--set", "train.seed=3"], "--set train.seed: unknown training setting 'train.seed'; valid: "),
+    (["sweep", "digits", "--set", "trunk.image_size=8"], "--set trunk.image_size: unknown trunk setting; valid: "
+                                                          "trunk.hidden"),
+    (["sweep", "digits", "--set", "train.lr"], "--set 'train.lr' must be KEY=VALUE"),
+    (["sweep", "digits", "--token-dim", "4", "--set", "trunk.latent_channels=6"],
+     "--token-dim 4 must divide the latent channels C=6"),  # a --set value held to the sweep's rules
     (["sweep", "digits", "--seeds", "100000"], "--seeds 100000 plans 3,300,000 units (100000 seeds × 33 units each); "
                                                "a sweep plans at most 10,000"),
 ])
@@ -57,6 +65,54 @@ def test_out_naming_an_existing_file_is_refused(tmp_path):
     result = runner.invoke(app, ["sweep", "digits", "--out", str(existing)])
     assert result.exit_code == 2 and f"--out {existing} is an existing file" in result.output
     assert existing.read_text() == "keep me\n" and "Traceback" not in result.output
+
+
+def test_config_replays_a_recorded_configuration_with_the_typed_options_and_settings_on_top(tmp_path):
+    import yaml
+
+    from conftest import tiny_config
+    from geovq.config import SweepConfig
+    from geovq.distributed.sweep import resolve_runs
+
+    recorded = tiny_config(["vqvae", "kmeans"], [16, 64], method_params={"kmeans": {"tol": 1e-3}})
+    recorded.gpus_per_trial = 0.0  # as a CPU machine recorded it
+    path = tmp_path / "config.yaml"
+    path.write_text(recorded.to_yaml())
+    base = SweepConfig.load(path)
+    (same,) = resolve_runs({"digits": tmp_path / "a"}, None, {}, base)
+    assert same.cfg.identity() == recorded.identity() and same.cfg.methods == recorded.methods
+    assert same.cfg.gpus_per_trial is None  # the machine's, resolved again
+    (changed,) = resolve_runs({"digits": tmp_path / "b"}, None,
+                              {"seeds": 2, "method_params": {"kmeans": {"max_iter": 50}}}, base,
+                              ("train.lr=5e-4", "trunk.hidden=24", "tdc.factor=1.02", "vq.commitment=0.5"))
+    cfg = changed.cfg
+    assert cfg.seeds == 2 and cfg.method_params["kmeans"] == {"tol": 1e-3, "max_iter": 50}
+    assert (cfg.train.lr, cfg.trunk.hidden, cfg.tdc.factor, cfg.vq.commitment) == (5e-4, 24, 1.02, 0.5)
+    assert cfg.train.epochs == recorded.train.epochs and cfg.codebook_sizes == [16, 64]  # the rest as recorded
+    written = yaml.safe_load(cfg.to_yaml())  # what config.yaml will hold, so a resume must give the same
+    assert written["train"]["lr"] == 5e-4 and written["trunk"]["hidden"] == 24
+    from geovq.config import changed_options
+
+    named = " ".join(changed_options(recorded, cfg))  # a resume with other settings is refused, naming them
+    for key in ("train.lr", "trunk.hidden", "tdc.factor", "vq.commitment"):
+        assert key in named, named
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--quick"], "--config replays a configuration as it was resolved; drop --quick"),
+    (["--tiny"], "drop --tiny"),
+])
+def test_config_refuses_presets_and_another_dataset(tmp_path, extra, message):
+    from conftest import tiny_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(tiny_config(["kmeans"]).to_yaml())
+    for args, expected in ((["sweep", "digits", "--config", str(path), *extra], message),
+                           (["sweep", "mnist", "--config", str(path)], "is a digits configuration; run it as "
+                                                                       f"`geovq sweep digits --config {path}`")):
+        result = runner.invoke(app, args + ["--out", str(tmp_path / "run")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert not (tmp_path / "run").exists()
 
 
 def test_planned_units_are_counted_before_any_is_planned():

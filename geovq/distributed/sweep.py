@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geovq.config import SweepConfig, changed_options, dataset_root, resolve_config, union_config
+from geovq.config import (SweepConfig, apply_settings, changed_options, dataset_root, replay_config, resolve_config,
+                          union_config)
 from geovq.data import load_dataset
 from geovq.errors import GeovqError
 from geovq.io import check_writable
@@ -47,14 +48,25 @@ class SweepRun:
         return self.plan.cfg
 
 
-def resolve_runs(roots: dict[str, Path], data_root: Path | None, settings: dict[str, Any]) -> list[SweepRun]:
-    """A run per dataset ({dataset: its run directory}) with `settings` (resolve_config's arguments). Each
-    dataset is loaded here, so that a missing one fails before any run directory exists."""
+def resolve_runs(roots: dict[str, Path], data_root: Path | None, settings: dict[str, Any],
+                 base: SweepConfig | None = None, assignments: tuple[str, ...] = ()) -> list[SweepRun]:
+    """A run per dataset ({dataset: its run directory}) with `settings` (resolve_config's arguments); with `base`
+    (--config: a recorded configuration, one dataset) the settings are only the options typed, on top of it; then
+    the `--set KEY=VALUE` assignments. Each dataset is loaded here, so that a missing one fails before any run
+    directory exists."""
+    if base is not None and data_root is None and base.data_root is not None:
+        data_root = Path(base.data_root)
     root = dataset_root(list(roots), data_root)
     runs = []
     for name, path in roots.items():
-        data = load_dataset(name, root, download=settings["download"])
-        cfg = resolve_config(name, data.image_shape, **settings, data_root=root, train_images=len(data.train))
+        data = load_dataset(name, root, download=settings.get("download", False))
+        train_images = len(data.train)
+        if base is None:
+            cfg = resolve_config(name, data.image_shape, **settings, data_root=root, train_images=train_images)
+        else:
+            cfg = replay_config(base, settings, train_images)
+        if assignments:
+            cfg = apply_settings(cfg, list(assignments), train_images)
         runs.append(open_run(RunDir(path), cfg, data.description))
     return runs
 
