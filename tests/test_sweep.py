@@ -161,6 +161,26 @@ def test_tensorboard_events_parse_back(quick_run):
     assert tags["images"]
 
 
+def test_tensorboard_shows_geovqs_runs_and_an_hparams_view_of_the_rows(quick_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = sorted(p.relative_to(quick_run).parts[0] for p in quick_run.rglob("events.out.tfevents.*"))
+    assert set(events) == {"vae", "units", "tb"}  # no Tune logger's run under ray/
+    rows = json.loads((quick_run / "results.json").read_text())
+    runs = sorted((quick_run / "tb" / "rows").iterdir())
+    assert [r.name for r in runs] == sorted(r["unit"] for r in rows)  # one run per row, named by its unit
+    by_unit = {r["unit"]: r for r in rows}
+    for run in runs:
+        acc = EventAccumulator(str(run)).Reload()
+        row = by_unit[run.name]
+        assert acc.Scalars("hparam/psnr")[0].value == pytest.approx(row["psnr"], rel=1e-6)
+        assert acc.Scalars("hparam/bits_per_image")[0].value == row["bits_per_image"]
+        content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+        assert (start.hparams["method"].string_value, start.hparams["K"].number_value) == (row["method"], row["K"])
+
+
 def test_rerun_resumes_only_unfinished_units(quick_run):
     rows = sorted((quick_run / "units").glob("*/row.json"))
     victim = next(p for p in rows if p.parent.name.startswith("kmeans-plain-K16"))

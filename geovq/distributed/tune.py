@@ -238,12 +238,17 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run.root.resolve()), "config": self.cfg.as_dict(), "work": self.work.to_dict(),
-                "steps": self.steps}
+                "work_key": self.work.key, "steps": self.steps}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Job:
         return cls(RunDir(Path(raw["run_dir"])), SweepConfig.from_dict(raw["config"]), work_from_dict(raw["work"]),
                    raw["steps"])
+
+
+def _trial_dirname(trial: Any) -> str:
+    """ray/PHASE/TRIAL-ID-WORK: a trial's folder named by what it runs (a VAE's or unit's key)."""
+    return f"{trial.trial_id}-{trial.config['job']['work_key']}"
 
 
 def _prerequisites_searcher(jobs: list[Job], failed: dict[str, str]):
@@ -302,6 +307,7 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
     """Run the jobs as one Tune experiment, each after its prerequisite (`Job.after`); returns {label: one-line
     report} of the failed ones and of those not run because their prerequisite failed here or in `failed`."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     if not jobs:
         return {}
@@ -317,10 +323,12 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
         tune.with_resources(_trial, resources),
         # reuse_actors: a finished trial's worker (torch already imported) takes the next unit
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(jobs),
-                                    max_concurrent_trials=max(1, int(cpus // threads)), reuse_actors=True),
+                                    max_concurrent_trials=max(1, int(cpus // threads)), reuse_actors=True,
+                                    trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(storage.resolve()), verbose=0,
-                                  callbacks=[_unit_logger(len(searcher.waiting))],
+                                  # result.json per trial (which node ran it); no TensorBoard or CSV logger
+                                  callbacks=[_unit_logger(len(searcher.waiting)), JsonLoggerCallback()],
                                   # a crashed trial (killed worker, lost node) is retried; its stages resume
                                   # from their files (a training from its last epoch)
                                   failure_config=tune.FailureConfig(max_failures=max(j.cfg.max_failures
@@ -333,6 +341,9 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
     # repeats or contradicts geovq's: the legacy reporter at verbose=0 prints none of it. geovq logs one line
     # per finished or failed unit instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Tune's automatic loggers would add a TensorBoard run per trial, named by its whole config, beside geovq's
+    # own runs (each VAE's and VQ-VAE's tb/, the rows' HParams in tb/rows): `tensorboard --logdir RUN` shows geovq's
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     for job in jobs:  # a retried unit's old failure record would describe the wrong attempt
         for path in failure_paths(job.run, job.work):
             path.unlink(missing_ok=True)

@@ -43,6 +43,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Runs:
     stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
         _write_report_files(stage, runs)
+        if (stage / "tb" / "rows").is_dir():  # replaced whole: a re-run's rows, none of the last report's
+            shutil.rmtree(out / "tb" / "rows", ignore_errors=True)
         files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: p.name == "report.html")
         for path in files:
             target = out / path.relative_to(stage)
@@ -71,7 +73,23 @@ def _write_report_files(out: Path, runs: Runs) -> None:
     write_text(out / "report.md", markdown_report(runs.rows, runs.ceilings, config_yaml, runs.finished,
                                                   runs.planned))
     figures = write_figures(out, runs)
+    write_rows_hparams(out / "tb" / "rows", runs.rows)
     write_text(out / "report.html", html_report(runs, figures, out, config_yaml))
+
+
+#: what the sweep's HParams view compares: a row's settings, and its scores and rates
+ROW_HPARAMS = ("dataset", "method", "vae", "finetuned", "K", "token_dim", "seed")
+ROW_METRICS = ["psnr", "ssim", "lpips", "bits_per_image", "prior_bits_per_image", "usage_perplexity", "dead_codes"]
+
+
+def write_rows_hparams(root: Path, rows: list[dict]) -> None:
+    """TensorBoard HParams of the scored rows (tb/rows/UNIT[-finetuned]): `tensorboard --logdir RUN` then compares
+    the rows in its HParams tab beside the trainings' own curves."""
+    from geovq.report.hparams import HParamsRun, write_hparams
+
+    write_hparams(root, [HParamsRun(r["unit"] + ("-finetuned" if r.get("finetuned") else ""),
+                                    {k: "" if r.get(k) is None else r[k] for k in ROW_HPARAMS},
+                                    {k: r.get(k) for k in ROW_METRICS}) for r in rows], ROW_METRICS)
 
 
 def write_figures(out: Path, runs: Runs) -> list[Figure]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from geovq.io import atomic_path, write_json, write_text
+from geovq.report.hparams import finite
 from geovq.search.space import Study
 from geovq.search.trial import BITS, EPOCH, EPOCH_METRIC, OBJECTIVE
 
@@ -34,7 +34,7 @@ TAIL_COLUMNS = ["unit", "vae_key", "error"]
 
 
 def finished(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["status"] == "finished" and _finite(r["metrics"].get(OBJECTIVE))]
+    return [r for r in rows if r["status"] == "finished" and finite(r["metrics"].get(OBJECTIVE))]
 
 
 def write_outputs(out: Path, rows: list[dict], studies: dict[str, Study], header: dict[str, Any],
@@ -210,35 +210,21 @@ def _save(fig, path: Path) -> None:
 
 
 def write_hparams(root: Path, rows: list[dict]) -> None:
-    """TensorBoard HParams: one run per trial (tb/METHOD/NNN), each with the same experiment summary (every
-    parameter of every method, so that the HParams view lists them all in one table: a parameter a trial does
-    not use is left empty there), the trial's own values and its metrics, and its per-epoch validation PSNR."""
-    import shutil
+    """TensorBoard HParams: one run per trial (tb/METHOD/NNN) with its method, status and sampled values, its
+    objective, bits and epochs trained, and its per-epoch validation PSNR."""
+    from geovq.report.hparams import HParamsRun, write_hparams as write_runs
 
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    shutil.rmtree(root, ignore_errors=True)  # rewritten whole: a resumed search must not leave stale runs
-    trials = [r for r in rows if r["number"] is not None]
-    template: dict[str, Any] = {"method": "", "status": "", "vae": ""}
-    for r in trials:
-        for k, v in r["values"].items():
-            template.setdefault(k, v)
-    metrics = {f"hparam/{OBJECTIVE}": 0.0, f"hparam/{BITS}": 0.0, "hparam/epochs_trained": 0.0}
-    experiment, _, _ = hparams(template, metrics)
-    for r in trials:
-        own = {"method": r["method"], "status": r["status"], **r["values"]}
-        _, start, end = hparams(own, metrics)
+    runs = []
+    for r in rows:
+        if r["number"] is None:
+            continue
         m = r["metrics"]
-        with SummaryWriter(str(root / r["method"] / f"{r['number']:03d}")) as writer:
-            for summary in (experiment, start, end):
-                writer.file_writer.add_summary(summary)
-            for key in (OBJECTIVE, BITS, "epochs_trained"):
-                value = m.get(key) if key != BITS else (r["candidate"].bits if r["candidate"] else None)
-                if _finite(value):
-                    writer.add_scalar(f"hparam/{key}", float(value))
-            for epoch, value in epoch_history(r):
-                writer.add_scalar(EPOCH_METRIC, value, epoch)
+        metrics = {OBJECTIVE: m.get(OBJECTIVE), BITS: r["candidate"].bits if r["candidate"] else None,
+                   "epochs_trained": m.get("epochs_trained")}
+        runs.append(HParamsRun(f"{r['method']}/{r['number']:03d}",
+                               {"method": r["method"], "status": r["status"], "vae": "", **r["values"]}, metrics,
+                               [(EPOCH_METRIC, epoch, value) for epoch, value in epoch_history(r)]))
+    write_runs(root, runs, [OBJECTIVE, BITS, "epochs_trained"])
 
 
 def epoch_history(r: dict) -> list[tuple[int, float]]:
@@ -249,10 +235,6 @@ def epoch_history(r: dict) -> list[tuple[int, float]]:
         return []
     history = json.loads(Path(path).read_text())
     return [(int(e), v) for e, v in sorted(history.items(), key=lambda kv: int(kv[0])) if int(e) <= m[EPOCH]]
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _plain(value: Any) -> Any:
