@@ -468,6 +468,7 @@ def tune(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address \\[default: start local Ray]"),
+    storage: Optional[str] = typer.Option(None, "--storage", metavar="URL", help="an Optuna RDB storage for the studies (sqlite:///…, postgresql://…) \\[default: OUT/study.journal]"),
     verbose: bool = typer.Option(False, "--verbose", help="show Ray's own logs and tracebacks on the console"),
 ) -> None:
     """Search each method's hyperparameters, its VAE's training and its rate allocation on VALIDATION PSNR
@@ -498,8 +499,13 @@ def tune(
     if out.exists() and not out.is_dir():
         raise GeovqError(f"--out {out} is an existing file; give a folder for the search directory")
     check_writable(out)
+    from geovq.search.driver import open_storage, redacted
+
+    if storage is not None:
+        open_storage(out, storage)  # a database that cannot open fails here, before anything is written
     identity = {"dataset": dataset, "methods": chosen, "trials": trials, "bits": budget, "pareto": pareto,
-                "seed": seed, "space": Path(space_path).read_text(), "config": cfg.identity()}
+                "seed": seed, "space": Path(space_path).read_text(), "config": cfg.identity(),
+                "storage": redacted(storage) if storage is not None else "study.journal"}
     check_resumable(out, identity)
     from geovq.distributed.tune import start_cluster
 
@@ -508,7 +514,7 @@ def tune(
     import ray
 
     concurrent = max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
-    search = Search(dataset, tuple(chosen), trials, budget, seed, concurrent)
+    search = Search(dataset, tuple(chosen), trials, budget, seed, concurrent, storage=storage)
     from geovq.io import directory_lock, write_text
 
     out.mkdir(parents=True, exist_ok=True)

@@ -169,25 +169,28 @@ def test_conditional_parameters_are_sampled_only_where_they_act():
     assert seen_variants == {"plain", "tdc"}
 
 
-def test_a_killed_searchers_open_trial_is_handed_out_again_and_reports_each_epoch_once(tmp_path):
+@pytest.mark.parametrize("database", [False, True], ids=["journal", "sqlite"])
+def test_a_killed_searchers_open_trial_is_handed_out_again_and_reports_each_epoch_once(tmp_path, database):
     """The resume protocol without Ray: a searcher asks a trial that reports an epoch, then dies untold (as a
     killed driver does); a new searcher on the same journal hands that trial to the next Tune trial with its
-    number and values, replays no epoch into Optuna twice (Optuna would warn), and records the outcome."""
+    number and values, replays no epoch into Optuna twice (Optuna would warn), and records the outcome. In the
+    search folder's journal, and in a database given by --storage."""
     import warnings
 
-    from geovq.search.driver import Search, make_searcher, open_storage, open_study, study_rows
+    from geovq.search.driver import Search, make_searcher, open_storage, open_study, study_name, study_rows
     from geovq.search.trial import EPOCH, EPOCH_METRIC, OBJECTIVE
 
     study = load_space(SPACES / "digits.yaml", GRIDS["digits"]).study("kmeans", 64)
-    search = Search("digits", ("kmeans",), 3, 64, 0, 1)
-    storage = open_storage(tmp_path)
-    open_study(storage, study, search)
-    first = make_searcher(study, search, storage, tmp_path / "ray")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if database else None
+    search = Search("digits", ("kmeans",), 3, 64, 0, 1, storage=url)
+    storage, name = open_storage(tmp_path, url), study_name(tmp_path, search, "kmeans")
+    open_study(storage, study, search, name)
+    first = make_searcher(study, search, storage, name, tmp_path / "ray")
     config = first.suggest("tune-a")
     first.on_trial_result("tune-a", {EPOCH: 1, EPOCH_METRIC: 12.0})
     del first  # killed: never told how trial 0 ended
 
-    second = make_searcher(study, search, open_storage(tmp_path), tmp_path / "ray")
+    second = make_searcher(study, search, open_storage(tmp_path, url), name, tmp_path / "ray")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Optuna warns when a step is reported twice
         assert second.suggest("tune-b") == config  # the open trial again: same values, same number (0)
@@ -195,7 +198,7 @@ def test_a_killed_searchers_open_trial_is_handed_out_again_and_reports_each_epoc
         second.on_trial_result("tune-b", {EPOCH: 2, EPOCH_METRIC: 13.0})
         second.on_trial_complete("tune-b", {EPOCH: 3, EPOCH_METRIC: 14.0, OBJECTIVE: 14.5, "done": True})
         assert second.suggest("tune-c")["number"] == 1  # then new proposals
-    stored = optuna.load_study(study_name="kmeans", storage=open_storage(tmp_path))
+    stored = optuna.load_study(study_name=name, storage=url or open_storage(tmp_path))
     assert stored.trials[0].intermediate_values == {1: 12.0, 2: 13.0} and stored.trials[0].value == 14.5
     rows = study_rows(study, stored)
     assert [(r["number"], r["trial_id"], r["status"]) for r in rows] == [(0, "tune-b", "finished"),

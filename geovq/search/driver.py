@@ -70,6 +70,7 @@ class Search:
     seed: int
     max_concurrent: int
     grid: bool = False  # bench only: the exhaustive grid of an all-choices space instead of Optuna
+    storage: str | None = None  # an Optuna RDB URL (--storage); None: the search folder's study.journal
 
     @property
     def pareto(self) -> bool:
@@ -139,21 +140,43 @@ JOURNAL = "study.journal"
 TRIAL_ID, CONFIG, STATUS, METRICS, ERROR = "trial_id", "config", "status", "metrics", "error"
 
 
-def open_storage(out: Path) -> optuna.storages.BaseStorage:
-    """The search folder's study storage: Optuna's journal file, JSON lines (its file backend keeps no pickled
-    snapshots), appended under a file lock, so drivers on a cluster's shared filesystem can share it."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+def open_storage(out: Path, url: str | None = None) -> optuna.storages.BaseStorage:
+    """The search's study storage: by default the search folder's journal file, JSON lines (its file backend
+    keeps no pickled snapshots), appended under a file lock, so drivers on a cluster's shared filesystem can share
+    it; or an Optuna RDB `url` (--storage: sqlite:///…, postgresql://…), a one-line error when it cannot open."""
+    if url is None:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(out / JOURNAL)))
+        return JournalStorage(JournalFileBackend(str(out / JOURNAL)))
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # noqa: BLE001  (SQLAlchemy's and the driver's errors, whatever the database)
+        raise GeovqError(f"--storage {redacted(url)} cannot be opened: {str(e).splitlines()[0]}") from None
 
 
-def open_study(storage: optuna.storages.BaseStorage, study: Study, search: Search) -> optuna.Study:
+def redacted(url: str) -> str:
+    """A storage URL without its password, for logs and search.yaml (no credentials in a search folder)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001  (not a URL SQLAlchemy parses: shown as given, minus anything before an @)
+        return url.split("@")[-1]
+
+
+def study_name(out: Path, search: Search, method: str) -> str:
+    """The method's study in the storage: its name in the folder's own journal; in a shared database, prefixed
+    with the search folder, so that searches sharing one database keep their studies apart."""
+    return method if search.storage is None else f"{out.resolve()}:{method}"
+
+
+def open_study(storage: optuna.storages.BaseStorage, study: Study, search: Search, name: str) -> optuna.Study:
     """The method's stored study (created on the first run; a grid search enqueues its points then)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["maximize", "minimize"] if search.pareto else ["maximize"]
-    new = study.method not in {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    stored = optuna.create_study(storage=storage, study_name=study.method, directions=directions, load_if_exists=True)
+    new = name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    stored = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
     if new and search.grid:
         distributions = study.distributions()
         for point in study.grid():  # one trial per point, asked in this order: trial numbers are grid indices
@@ -161,14 +184,14 @@ def open_study(storage: optuna.storages.BaseStorage, study: Study, search: Searc
     return stored
 
 
-def make_searcher(study: Study, search: Search, storage: optuna.storages.BaseStorage,
+def make_searcher(study: Study, search: Search, storage: optuna.storages.BaseStorage, name: str,
                   error_dir: Path) -> StoredOptunaSearch:
     """OptunaSearch over the stored study with a seeded TPE sampler (two objectives under --pareto)."""
     space = study.space
     sampler = SharedStartupSampler(search.seed, space.n_startup_trials, space.multivariate)
     objectives = dict(metric=[OBJECTIVE, BITS], mode=["max", "min"]) if search.pareto else dict(metric=OBJECTIVE,
                                                                                                  mode="max")
-    return StoredOptunaSearch(Numbered(study), sampler=sampler, study_name=study.method, storage=storage,
+    return StoredOptunaSearch(Numbered(study), sampler=sampler, study_name=name, storage=storage,
                               error_dir=error_dir, **objectives)
 
 
@@ -302,19 +325,20 @@ def run_study(out: Path, cfg: SweepConfig, study: Study, search: Search, callbac
     """One method's study: its open trials, then new ones until `search.trials` (or the grid) have settled;
     returns its trials (see `study_rows`). Raises SearchInterrupted when it stopped before that (Ctrl-C)."""
     experiment = (out / "ray").resolve()
-    storage = open_storage(out)
-    stored = open_study(storage, study, search)
+    storage, name = open_storage(out, search.storage), study_name(out, search, study.method)
+    stored = open_study(storage, study, search, name)
     total = len(stored.trials) if search.grid else search.trials
     settled = sum(STATUS in t.user_attrs for t in stored.get_trials(deepcopy=False))
     if settled:
         log.info("%s: resuming the search in %s: %d of %d trials settled, %d to run again", study.method,
-                 out / JOURNAL, settled, total, len(open_trials(stored)))
+                 out / JOURNAL if search.storage is None else redacted(search.storage), settled, total,
+                 len(open_trials(stored)))
     if settled < total:
         job = {"run_dir": str(out.resolve()), "config": cfg.as_dict(), "study": study, "seed": search.seed}
         trainable = tune.with_resources(tune.with_parameters(search_trial, job=job),
                                         {"cpu": cfg.cpus_per_trial * CPU_RESERVE_FRACTION,
                                          "gpu": cfg.gpus_per_trial or 0})
-        searcher = make_searcher(study, search, storage, experiment / study.method)
+        searcher = make_searcher(study, search, storage, name, experiment / study.method)
         max_t = study.max_epochs(cfg.train.epochs)
         scheduler = FIFOScheduler() if search.pareto or search.grid else ASHAScheduler(
             time_attr=EPOCH, metric=EPOCH_METRIC, mode="max", max_t=max_t,
@@ -330,7 +354,7 @@ def run_study(out: Path, cfg: SweepConfig, study: Study, search: Search, callbac
                                           callbacks=[TrialLog(study.method, total), JsonLoggerCallback(),
                                                      *callbacks],
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures))).fit()
-    rows = study_rows(study, optuna.load_study(study_name=study.method, storage=storage))
+    rows = study_rows(study, optuna.load_study(study_name=name, storage=storage))
     finished = sum(r["status"] != "unfinished" for r in rows)
     if finished < total:
         raise SearchInterrupted(study.method, finished, total, rows)
