@@ -106,6 +106,9 @@ def _quiet_ray(verbose: bool) -> None:
     """Without --verbose, Ray Tune's own per-trial tracebacks stay in the run directory's errors/ (geovq prints
     one line per failure) and Ray's notice that token authentication is on is dropped; with it, everything
     Ray logs reaches the console."""
+    import ray  # noqa: F401  (importing Ray configures its "ray" logger: set the level after it)
+
+    logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.WARNING)  # INFO lines with --verbose only
     if not verbose:
         for name in ("ray.tune", "ray.train", "ray.air"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -140,32 +143,32 @@ def _setup_logging(log_paths: list[Path]) -> None:
 def _sweep(
     ctx: typer.Context,
     dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz; a comma list runs several at once"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory [default: runs/DATASET or runs/DATASET-quick]; with several datasets, their parent folder"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="comma list [default: every registered method]"),
-    codebook_sizes: Optional[str] = typer.Option(None, "--codebook-sizes", help="comma list of K [default: per dataset]"),
-    seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds, 0..N-1 [default: 3; 1 with --quick]"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs of every model [default: per dataset]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory \\[default: runs/DATASET or runs/DATASET-quick]; with several datasets, their parent folder"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list \\[default: every registered method]"),
+    codebook_sizes: Optional[str] = typer.Option(None, "--codebook-sizes", help="comma list of K \\[default: per dataset]"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds, 0..N-1 \\[default: 3; 1 with --quick]"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs of every model \\[default: per dataset]"),
     quick: bool = typer.Option(False, "--quick", help="a few-minute smoke configuration"),
     tiny: bool = typer.Option(False, "--tiny", help="for geovq's own tests: --quick on a small trunk (2 epochs, 300 training images), seconds per unit; its numbers mean nothing"),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $GEOVQ_DATA or ~/.cache/geovq/data]"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder \\[default: $GEOVQ_DATA or ~/.cache/geovq/data]"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
-    token_dim: Optional[int] = typer.Option(None, "--token-dim", help="channels per token d [default: C, one token per cell]"),
+    token_dim: Optional[int] = typer.Option(None, "--token-dim", help="channels per token d \\[default: C, one token per cell]"),
     grouping: str = typer.Option("contiguous", "--grouping", help="contiguous or interleaved channel groups"),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC: its tokens carry log2 K bits) [default: plain,tdc]"),
-    tdc_bits: Optional[float] = typer.Option(None, "--tdc-bits", help="TDC target bits per token [default: log2 K]"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Gaussian VAE variants, comma list: plain, tdc (TDC: its tokens carry log2 K bits) \\[default: plain,tdc]"),
+    tdc_bits: Optional[float] = typer.Option(None, "--tdc-bits", help="TDC target bits per token \\[default: log2 K]"),
     prior: str = typer.Option("transformer", "--prior", help="the prior trained over every unit's codes: transformer or pixelcnn"),
     no_prior: bool = typer.Option(False, "--no-prior", help="train no prior (no prior rate, no samples)"),
-    prior_samples: Optional[int] = typer.Option(None, "--prior-samples", help="samples per prior for the sample metrics [default: 10000; 2000 with --quick]"),
+    prior_samples: Optional[int] = typer.Option(None, "--prior-samples", help="samples per prior for the sample metrics \\[default: 10000; 2000 with --quick]"),
     finetune_decoder: bool = typer.Option(False, "--finetune-decoder", help="also report each post-hoc method with its decoder fine-tuned on the codebook"),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="max epochs of the decoder fine-tune (early-stopped on val)"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
     gpus_per_trial: str = typer.Option("auto", "--gpus-per-trial", help="GPUs per trial: auto (1 where the cluster has GPUs, else 0), or a number; fractions share a GPU"),
     max_failures: int = typer.Option(2, "--max-failures", help="retries of a crashed trial (killed worker, lost node); geovq errors are not retried"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address [default: start local Ray]"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address \\[default: start local Ray]"),
     verbose: bool = typer.Option(False, "--verbose", help="show Ray's own logs and tracebacks on the console"),
     tuned: Optional[Path] = typer.Option(None, "--tuned", help="a `geovq tune` directory: each method at its own best validation configuration (K, d, VAE and its training, hyperparameters)"),
     config: Optional[Path] = typer.Option(None, "--config", help="a run's config.yaml (the format geovq writes): that run's configuration, with the options given here on top"),
-    set_values: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="KEY=VALUE, repeatable: a training or model setting by its dotted name (train.lr, train.batch_size, trunk.hidden, trunk.latent_channels, tdc.factor, vq.commitment, ...)"),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="repeatable: a training or model setting by its dotted name (train.lr, train.batch_size, trunk.hidden, trunk.latent_channels, tdc.factor, vq.commitment, ...)"),
     **method_options: Any,
 ) -> None:
     """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory.
@@ -373,7 +376,7 @@ _register_sweep()
 @user_errors
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="one or more run directories of the same dataset"),
-    out: Optional[Path] = typer.Option(None, "--out", help="report folder [default: the run directory; required with several]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder \\[default: the run directory; required with several]"),
 ) -> None:
     """Write results.json/.csv, report.md, report.html and figures from run directories' finished units."""
     from geovq.io import directory_lock
@@ -397,8 +400,8 @@ def report(
 def sample(
     run_dir: Path = typer.Argument(..., help="a sweep's run directory"),
     method: str = typer.Option(..., "--method", help="the unit's method"),
-    vae: Optional[str] = typer.Option(None, "--vae", help="its VAE variant (plain, tdc) [default: the only one]"),
-    k: Optional[int] = typer.Option(None, "--k", help="its codebook size K [default: the only one]"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="its VAE variant (plain, tdc) \\[default: the only one]"),
+    k: Optional[int] = typer.Option(None, "--k", help="its codebook size K \\[default: the only one]"),
     seed: int = typer.Option(0, "--seed", help="the unit's seed (and the sampling seed)"),
     n: int = typer.Option(..., "-n", help="number of samples"),
     out: Path = typer.Option(..., "--out", help="folder for samples.png, samples.npz and samples.json"),
@@ -427,8 +430,10 @@ def sample(
     result = sample_stage(run, cfg, chosen[0], device, progress,
                           n=n, kind=prior, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, out=out,
                           metrics=metrics)
-    shown = {key: result[key] for key in ("domain_fid", "precision", "recall", "fid") if key in result}
-    typer.echo(f"{n} samples of {chosen[0].key} in {out} (samples.png, samples.npz, samples.json) {shown}", err=True)
+    shown = ", ".join(f"{key} {result[key]:.4g}" for key in ("domain_fid", "precision", "recall", "fid")
+                      if isinstance(result.get(key), (int, float)))
+    typer.echo(f"{n} samples of {chosen[0].key} in {out} (samples.png, samples.npz, samples.json)"
+               + (f": {shown}" if shown else ""), err=True)
 
 
 def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> None:
@@ -438,12 +443,14 @@ def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> No
     from geovq.report.tables import decoder_label
 
     table = Table(title=title)
-    for col in ("method", "vae", "decoder", "K", "bits/img", "seed", "PSNR", "SSIM", "perplexity", "dead"):
+    for col in ("method", "vae", "decoder", "K", "bits/img", "prior bits/img", "seed", "PSNR", "SSIM", "perplexity",
+                "dead"):
         table.add_column(col)
-    for r in rows:
+    for r in rows:  # every rate: fixed length, and the prior's −Σ log2 p where a prior was trained
+        prior_bits = r.get("prior_bits_per_image")
         table.add_row(r["method"], r["vae"] or "—", decoder_label(r["finetuned"], r["vae"]), str(r["K"]),
-                      f"{r['bits_per_image']:g}", str(r["seed"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
-                      f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
+                      f"{r['bits_per_image']:g}", "—" if prior_bits is None else f"{prior_bits:.1f}", str(r["seed"]),
+                      f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
     Console(stderr=True).print(table)
 
 

@@ -98,7 +98,7 @@ def test_sigterm_stops_a_sweep_like_ctrl_c(ray_local, tmp_path):
     proc = geovq(*SMALL, "--address", ray_local.get_runtime_context().gcs_address, "--out", str(tmp_path / "run"))
     lines, reader = read_lines(proc)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not any("units planned" in line for line in lines):
+    while time.time() < deadline and proc.poll() is None and not any("jobs to run" in line for line in lines):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)

@@ -66,7 +66,10 @@ def start_ray(address: str | None) -> None:
         return
     # Local Ray on a laptop or CI box: no dashboard (it is reached by port-forwarding on clusters), and
     # a modest object store, since stages exchange files, not objects.
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    # logging_level: Ray's logger as the console set it (the CLI keeps Ray's INFO lines, such as "Started a local
+    # Ray instance", for --verbose); ray.init would reset it to INFO otherwise
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                              "logging_level": logging.getLogger("ray").getEffectiveLevel()}
     if address is None:
         kwargs["object_store_memory"] = 512 * 1024**2
     try:
@@ -385,8 +388,10 @@ def run_sweeps(plans: list[RunPlan], address: str | None) -> None:
         first += [Job(run, cfg, u) for u in pending if u.end_to_end or ready[u.vae]]
         (second if on_cluster else first).extend(Job(run, cfg, u, after=f"{cfg.dataset}/{u.vae.key}")
                                                  for u in pending if not u.end_to_end and not ready[u.vae])
-        log.info("%s: %d units planned, %d pending; %d VAE(s) to train", cfg.dataset, len(plan.units), len(pending),
-                 sum(not r for r in ready.values()))
+        to_train = sum(not r for r in ready.values())
+        # the jobs this command runs, as the [k/N] lines count them: each pending unit, and each VAE it trains
+        log.info("%s: %d jobs to run: %d of %d units pending, %d VAE(s) to train", cfg.dataset,
+                 len(pending) + to_train, len(pending), len(plan.units), to_train)
     storage = plans[0].run.root / "ray" if len(plans) == 1 else plans[0].run.root.parent / "ray"
     failures: dict[str, str] = {}
     for phase, jobs in (("train", first), ("posthoc", second)) if on_cluster else (("sweep", first),):
