@@ -108,8 +108,12 @@ def manifest_problems(docs: list[dict], image: str) -> list[str]:
     if not any(int(g["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
                    .get("nvidia.com/gpu", 0)) >= 1 for g in spec.get("workerGroupSpecs", [])):
         problems.append("no worker group requests nvidia.com/gpu")
-    if spec["headGroupSpec"]["rayStartParams"].get("dashboard-host") != "127.0.0.1":
-        problems.append("the dashboard is not bound to the pod's localhost")
+    head = spec["headGroupSpec"]
+    # the dashboard reaches the head's Service (a RayJob submits through it), which stays inside the cluster
+    if head["rayStartParams"].get("dashboard-host") != "0.0.0.0":
+        problems.append("the dashboard is not reachable through the head's Service")
+    if head.get("serviceType") != "ClusterIP":
+        problems.append(f"the head's Service is {head.get('serviceType', 'not declared')}, not ClusterIP")
     return problems
 
 
@@ -258,6 +262,10 @@ def _manifest_broken(kind: str) -> list[dict]:
             "nvidia.com/gpu"] = 1
     elif kind == "no worker groups":
         cluster["spec"]["workerGroupSpecs"] = []
+    elif kind == "exposed outside":
+        cluster["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    elif kind == "dashboard on localhost":  # the Service could not reach it: no RayJob could submit
+        cluster["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] = "127.0.0.1"
     return docs
 
 
@@ -265,6 +273,8 @@ def _manifest_broken(kind: str) -> list[dict]:
     ("no gpu limit", "no worker group requests nvidia.com/gpu"), ("other image", "gpu: image"),
     ("no shared mount", "gpu: no ReadWriteMany claim"), ("claim not RWX", "head: no ReadWriteMany claim"),
     ("gpu on head", "head group requests GPUs"), ("no worker groups", "no worker group requests nvidia.com/gpu"),
+    ("exposed outside", "the head's Service is LoadBalancer, not ClusterIP"),
+    ("dashboard on localhost", "the dashboard is not reachable through the head's Service"),
 ])
 def test_a_broken_manifest_is_caught(kind, expected):
     problems = manifest_problems(_manifest_broken(kind), load_cluster()["docker"]["image"])

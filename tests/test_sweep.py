@@ -213,7 +213,7 @@ def test_a_rerun_of_other_methods_keeps_the_settings_of_the_methods_it_leaves_ou
     result = runner.invoke(app, ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "kmeans", "--prior",
                                  "transformer", "--out", str(quick_run)])
     assert result.exit_code == 0, result.output
-    assert "0 pending" in result.output  # every k-means unit was finished: nothing ran again
+    assert "0 jobs to run" in result.output  # every k-means unit was finished: nothing ran again
     assert (quick_run / "config.yaml").read_text() == before
     assert yaml.safe_load(before)["method_params"]["geodesic"] == {"max_landmarks": 5000, "paths": "graph"}
 
