@@ -119,6 +119,8 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
     for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
     rates = sorted({b for by_bits in series.values() for b in by_bits})
+    # the same rates per pixel of the native image (bpp), on a second axis: what codec papers plot against
+    pixels = next((r["bits_per_image"] / r["bpp"] for r in rows if r.get("bpp")), None)
     for ax, metric in zip(axes, metrics):
         ax.set(xlabel="bits per image (fixed-length: tokens × log2 K)", ylabel=names[metric])
         ax.set_xscale("log", base=2)
@@ -126,6 +128,11 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
         ax.set_xticks(rates, [f"{b:g}" for b in rates])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
+        if pixels:
+            top = ax.secondary_xaxis("top", functions=(lambda b: b / pixels, lambda bpp: bpp * pixels))
+            top.set_xticks([b / pixels for b in rates], [f"{b / pixels:.3g}" for b in rates])
+            top.minorticks_off()
+            top.set_xlabel("bits per pixel (native image)", fontsize=8)
     axes[len(metrics) - 1].set_ylim(0, 1.05)
     if with_prior:
         axes[-1].set(xlabel="bits per image under the prior (test codes)", ylabel=names["psnr"],

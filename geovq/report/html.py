@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:3px 8px;
 text-align:right}th{background:#f3f3f3}td:nth-child(-n+3){text-align:left}tr.best{background:#e8f4e8;
-font-weight:600}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:0.9em}
+font-weight:600}figure{margin:1.5em 0}img{max-width:100%;height:auto}figcaption{color:#555;font-size:0.9em}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:0.8em}"""
 
 
