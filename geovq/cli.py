@@ -135,9 +135,25 @@ def _setup_logging(log_paths: list[Path]) -> None:
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
-    console = logging.StreamHandler(sys.stderr)
+    console = BarSafeHandler(sys.stderr)
     console.setFormatter(logging.Formatter("geovq: %(message)s"))
     log.addHandler(console)
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """The console's log lines, printed between the trials' progress bars rather than onto a live one: on a
+    terminal, Ray's bar manager hides its bars, the line is printed, the bars come back (tqdm_ray.safe_print)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not (self.stream.isatty() and "ray.experimental.tqdm_ray" in sys.modules):
+            super().emit(record)
+            return
+        from ray.experimental.tqdm_ray import safe_print
+
+        try:
+            safe_print(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001  (a log line must never fail the command)
+            self.handleError(record)
 
 
 def _sweep(

@@ -254,3 +254,34 @@ def test_rays_token_auth_notice_is_dropped_and_its_warning_kept():
     finally:
         auth.logger.removeHandler(kept)
         _quiet_ray(verbose=True)  # leave Ray's loggers as found for the other tests
+
+
+def test_console_lines_are_printed_between_the_live_progress_bars(monkeypatch):
+    import io
+
+    from ray.experimental import tqdm_ray
+
+    from geovq.cli import BarSafeHandler
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    calls: list[str] = []
+
+    class Bars:  # Ray's bar manager, recording what the handler asks of it
+        def hide_bars(self) -> None:
+            calls.append("hide")
+
+        def unhide_bars(self) -> None:
+            calls.append("unhide")
+
+    monkeypatch.setattr(tqdm_ray, "instance", lambda: Bars())
+    record = logging.LogRecord("geovq", logging.INFO, __file__, 1, "[3/25] digits/kmeans finished", None, None)
+    for stream, expected in ((Terminal(), ["hide", "unhide"]), (io.StringIO(), [])):  # a log file: no bars
+        monkeypatch.setattr(sys, "stderr", stream)
+        calls.clear()
+        handler = BarSafeHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("geovq: %(message)s"))
+        handler.emit(record)
+        assert calls == expected and stream.getvalue() == "geovq: [3/25] digits/kmeans finished\n"
