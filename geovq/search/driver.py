@@ -452,16 +452,23 @@ def run_search(out: Path, cfg: SweepConfig, studies: dict[str, Study], search: S
     header = {"dataset": search.dataset, "bits_per_image": search.bits, "pareto": search.pareto,
               "trials_per_method": search.trials, "seed": search.seed, "space": space.path}
     rows: list[dict] = []
+
+    def stored() -> dict[str, optuna.Study]:  # the studies the storage holds so far (importances read them)
+        storage = open_storage(out, search.storage)
+        names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        return {m: optuna.load_study(study_name=study_name(out, search, m), storage=storage) for m in studies
+                if study_name(out, search, m) in names}
+
     for method, study in studies.items():
         t0 = time.time()
         try:
             done = run_study(out, cfg, study, search)
         except SearchInterrupted as e:  # `complete: false` tells `sweep --tuned` that the search goes on
-            write_outputs(out, rows + e.rows, studies, {**header, "complete": False}, search.seed)
+            write_outputs(out, rows + e.rows, studies, {**header, "complete": False}, search.seed, stored())
             raise
         rows += done
         log.info("%s: %d trials in %.1f s", method, len(done), time.time() - t0)
-    return write_outputs(out, rows, studies, {**header, "complete": True}, search.seed)
+    return write_outputs(out, rows, studies, {**header, "complete": True}, search.seed, stored())
 
 
 def check_resumable(out: Path, identity: dict[str, Any]) -> None:

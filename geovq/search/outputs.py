@@ -5,8 +5,8 @@
     trials.csv              every trial: status, validation PSNR, bits, K, d, epochs, the sampled values
     best.yaml               per method its best validation configuration (under --pareto, its Pareto front);
                             `geovq sweep DATASET --tuned DIR` runs each `tuned:` record
-    importances.json        Optuna's parameter importances per method (fANOVA on an in-memory study of the
-                            finished trials), also per VAE variant so that the TDC settings get theirs
+    importances.json        Optuna's parameter importances per method (fANOVA on the stored study's completed
+                            trials), also per VAE variant so that the TDC settings get theirs
     figures/val_psnr.png    validation PSNR against trial number, with the running best
     figures/pareto.png      (--pareto) validation PSNR against bits per image, and each method's front
     tb/METHOD/NNN/          TensorBoard HParams, one run per trial: `tensorboard --logdir DIR/tb`
@@ -38,14 +38,14 @@ def finished(rows: list[dict]) -> list[dict]:
 
 
 def write_outputs(out: Path, rows: list[dict], studies: dict[str, Study], header: dict[str, Any],
-                  seed: int) -> dict[str, Any]:
+                  seed: int, stored: dict[str, Any]) -> dict[str, Any]:
     """Every output file; returns best.yaml's content."""
     write_trials_csv(out / "trials.csv", rows)
     best = best_configurations(rows, header)
     write_text(out / "best.yaml", "# Best validation configuration per method (geovq tune); `geovq sweep "
                f"{header['dataset']} --tuned {out}` runs each `tuned:` record on test, over seeds.\n"
                + yaml.safe_dump(best, sort_keys=False))
-    write_json(out / "importances.json", importances(rows, studies, seed))
+    write_json(out / "importances.json", importances(stored, studies, seed))
     trial_figure(out / "figures" / "val_psnr.png", rows)
     if header.get("pareto"):
         pareto_figure(out / "figures" / "pareto.png", rows)
@@ -102,41 +102,45 @@ def best_configurations(rows: list[dict], header: dict[str, Any]) -> dict[str, A
     return {**header, "methods": methods}
 
 
-def importances(rows: list[dict], studies: dict[str, Study], seed: int) -> dict[str, Any]:
-    """{method: {group: {parameter: importance}}}: fANOVA (seeded) on the finished trials' validation PSNR,
-    over the parameters that every trial of the group has and that vary within it; groups: all, and each VAE
-    variant. A group with fewer than 3 finished trials or no varying parameter gets the reason instead."""
+def importances(stored: dict[str, Any], studies: dict[str, Study], seed: int) -> dict[str, Any]:
+    """{method: {group: {parameter: importance}}}: fANOVA (seeded) on the stored study's completed trials (their
+    validation PSNR, the first objective), over the parameters that every trial of the group has and that vary
+    within it; groups: all (the stored study itself), and each VAE variant (its trials, copied as they are
+    stored into a study of their own). A group with fewer than 3 completed trials or no varying parameter gets the
+    reason instead. `stored`: {method: optuna.Study} of the methods that have one."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+    from optuna.trial import TrialState
+
+    from geovq.search.space import VAE_PARAM
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out: dict[str, Any] = {}
     for method, study in studies.items():
-        done = [r for r in finished(rows) if r["method"] == method]
-        groups = {"all": done}
-        for variant in sorted({r["candidate"].vae for r in done if r["candidate"].vae}):
-            groups[f"vae={variant}"] = [r for r in done if r["candidate"].vae == variant]
-        distributions = study.distributions()
+        if method not in stored:
+            continue
+        full = stored[method]
+        done = [t for t in full.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if finite(t.values[0])]
+        groups = {"all": (full, done)}
+        for variant in sorted({t.params.get(VAE_PARAM) for t in done} - {None}):
+            trials = [t for t in done if t.params.get(VAE_PARAM) == variant]
+            subset = optuna.create_study(directions=full.directions)
+            subset.add_trials(trials)
+            groups[f"vae={variant}"] = (subset, trials)
         out[method] = {}
-        for group, rs in groups.items():
-            if len(rs) < 3:
-                out[method][group] = f"{len(rs)} finished trial(s): too few to rank parameters"
+        for group, (source, trials) in groups.items():
+            if len(trials) < 3:
+                out[method][group] = f"{len(trials)} finished trial(s): too few to rank parameters"
                 continue
-            # the parameters every trial of the group has and that vary within it
-            common = set.intersection(*({k for k in r["values"] if k in distributions} for r in rs))
-            varying = {k for k in common if len({json.dumps(r["values"][k]) for r in rs}) > 1}
+            common = set.intersection(*(set(t.params) for t in trials))
+            varying = sorted(k for k in common if len({json.dumps(t.params[k]) for t in trials}) > 1)
             if not varying:
                 out[method][group] = "no parameter varies among these trials"
                 continue
-            memory = optuna.create_study(direction="maximize")
-            for r in rs:
-                params = {k: r["values"][k] for k in varying}
-                memory.add_trial(optuna.trial.create_trial(
-                    params=params, distributions={k: distributions[k] for k in params},
-                    value=float(r["metrics"][OBJECTIVE])))
             try:
-                ranked = get_param_importances(memory, evaluator=FanovaImportanceEvaluator(seed=seed))
-            except (RuntimeError, ValueError) as e:  # e.g. no parameter varies among these trials
+                ranked = get_param_importances(source, evaluator=FanovaImportanceEvaluator(seed=seed), params=varying,
+                                               target=lambda t: t.values[0])
+            except (RuntimeError, ValueError) as e:
                 out[method][group] = f"not computed: {e}"
                 continue
             out[method][group] = {k: round(float(v), 4) for k, v in ranked.items()}
