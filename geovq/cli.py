@@ -436,12 +436,10 @@ def sample(
     run, cfg = plan.run, plan.cfg
     chosen = [plan.select(method, vae, k, seed)]
     import torch
-    from tqdm import tqdm
 
-    from geovq.stages.common import no_progress
     from geovq.stages.prior import sample_stage
 
-    progress = tqdm if sys.stderr.isatty() else no_progress  # no carriage-return redraws into a redirected log
+    progress = _console_progress()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = sample_stage(run, cfg, chosen[0], device, progress,
                           n=n, kind=prior, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, out=out,
@@ -611,7 +609,7 @@ def compress(
     codec = Codec.from_run(run_dir, method, vae, k, seed, prior)
     names, pixels = read_images(images, codec.image_shape)
     t0 = time.time()
-    files = codec.compress(pixels)
+    files = codec.compress(pixels, _console_progress())
     seconds = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     for name, blob in zip(names, files):
@@ -649,10 +647,19 @@ def decompress(
     out.mkdir(parents=True, exist_ok=True)
     for (tag, kind), group in by_unit.items():
         codec = Codec.for_unit(plan, units[tag], PRIOR_KINDS[kind - 1] if kind else None)
-        images = codec.decompress([b for _, b in group], [str(p) for p, _ in group])
+        images = codec.decompress([b for _, b in group], [str(p) for p, _ in group], _console_progress())
         for (path, _), image in zip(group, images):
             write_png(out / f"{path.stem}.png", image)
     typer.echo(f"decompressed {len(files)} file(s) into {out}", err=True)
+
+
+def _console_progress():
+    """tqdm on a terminal; nothing drawn into a redirected log (no carriage-return redraws there)."""
+    from tqdm import tqdm
+
+    from geovq.stages.common import no_progress
+
+    return tqdm if sys.stderr.isatty() else no_progress
 
 
 def _tuned_records(tune_dir: Path, dataset: str, methods: list[str] | None) -> tuple[list[str], dict[str, dict]]:

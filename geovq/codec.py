@@ -33,7 +33,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -95,13 +95,18 @@ class CodeCoder:
         self.fixed_bytes = math.ceil(tokens * math.log2(n_codes) / 8)
 
     # -- encoding -------------------------------------------------------------------------------------------
-    def encode(self, codes: np.ndarray) -> list[bytes]:
-        """(N, T) ints in [0, K) -> N files."""
+    def encode(self, codes: np.ndarray, progress: Callable[..., Any] | None = None) -> list[bytes]:
+        """(N, T) ints in [0, K) -> N files; `progress` (a tqdm-like factory) draws a bar over the images."""
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.tokens or (codes.size and (codes.min() < 0 or
                                                                                codes.max() >= self.n_codes)):
             raise GeovqError(f"codes must be (N, {self.tokens}) in [0, {self.n_codes}), got shape {codes.shape}")
-        return [Header(self.tag, self.kind, codes_crc(row)).pack() + self._payload(row) for row in codes]
+        files = []
+        with _bar(progress, len(codes), "compress") as bar:
+            for row in codes:
+                files.append(Header(self.tag, self.kind, codes_crc(row)).pack() + self._payload(row))
+                bar.update(1)
+        return files
 
     def _payload(self, row: np.ndarray) -> bytes:
         if self.kind == FIXED:
@@ -136,11 +141,16 @@ class CodeCoder:
             torch.set_num_threads(threads)
 
     # -- decoding -------------------------------------------------------------------------------------------
-    def decode(self, blobs: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+    def decode(self, blobs: Sequence[bytes], names: Sequence[str] | None = None,
+               progress: Callable[..., Any] | None = None) -> np.ndarray:
         """N files -> (N, T) int64 codes; every file checked (header, unit, length, CRC) with a one-line error."""
         names = names or [f"file {i}" for i in range(len(blobs))]
-        return np.stack([self._decode_one(blob, name) for blob, name in zip(blobs, names)]) if len(blobs) else \
-            np.zeros((0, self.tokens), np.int64)
+        rows = []
+        with _bar(progress, len(blobs), "decompress") as bar:
+            for blob, name in zip(blobs, names):
+                rows.append(self._decode_one(blob, name))
+                bar.update(1)
+        return np.stack(rows) if rows else np.zeros((0, self.tokens), np.int64)
 
     def _decode_one(self, blob: bytes, name: str) -> np.ndarray:
         header = Header.parse(blob, name)
@@ -189,6 +199,15 @@ class CodeCoder:
         return row
 
 
+def _bar(progress: Callable[..., Any] | None, total: int, what: str):
+    """A progress bar over `total` images from a tqdm-like factory, or one that draws nothing."""
+    if progress is None:
+        from geovq.stages.common import no_progress
+
+        progress = no_progress
+    return progress(total=total, desc=f"{what} (images)")
+
+
 class Codec:
     """compress(images) -> one file (bytes) each; decompress(files) -> images, through one unit of a run."""
 
@@ -235,11 +254,12 @@ class Codec:
                              f"width) for this run, got {tuple(images.shape)}")
         return images
 
-    def compress(self, images: np.ndarray) -> list[bytes]:
-        """(N, C, H, W) float images in [0, 1] -> N files."""
-        return self.coder.encode(self.encode_images(self.check_images(images)))
+    def compress(self, images: np.ndarray, progress: Callable[..., Any] | None = None) -> list[bytes]:
+        """(N, C, H, W) float images in [0, 1] -> N files; `progress`: a tqdm-like bar factory."""
+        return self.coder.encode(self.encode_images(self.check_images(images)), progress)
 
-    def decompress(self, blobs: bytes | Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+    def decompress(self, blobs: bytes | Sequence[bytes], names: Sequence[str] | None = None,
+                   progress: Callable[..., Any] | None = None) -> np.ndarray:
         """One file or several -> (N, C, H, W) float32 images in [0, 1]."""
         blobs = [blobs] if isinstance(blobs, (bytes, bytearray)) else list(blobs)
-        return self.decode_codes(self.coder.decode(blobs, names))
+        return self.decode_codes(self.coder.decode(blobs, names, progress))

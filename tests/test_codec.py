@@ -49,10 +49,27 @@ def test_range_coded_files_round_trip_and_cost_what_the_prior_says(kind):
     assert payload_bits.mean() < GRID.tokens * math.log2(GRID.n_codes)  # below fixed length on its own codes
 
 
-def test_any_codes_round_trip_even_those_the_prior_thinks_unlikely():
+def test_any_codes_round_trip_even_those_the_prior_thinks_unlikely_with_a_bar_over_the_images():
+    bars = []
+
+    class Bar:  # a tqdm-like factory's bar, recording what it was told
+        def __init__(self, total: int, desc: str) -> None:
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
     coder = CodeCoder(GRID.n_codes, GRID.tokens, unit_tag("unit-a"), random_prior("transformer"), "transformer")
     codes = random_codes(25)
-    np.testing.assert_array_equal(coder.decode(coder.encode(codes)), codes)
+    np.testing.assert_array_equal(coder.decode(coder.encode(codes, Bar), progress=Bar), codes)
+    assert [(b.desc, b.total, b.n) for b in bars] == [("compress (images)", 25, 25), ("decompress (images)", 25, 25)]
 
 
 def test_without_a_prior_codes_are_stored_at_fixed_length():
