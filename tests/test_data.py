@@ -24,7 +24,8 @@ torch.set_num_threads(1)
 
 REAL_MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "MNIST" / "raw"
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-N_TRAIN_FIXTURE, N_TEST_FIXTURE = 5_600, 200  # above the 5,000 validation hold-out of the official sets
+# a pool under a full release's 50,000: 10% of it is held out for validation (the real MNIST test checks the 5,000)
+N_TRAIN_FIXTURE, N_TEST_FIXTURE = 1_000, 200
 
 
 @pytest.fixture(autouse=True)
@@ -122,12 +123,12 @@ def write_idx_fixture(raw: Path, seed: int):
 
 
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion", "FashionMNIST")])
-def test_idx_fixture_loads_with_official_test_and_5000_val(tmp_path, name, folder):
+def test_idx_fixture_loads_with_official_test_and_a_tenth_of_its_small_pool_for_val(tmp_path, name, folder):
     train, train_labels, test, test_labels = write_idx_fixture(tmp_path / folder / "raw", seed=1)
     data = load_dataset(name, root=tmp_path, split_seed=0)
     check_contract(data, (1, 28, 28))
     assert data.native_hw == (28, 28)
-    assert (len(data.train), len(data.val), len(data.test)) == (N_TRAIN_FIXTURE - 5000, 5000, N_TEST_FIXTURE)
+    assert (len(data.train), len(data.val), len(data.test)) == (900, 100, N_TEST_FIXTURE)
 
     np.testing.assert_array_equal(data.test, test[:, None].astype(np.float32) / 255)
     np.testing.assert_array_equal(data.test_labels, test_labels)
@@ -175,7 +176,7 @@ def test_cifar10_fixture_loads_channels_first(tmp_path, monkeypatch):
     data = load_dataset("cifar10", root=tmp_path, split_seed=0)
     check_contract(data, (3, 32, 32))
     assert data.native_hw == (32, 32)
-    assert (len(data.train), len(data.val), len(data.test)) == (N_TRAIN_FIXTURE - 5000, 5000, N_TEST_FIXTURE)
+    assert (len(data.train), len(data.val), len(data.test)) == (900, 100, N_TEST_FIXTURE)
     np.testing.assert_array_equal(data.test, test.astype(np.float32) / 255)
     np.testing.assert_array_equal(data.test_labels, test_labels)
     assert_partition_of(train.astype(np.float32) / 255, train_labels, [(data.train, data.train_labels), (data.val, data.val_labels)])
@@ -185,6 +186,16 @@ def test_cifar10_fixture_loads_channels_first(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="real MNIST (../shared/data/MNIST/raw) not available")
+def test_a_pool_too_small_to_train_on_after_the_hold_out_is_refused(tmp_path, monkeypatch):
+    import geovq.data.torchvision_sets as sets
+
+    monkeypatch.setattr(sets, "MIN_TRAIN", 950)  # 1,000 images: 100 held out leave 900
+    write_idx_fixture(tmp_path / "MNIST" / "raw", seed=1)
+    with pytest.raises(GeovqError, match="has only 1000 training images: 100 held out for validation would leave "
+                                         "900, fewer than 950"):
+        load_dataset("mnist", root=tmp_path, split_seed=0)
+
+
 def test_real_mnist(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

@@ -1,7 +1,8 @@
 """MNIST, Fashion-MNIST and CIFAR-10 read by torchvision from their official files.
 
-The official test set is the test split; validation is VAL_SIZE images held out of the official train set by
-the split seed. torchvision's "not found" RuntimeError (and download failures) become one-line GeovqErrors
+The official test set is the test split; validation is held out of the train set by the split seed: VAL_SIZE
+(5,000) images of a full release (MNIST's 60,000, CIFAR-10's 50,000), and VAL_FRACTION (10%) of a smaller pool,
+such as a declared subset, which would otherwise be left with next to nothing to train on (`val_size`). torchvision's "not found" RuntimeError (and download failures) become one-line GeovqErrors
 that say where we looked and how to fix it.
 
 torchvision checks CIFAR-10's files against the official release's md5 sums. A folder in CIFAR-10's format that
@@ -23,6 +24,10 @@ from geovq.data.splits import ImageSplits, hold_out
 from geovq.errors import GeovqError
 
 VAL_SIZE = 5000
+#: below FULL_POOL training images (a subset), the validation hold-out is this fraction of the pool
+VAL_FRACTION, FULL_POOL = 0.1, 50_000
+#: the fewest training images left after the hold-out: fewer is refused, never trained on silently
+MIN_TRAIN = 100
 LOCAL_COPY = "geovq-local-copy.json"
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -59,16 +64,20 @@ def load_torchvision(name: str, root: Path, download: bool, split_seed: int) -> 
 
     train_images, train_labels = _to_numpy(train_set)
     test, test_labels = _to_numpy(test_set)
-    if len(train_images) <= VAL_SIZE:
+    n_val = val_size(len(train_images))
+    if len(train_images) - n_val < MIN_TRAIN:
         raise GeovqError(
-            f"{name} in {root / source.folder} has only {len(train_images)} training images; "
-            f"need more than the {VAL_SIZE} held out for validation (is the copy truncated?)"
+            f"{name} in {root / source.folder} has only {len(train_images)} training images: {n_val} held out for "
+            f"validation would leave {len(train_images) - n_val}, fewer than {MIN_TRAIN} (is the copy truncated?)"
         )
-    train, val = hold_out(len(train_images), [VAL_SIZE], split_seed)
+    train, val = hold_out(len(train_images), [n_val], split_seed)
     h, w = source.native_hw
+    share = f"{VAL_SIZE}" if n_val == VAL_SIZE else f"{VAL_FRACTION:.0%}"
+    pool = "" if n_val == VAL_SIZE else f": a pool under {FULL_POOL:,}"
     description = (
         f"{source.class_name} via torchvision from {root / source.folder}: {len(train)} train / {len(val)} val "
-        f"(held out of the official {len(train_images)} by split seed {split_seed}) / {len(test)} official test; "
+        f"({share} of the {len(train_images)} training images held out by split seed {split_seed}{pool}) / "
+        f"{len(test)} test; "
         f"{h}×{w} uint8 scaled to [0,1]" + (f"; not the official release: {local_copy}" if local_copy else "")
     )
     return ImageSplits(
@@ -78,6 +87,11 @@ def load_torchvision(name: str, root: Path, download: bool, split_seed: int) -> 
         native_hw=source.native_hw,
         description=description,
     )
+
+
+def val_size(pool: int) -> int:
+    """Validation images held out of a training pool: 5,000 of a full release, 10% of a pool under 50,000."""
+    return VAL_SIZE if pool >= FULL_POOL else max(1, round(VAL_FRACTION * pool))
 
 
 def _dataset_class(source: TorchvisionSource, folder: Path) -> tuple[type, str | None]:
