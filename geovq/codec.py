@@ -231,20 +231,21 @@ class Codec:
     def for_unit(cls, plan, unit, prior: str | None = "transformer", device=None) -> Codec:
         import torch
 
-        from geovq.models.priors.base import CodeGrid
         from geovq.stages.encode import unit_encoder
+        from geovq.stages.fit import load_fitted
         from geovq.stages.prior import code_decoder, unit_grid
         from geovq.training.checkpoint import load_model
 
         device = device or torch.device("cpu")
         run, cfg = plan.run, plan.cfg
-        grid: CodeGrid = unit_grid(cfg, unit)
         path = run.prior(unit, prior) / "prior.pt" if prior is not None else None
         model = load_model(path, "prior", torch.device("cpu")) if path is not None and path.exists() else None
-        coder = CodeCoder(unit.n_codes, grid.tokens, unit_tag(unit.key), model, prior if model is not None else None)
-        decode, _ = code_decoder(run, cfg, unit, device)
+        coder = CodeCoder(unit.n_codes, unit_grid(cfg, unit).tokens, unit_tag(unit.key), model,
+                          prior if model is not None else None)
+        fitted = load_fitted(run, unit, device)  # once, for the encoder and the decoder alike
+        decode, _ = code_decoder(run, cfg, unit, device, fitted)
         trunk = cfg.trunk
-        return cls(coder, unit_encoder(run, cfg, unit, device),
+        return cls(coder, unit_encoder(run, cfg, unit, device, fitted),
                    lambda codes: decode(codes).clamp(0, 1).cpu().numpy(), (trunk.in_channels, *trunk.image_size))
 
     def check_images(self, images: np.ndarray) -> np.ndarray:

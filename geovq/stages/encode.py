@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from geovq.config import SweepConfig
-from geovq.errors import GeovqError
 from geovq.io import save_npy, write_json
 from geovq.quantize.base import Quantizer
 from geovq.stages.fit import load_latents
@@ -23,19 +22,23 @@ if TYPE_CHECKING:
     import torch
 
 
-def unit_encoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device
+def unit_encoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
+                 fitted: tuple[torch.nn.Module, Quantizer | None] | None = None
                  ) -> Callable[[np.ndarray], np.ndarray]:
     """images (N, ch, H, W) in [0, 1] -> (N, T) codes by the unit's own rule: a VQ-VAE's nearest codeword, or the
     VAE's posterior means cut into the unit's tokens and encoded by its fitted quantizer (as the sweep encoded
-    its splits). The counterpart of `stages.prior.code_decoder`."""
+    its splits). The counterpart of `stages.prior.code_decoder`; `fitted` as there."""
     import torch
 
     from geovq.stages.common import INFERENCE_BATCH
-    from geovq.training.checkpoint import load_model
+    from geovq.stages.extract import extract_latents
+    from geovq.stages.fit import load_fitted
+    from geovq.stages.train_vae import vae_layout
     from geovq.training.loop import to_device
 
+    model, quantizer = fitted or load_fitted(run, unit, device)
     if unit.end_to_end:
-        model = load_model(run.unit(unit) / "model.pt", "vqvae", device).eval()
+        model.eval()
 
         @torch.no_grad()
         def encode_vqvae(images: np.ndarray) -> np.ndarray:
@@ -43,21 +46,11 @@ def unit_encoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device
                                    for s in range(0, len(images), INFERENCE_BATCH)] or [np.zeros((0, 0), np.int64)])
 
         return encode_vqvae
-    from geovq.quantize.base import get_quantizer_class
-    from geovq.stages.extract import extract_latents
-    from geovq.stages.fit import load_vae, runtime_options
-    from geovq.stages.train_vae import vae_layout
-
-    path = run.unit(unit) / "quantizer.npz"
-    if not path.exists():
-        raise GeovqError(f"unit {unit.key} has no fitted quantizer in {run.root}: run the unit first")
-    vae = load_vae(run, unit, device)
-    quantizer = Quantizer.load(path, **runtime_options(get_quantizer_class(unit.method, unit.quantizer), vae))
     layout = vae_layout(cfg, unit.vae)
 
     def encode_posthoc(images: np.ndarray) -> np.ndarray:
-        return quantizer.encode(extract_latents(vae, images, layout, device).with_tokens(unit.token_dim,
-                                                                                         unit.grouping))
+        return quantizer.encode(extract_latents(model, images, layout, device).with_tokens(unit.token_dim,
+                                                                                           unit.grouping))
 
     return encode_posthoc
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from geovq.config import SweepConfig
+from geovq.errors import GeovqError
 from geovq.io import write_json
 from geovq.latents import LatentSet
 from geovq.models.vae import GaussianVAE
@@ -27,6 +28,18 @@ EdgeLengths = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def load_vae(run: RunDir, unit: Unit, device: torch.device) -> GaussianVAE:
     return load_model(run.vae(unit.vae) / "model.pt", "vae", device)
+
+
+def load_fitted(run: RunDir, unit: Unit, device: torch.device) -> tuple[torch.nn.Module, Quantizer | None]:
+    """A finished unit's models on `device`: (its VQ-VAE, None), or (its Gaussian VAE, its fitted post-hoc
+    quantizer with what it needs at run time). What encoding images and decoding codes both start from."""
+    if unit.end_to_end:
+        return load_model(run.unit(unit) / "model.pt", "vqvae", device), None
+    path = run.unit(unit) / "quantizer.npz"
+    if not path.exists():
+        raise GeovqError(f"unit {unit.key} has no fitted quantizer in {run.root}: run the unit first")
+    vae = load_vae(run, unit, device)
+    return vae, Quantizer.load(path, **runtime_options(get_quantizer_class(unit.method, unit.quantizer), vae))
 
 
 def load_latents(run: RunDir, unit: Unit, split: str) -> LatentSet:

@@ -116,24 +116,21 @@ def prior_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
     return result
 
 
-def code_decoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device
+def code_decoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
+                 fitted: tuple[torch.nn.Module, Any] | None = None
                  ) -> tuple[Callable[[np.ndarray], torch.Tensor], str]:
     """(codes (N, T) -> images (N, ch, H, W) in [0, 1] on `device`, which decoder): the unit's own codebook
-    and decoder; a post-hoc unit's fine-tuned decoder where it exists."""
+    and decoder; a post-hoc unit's fine-tuned decoder where it exists. `fitted`: the unit's models
+    (`stages.fit.load_fitted`) where the caller has loaded them already."""
+    from geovq.stages.fit import load_fitted
+
+    model, quantizer = fitted or load_fitted(run, unit, device)
     if unit.end_to_end:
         from geovq.stages.vqvae import vqvae_reconstruct
 
-        return vqvae_reconstruct(load_model(run.unit(unit) / "model.pt", "vqvae", device), device), "vqvae"
-    from geovq.quantize.base import Quantizer, get_quantizer_class
-    from geovq.stages.fit import load_vae, runtime_options
-
-    path = run.unit(unit) / "quantizer.npz"
-    if not path.exists():
-        raise GeovqError(f"unit {unit.key} has no fitted quantizer in {run.root}: run the unit first")
-    vae = load_vae(run, unit, device)
-    quantizer = Quantizer.load(path, **runtime_options(get_quantizer_class(unit.method, unit.quantizer), vae))
+        return vqvae_reconstruct(model, device), "vqvae"
     tuned = run.unit(unit) / "decoder_finetuned.pt"
-    decoder, which = (load_model(tuned, "decoder", device), "finetuned") if tuned.exists() else (vae.decoder, "vae")
+    decoder, which = (load_model(tuned, "decoder", device), "finetuned") if tuned.exists() else (model.decoder, "vae")
 
     def decode(codes: np.ndarray) -> torch.Tensor:
         return decode_grids(decoder, quantizer.layout_.tokens_to_grid(quantizer.decode(codes)), device)
