@@ -321,11 +321,12 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def run_study(out: Path, cfg: SweepConfig, study: Study, search: Search, callbacks: tuple = ()) -> list[dict]:
+def run_study(out: Path, cfg: SweepConfig, study: Study, search: Search, storage: optuna.storages.BaseStorage,
+              callbacks: tuple = ()) -> list[dict]:
     """One method's study: its open trials, then new ones until `search.trials` (or the grid) have settled;
     returns its trials (see `study_rows`). Raises SearchInterrupted when it stopped before that (Ctrl-C)."""
     experiment = (out / "ray").resolve()
-    storage, name = open_storage(out, search.storage), study_name(out, search, study.method)
+    name = study_name(out, search, study.method)
     stored = open_study(storage, study, search, name)
     total = len(stored.trials) if search.grid else search.trials
     settled = sum(STATUS in t.user_attrs for t in stored.get_trials(deepcopy=False))
@@ -354,7 +355,7 @@ def run_study(out: Path, cfg: SweepConfig, study: Study, search: Search, callbac
                                           callbacks=[TrialLog(study.method, total), JsonLoggerCallback(),
                                                      *callbacks],
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures))).fit()
-    rows = study_rows(study, optuna.load_study(study_name=name, storage=storage))
+    rows = study_rows(study, stored)  # the same storage the searcher wrote to: it reads what it recorded
     finished = sum(r["status"] != "unfinished" for r in rows)
     if finished < total:
         raise SearchInterrupted(study.method, finished, total, rows)
@@ -452,9 +453,9 @@ def run_search(out: Path, cfg: SweepConfig, studies: dict[str, Study], search: S
     header = {"dataset": search.dataset, "bits_per_image": search.bits, "pareto": search.pareto,
               "trials_per_method": search.trials, "seed": search.seed, "space": space.path}
     rows: list[dict] = []
+    storage = open_storage(out, search.storage)  # one handle for every method's study and the outputs
 
     def stored() -> dict[str, optuna.Study]:  # the studies the storage holds so far (importances read them)
-        storage = open_storage(out, search.storage)
         names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
         return {m: optuna.load_study(study_name=study_name(out, search, m), storage=storage) for m in studies
                 if study_name(out, search, m) in names}
@@ -462,7 +463,7 @@ def run_search(out: Path, cfg: SweepConfig, studies: dict[str, Study], search: S
     for method, study in studies.items():
         t0 = time.time()
         try:
-            done = run_study(out, cfg, study, search)
+            done = run_study(out, cfg, study, search, storage)
         except SearchInterrupted as e:  # `complete: false` tells `sweep --tuned` that the search goes on
             write_outputs(out, rows + e.rows, studies, {**header, "complete": False}, search.seed, stored())
             raise
