@@ -378,14 +378,15 @@ def replay_config(base: SweepConfig, given: dict[str, Any], train_images: int | 
     return cfg
 
 
-#: trunk settings that --set may change (the image size and channels come from the data)
-TRUNK_SETTINGS = ("hidden", "latent_channels", "downsamples", "res_blocks")
+#: trunk settings that --set may change, with their least values (the image size and channels come from the data)
+TRUNK_SETTINGS = {"hidden": 1, "latent_channels": 1, "downsamples": 0, "res_blocks": 0}
 
 
 def apply_settings(cfg: SweepConfig, assignments: list[str], train_images: int | None = None) -> SweepConfig:
     """`--set KEY=VALUE`, repeatable: a training or model setting by its dotted name (train.lr, trunk.hidden,
-    tdc.factor, vq.commitment), typed by its field and held to the rules search spaces use; returns the
-    validated configuration, which records them (config.yaml) and so makes them part of the run's identity."""
+    tdc.factor, vq.commitment). VALUE is read as a YAML scalar, as in a space file, typed by its field and held to
+    the rules search spaces use (`typed_setting`, `check_setting`); returns the validated configuration, which
+    records them (config.yaml) and so makes them part of the run's identity."""
     sections: dict[str, Any] = {"train": cfg.train, "tdc": cfg.tdc, "vq": cfg.vq, "trunk": cfg.trunk}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -403,9 +404,16 @@ def apply_settings(cfg: SweepConfig, assignments: list[str], train_images: int |
                 kind = check_override(key)
             except GeovqError as e:
                 raise GeovqError(f"--set {key}: {e}; or trunk.{', trunk.'.join(TRUNK_SETTINGS)}") from None
-        value = _typed_setting(key, kind, text.strip())
-        if section == "trunk" and value < (0 if name in ("res_blocks", "downsamples") else 1):
-            raise GeovqError(f"--set {key}={value} must be >= {0 if name in ('res_blocks', 'downsamples') else 1}")
+        try:
+            raw = yaml.safe_load(text.strip())
+        except yaml.YAMLError:
+            raw = text.strip()
+        try:
+            value = typed_setting(kind, raw)
+        except GeovqError as e:
+            raise GeovqError(f"--set {key}={e}") from None
+        if section == "trunk" and value < TRUNK_SETTINGS[name]:
+            raise GeovqError(f"--set {key}={value} must be >= {TRUNK_SETTINGS[name]}")
         try:
             check_setting(key, value)
         except GeovqError as e:
@@ -416,24 +424,23 @@ def apply_settings(cfg: SweepConfig, assignments: list[str], train_images: int |
     return out
 
 
-def _typed_setting(key: str, kind: type, text: str) -> Any:
-    """A --set value as its field's type: ints and floats by Python's own parsing (1e-3, 64), booleans as
-    true/false, strings as given; a float must be finite."""
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false"):
-                raise ValueError
-            return text.lower() == "true"
-        if kind is int:
-            return int(text)
-        if kind is float:
-            value = float(text)
-            if not math.isfinite(value):
-                raise GeovqError(f"--set {key}={text} must be a finite number")
-            return value
-    except ValueError:
-        raise GeovqError(f"--set {key}={text!r} must be {'true or false' if kind is bool else kind.__name__}") from None
-    return text
+def typed_setting(kind: type, value: Any) -> Any:
+    """A setting's value as its field's type, one rule for space files and --set: ints are floats where a float
+    is wanted, and "5e-4" (which YAML reads as a string) is the float 0.0005; a float must be finite (.inf or
+    .nan: no sampler can draw from such a range, no training runs with it); anything else of the wrong type is
+    refused: GeovqError("VALUE must be TYPE")."""
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise GeovqError(f"{value!r} must be a finite number")
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise GeovqError(f"{value!r} must be {kind.__name__}")
 
 
 def dataset_root(datasets: list[str], data_root: str | os.PathLike | None) -> Path:

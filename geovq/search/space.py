@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from geovq.config import END_TO_END, VAE_VARIANTS, check_override, check_setting
+from geovq.config import END_TO_END, VAE_VARIANTS, check_override, check_setting, typed_setting
 from geovq.errors import GeovqError
 
 TOP_KEYS = ("bits", "rate", "sampler", "asha", "max_train_images", "vae", "vqvae", "methods")
@@ -492,18 +492,8 @@ def _param(where: str, name: str, key: str, kind: type, spec: Any, fail) -> Para
 
 
 def _typed(where: str, kind: type, value: Any, fail) -> Any:
-    """`value` as the setting's type: ints are floats where a float is wanted, and "5e-4" (which YAML reads as
-    a string) is the float 0.0005; anything else of the wrong type is an error naming the key, and so is a float
-    that is not finite (.inf or .nan: no sampler can draw from such a range)."""
-    if kind is float and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise fail(where, f"{value!r} must be a finite number")
-        return float(value)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise fail(where, f"{value!r} must be {kind.__name__}")
+    """`value` as the setting's type (`config.typed_setting`); an error names the key."""
+    try:
+        return typed_setting(kind, value)
+    except GeovqError as e:
+        raise fail(where, str(e)) from None
