@@ -627,7 +627,7 @@ def decompress(
     out: Path = typer.Option(..., "--out", help="folder for one PNG per file"),
 ) -> None:
     """Decompress .gvq files to PNGs: the unit named by each file's header, its prior, codebook and decoder."""
-    from geovq.codec import PRIOR_KINDS, Codec, Header, unit_tag
+    from geovq.codec import Codec, Header, payload_prior, unit_tag
     from geovq.images import write_png
     from geovq.io import check_writable
     from geovq.stages.plan import RunPlan
@@ -637,16 +637,16 @@ def decompress(
     units = {unit_tag(u.key): u for u in plan.with_codes()}
     by_unit: dict = {}
     for path in files:
-        blob = path.read_bytes() if path.is_file() else None
-        if blob is None:
+        if not path.is_file():
             raise GeovqError(f"{path} is not a file")
+        blob = path.read_bytes()
         header = Header.parse(blob, str(path))
         if header.tag not in units:
             raise GeovqError(f"{path} was written by a unit that {run_dir} does not hold (tag {header.tag.hex()})")
         by_unit.setdefault((header.tag, header.kind), []).append((path, blob))
     out.mkdir(parents=True, exist_ok=True)
     for (tag, kind), group in by_unit.items():
-        codec = Codec.for_unit(plan, units[tag], PRIOR_KINDS[kind - 1] if kind else None)
+        codec = Codec.for_unit(plan, units[tag], payload_prior(kind))
         images = codec.decompress([b for _, b in group], [str(p) for p, _ in group], _console_progress())
         for (path, _), image in zip(group, images):
             write_png(out / f"{path.stem}.png", image)

@@ -45,6 +45,11 @@ HEADER_BYTES = 7
 FIXED, PRIOR_KINDS = 0, ("transformer", "pixelcnn")  # prior kind i is payload kind i + 1
 
 
+def payload_prior(kind: int) -> str | None:
+    """The prior a payload of this kind was coded with; None: fixed length."""
+    return None if kind == FIXED else PRIOR_KINDS[kind - 1]
+
+
 def unit_tag(key: str) -> bytes:
     """3 bytes naming a unit among a run's units (first bytes of SHA-256 of its key)."""
     return hashlib.sha256(key.encode()).digest()[:3]
@@ -158,10 +163,10 @@ class CodeCoder:
             raise GeovqError(f"{name} was written by another unit (tag {header.tag.hex()}, this one's is "
                              f"{self.tag.hex()}); decompress it with the run and unit that compressed it")
         if header.kind != self.kind:
-            wanted = "fixed-length codes" if header.kind == FIXED else f"the {PRIOR_KINDS[header.kind - 1]} prior"
-            raise GeovqError(f"{name} holds {wanted}; this codec reads "
-                             + ("fixed-length codes" if self.kind == FIXED else f"the {PRIOR_KINDS[self.kind - 1]} "
-                                                                                  "prior's"))
+            held, read = payload_prior(header.kind), payload_prior(self.kind)
+            holds = f"the {held} prior" if held else "fixed-length codes"
+            reads = f"the {read} prior's" if read else "fixed-length codes"
+            raise GeovqError(f"{name} holds {holds}; this codec reads {reads}")
         payload = blob[HEADER_BYTES:]
         if header.kind == FIXED:
             if len(payload) != self.fixed_bytes:
