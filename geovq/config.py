@@ -21,6 +21,7 @@ import yaml
 from geovq.data import DATASETS, READS_DATA_ROOT, resolve_data_root
 from geovq.errors import GeovqError
 from geovq.latents import GROUPINGS, TokenLayout
+from geovq.metrics import SSIM_WINDOW
 
 #: the run-directory layout this geovq writes and reads (1: units named by strings, before typed units)
 RUN_FORMAT = 2
@@ -469,8 +470,6 @@ def check_training_tokens(cfg: SweepConfig, train_images: int, rates: list[tuple
 def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
     """Every rule of a sweep configuration, in one place; messages name the command-line option. With
     `train_images` (the dataset's training split), K is checked against the training tokens too."""
-    from geovq.metrics import SSIM_WINDOW
-
     h, w = cfg.trunk.image_size
     f = 2**cfg.trunk.downsamples
     if h % f or w % f:

@@ -241,7 +241,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run.root.resolve()), "config": self.cfg.as_dict(), "work": self.work.to_dict(),
-                "work_key": self.work.key, "steps": self.steps}
+                "steps": self.steps}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Job:
@@ -251,7 +251,7 @@ class Job:
 
 def _trial_dirname(trial: Any) -> str:
     """ray/PHASE/TRIAL-ID-WORK: a trial's folder named by what it runs (a VAE's or unit's key)."""
-    return f"{trial.trial_id}-{trial.config['job']['work_key']}"
+    return f"{trial.trial_id}-{work_from_dict(trial.config['job']['work']).key}"
 
 
 def _prerequisites_searcher(jobs: list[Job], failed: dict[str, str]):
