@@ -10,18 +10,16 @@ import torch
 
 from geovq.codec import HEADER_BYTES, VERSION, CodeCoder, Header, unit_tag
 from geovq.errors import GeovqError
-from geovq.models.priors import build_prior
 from geovq.models.priors.base import CodeGrid
+from test_priors import make_prior
 
 GRID = CodeGrid(3, 3, 2, 16)  # T = 18 codes of K = 16
-SMALL = {"transformer": {"layers": 2, "heads": 2, "dim": 32, "dropout": 0.0},
-         "pixelcnn": {"layers": 2, "hidden": 16, "kernel": 3}}
 
 
-def random_prior(kind: str, seed: int = 0):
-    """An untrained prior whose logits are scaled up, so that its distributions are far from uniform."""
-    torch.manual_seed(seed)
-    prior = build_prior({"kind": kind, "grid": GRID.as_dict(), "n_classes": 0, "model": SMALL[kind]}).eval()
+def random_prior(kind: str):
+    """The prior tests' small untrained prior, its weights scaled up so that its distributions are far from
+    uniform."""
+    prior = make_prior(kind, GRID)
     with torch.no_grad():
         for p in prior.parameters():
             p.mul_(4.0)
