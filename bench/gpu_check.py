@@ -13,7 +13,7 @@ tensorboard the training loop logs no TensorBoard events.
 
 Rows (the trunk, loss and batch size of `geovq sweep mnist` or `cifar10`; GPU workloads are larger, rates are
 per image or edge):
-- VAE / VQ-VAE training img/s: `train_vae_stage` / `train_vqvae_stage`, timed at E and E+2 epochs in fresh
+- VAE / VQ-VAE training img/s: `train_vae_stage` / `train_end_to_end_stage`, timed at E and E+2 epochs in fresh
   folders; img/s = 2 × training images ÷ the difference, so fixed costs (model build, the VQ-VAE's k-means
   codebook initialisation, first-call warm-up) cancel. An epoch includes its validation pass (10% of the
   training images) and its resume-point write.
@@ -83,7 +83,7 @@ from geovq.stages.extract import extract_latents  # noqa: E402
 from geovq.stages.rundir import RunDir  # noqa: E402
 from geovq.stages.train_vae import train_vae_stage  # noqa: E402
 from geovq.stages.units import Unit, VaeSpec  # noqa: E402
-from geovq.stages.vqvae import train_vqvae_stage  # noqa: E402
+from geovq.stages.end_to_end import train_end_to_end_stage  # noqa: E402
 from geovq.training.checkpoint import load_model  # noqa: E402
 
 #: fixed workloads per device: training images, first epoch count, extracted images, graph nodes, edges timed
@@ -180,11 +180,11 @@ def measure(device: torch.device, images: np.ndarray, cfg, root: Path) -> dict:
     unit = Unit("vqvae", N_CODES, seed=0, token_dim=cfg.d, grouping=cfg.grouping)
     # First-call costs (CUDA context, kernel selection, sklearn's k-means import) are paid before any timing.
     warm, warm_cfg = splits(images, min(256, w["train"]), cfg.dataset), replace(cfg, train=replace(cfg.train, epochs=1))
-    for stage, work in ((train_vae_stage, spec), (train_vqvae_stage, unit)):
+    for stage, work in ((train_vae_stage, spec), (train_end_to_end_stage, unit)):
         stage(RunDir(root / f"{device.type}-warmup"), warm_cfg, work, warm, device, Quiet)
 
     out = {"vae_train": training_rate(train_vae_stage, cfg, spec, data, device, root, w["epochs"]),
-           "vqvae_train": training_rate(train_vqvae_stage, cfg, unit, data, device, root, w["epochs"])}
+           "vqvae_train": training_rate(train_end_to_end_stage, cfg, unit, data, device, root, w["epochs"])}
     checkpoint = RunDir(root / f"{device.type}-train_vae_stage-{w['epochs']}").vae(spec) / "model.pt"
     model = load_model(checkpoint, "vae", device)
     extract_latents(model, images[:512], cfg.layout, device)  # warm-up

@@ -187,9 +187,10 @@ def _sweep(
     set_values: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="repeatable: a training or model setting by its dotted name (train.lr, train.batch_size, trunk.hidden, trunk.latent_channels, tdc.factor, vq.commitment, ...)"),
     **method_options: Any,
 ) -> None:
-    """Train VAE + VQ-VAE, fit every post-hoc quantizer, evaluate at matched bit rate, write a run directory.
+    """Train the Gaussian VAEs and the end-to-end baselines (VQ-VAE, FSQ, LFQ, residual VQ), fit every post-hoc
+    quantizer, evaluate at matched bit rate, write a run directory.
 
-    Each quantizer's hyperparameters are options of their own (--METHOD-PARAM), derived from its constructor.
+    Each method's hyperparameters are options of their own (--METHOD-PARAM), derived from its constructor.
     """
     t_start = time.time()
     from geovq.distributed.sweep import resolve_runs
@@ -352,11 +353,12 @@ _DERIVED: dict[str, tuple[str, str]] = {}
 
 
 def _derived_parameters() -> list[inspect.Parameter]:
-    """One option per hyperparameter of every registered quantizer, from its constructor's signature."""
+    """One option per hyperparameter of every method (end-to-end or post-hoc), from its constructor's signature."""
+    from geovq.end_to_end import END_TO_END_METHODS
     from geovq.quantize import QUANTIZERS
 
     out = []
-    for method, qcls in sorted(QUANTIZERS.items()):
+    for method, qcls in [*END_TO_END_METHODS.items(), *sorted(QUANTIZERS.items())]:
         for hp in qcls.hyperparameters().values():
             key = f"{method}__{hp.name}".replace("-", "_")
             _DERIVED[key] = (method, hp.name)
@@ -457,13 +459,14 @@ def _print_summary(rows: list[dict], title: str = "test split (per seed)") -> No
     from geovq.report.tables import decoder_label
 
     table = Table(title=title)
-    for col in ("method", "vae", "decoder", "K", "bits/img", "prior bits/img", "seed", "PSNR", "SSIM", "perplexity",
-                "dead"):
+    for col in ("method", "vae", "decoder", "K", "bits/img", "prior bits/img", "coded bits/img", "seed", "PSNR",
+                "SSIM", "perplexity", "dead"):
         table.add_column(col)
-    for r in rows:  # every rate: fixed length, and the prior's −Σ log2 p where a prior was trained
-        prior_bits = r.get("prior_bits_per_image")
+    for r in rows:  # every rate: fixed length; where a prior was trained its −Σ log2 p and its real files' size
+        prior_bits, coded_bits = r.get("prior_bits_per_image"), r.get("coded_bits_per_image")
         table.add_row(r["method"], r["vae"] or "—", decoder_label(r["finetuned"], r["vae"]), str(r["K"]),
-                      f"{r['bits_per_image']:g}", "—" if prior_bits is None else f"{prior_bits:.1f}", str(r["seed"]),
+                      f"{r['bits_per_image']:g}", "—" if prior_bits is None else f"{prior_bits:.1f}",
+                      "—" if coded_bits is None else f"{coded_bits:.1f}", str(r["seed"]),
                       f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['usage_perplexity']:.1f}", str(r["dead_codes"]))
     Console(stderr=True).print(table)
 

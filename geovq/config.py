@@ -29,7 +29,8 @@ RECON_LOSSES = ("bce", "mse")
 VAE_VARIANTS = ("plain", "tdc")
 #: the most units one sweep plans (each is a folder and a Tune trial; --seeds 100000 would plan 200,000)
 MAX_UNITS = 10_000
-END_TO_END = ("vqvae",)  # methods trained end to end; every other method is a post-hoc quantizer
+#: methods trained end to end (their classes: geovq.end_to_end); every other method is a post-hoc quantizer
+END_TO_END = ("vqvae", "fsq", "lfq", "rvq")
 #: the priors a sweep can train over its codes (geovq.models.priors.PRIORS holds their classes)
 PRIOR_KINDS = ("transformer", "pixelcnn")
 
@@ -510,18 +511,14 @@ def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
                                  f"{math.log2(k):g}; use K={2 ** cfg.tdc_bits:g} or drop --tdc-bits (then "
                                  "each K gets its own TDC VAE with T = log2 K)")
             cfg.tdc.check(cfg.tdc_bits or math.log2(k))
-    from geovq.quantize import get_quantizer_class  # quantizer modules are light: no torch here
-
     for method in cfg.methods:
-        if method in END_TO_END:
-            continue
-        qcls = get_quantizer_class(method)
+        qcls = method_class(method)
         params = cfg.method_params.get(method, {})
         unknown = sorted(set(params) - set(qcls.hyperparameters()))
         if unknown:
             raise GeovqError(f"{method} has no hyperparameter {unknown[0]!r}; valid: "
-                             f"{', '.join(qcls.hyperparameters())}")
-        for k in cfg.codebook_sizes:  # the quantizer's own rules (e.g. gq: K a power of two)
+                             f"{', '.join(qcls.hyperparameters()) or 'none'}")
+        for k in cfg.codebook_sizes:  # the method's own rules (e.g. gq, lfq: K a power of two)
             qcls(n_codes=k, seed=0, **params).validate()
     if cfg.finetune_epochs < 1:
         raise GeovqError(f"--finetune-epochs {cfg.finetune_epochs} must be >= 1")
@@ -545,6 +542,18 @@ def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
                          "whole number")
     if train_images is not None:
         check_training_tokens(cfg, train_images, [(k, cfg.d) for k in cfg.codebook_sizes], "choose a smaller K")
+
+
+def method_class(method: str) -> type:
+    """The class that declares a method's hyperparameters: an end-to-end method's (geovq.end_to_end) or a post-hoc
+    quantizer's (geovq.quantize). Both modules are light: no torch here."""
+    if method in END_TO_END:
+        from geovq.end_to_end import end_to_end_class
+
+        return end_to_end_class(method)
+    from geovq.quantize import get_quantizer_class
+
+    return get_quantizer_class(method)
 
 
 def tokens_per_image(cfg: SweepConfig, token_dim: int) -> int:
@@ -607,9 +616,14 @@ def validate_tuned(cfg: SweepConfig, method: str, record: dict[str, Any]) -> Non
     if (record["vae"] is None) != end_to_end or (not end_to_end and record["vae"] not in VAE_VARIANTS):
         valid = "null (trained end to end)" if end_to_end else ", ".join(VAE_VARIANTS)
         raise GeovqError(f"{where}: vae {record['vae']!r} is not valid; valid: {valid}")
-    overrides = record["vae_overrides"] if not end_to_end else record["params"]
-    if not isinstance(overrides or {}, dict) or not isinstance(record["params"] or {}, dict):
+    if not isinstance(record["vae_overrides"] or {}, dict) or not isinstance(record["params"] or {}, dict):
         raise GeovqError(f"{where}: vae_overrides and params must be mappings of settings to values")
+    overrides, hyper = record["vae_overrides"], record["params"] or {}
+    if end_to_end:  # its params hold its dotted training settings beside its hyperparameters
+        from geovq.end_to_end import split_params
+
+        settings, hyper = split_params(hyper)
+        overrides = dict(settings)
     for key, value in (overrides or {}).items():
         kind = check_override(key)
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, (float, int) if kind is float else kind):
@@ -618,15 +632,11 @@ def validate_tuned(cfg: SweepConfig, method: str, record: dict[str, Any]) -> Non
             check_setting(key, value)
         except GeovqError as e:
             raise GeovqError(f"{where}: {key} {e}") from None
-    if end_to_end:
-        if record["vae_overrides"]:
-            raise GeovqError(f"{where}: vae_overrides must be empty for a method trained end to end")
-        return
-    from geovq.quantize import get_quantizer_class
-
-    qcls = get_quantizer_class(method)
-    unknown = sorted(set(record["params"] or {}) - set(qcls.hyperparameters()))
+    if end_to_end and record["vae_overrides"]:
+        raise GeovqError(f"{where}: vae_overrides must be empty for a method trained end to end")
+    qcls = method_class(method)
+    unknown = sorted(set(hyper) - set(qcls.hyperparameters()))
     if unknown:
         raise GeovqError(f"{where}: {method} has no hyperparameter {unknown[0]!r}; valid: "
-                         f"{', '.join(qcls.hyperparameters())}")
-    qcls(n_codes=k, seed=0, **(record["params"] or {})).validate()
+                         f"{', '.join(qcls.hyperparameters()) or 'none'}")
+    qcls(n_codes=k, seed=0, **hyper).validate()

@@ -47,8 +47,8 @@ runner = CliRunner()
     (["sweep", "digits", "--set", "train.lr"], "--set 'train.lr' must be KEY=VALUE"),
     (["sweep", "digits", "--token-dim", "4", "--set", "trunk.latent_channels=6"],
      "--token-dim 4 must divide the latent channels C=6"),  # a --set value held to the sweep's rules
-    (["sweep", "digits", "--seeds", "100000"], "--seeds 100000 plans 3,300,000 units (100000 seeds × 33 units each); "
-                                               "a sweep plans at most 10,000"),
+    (["sweep", "digits", "--methods", "vqvae,fsq,kmeans", "--seeds", "100000"],  # 3 K × (2 end to end + 1 × 2 VAEs)
+     "--seeds 100000 plans 1,200,000 units (100000 seeds × 12 units each); a sweep plans at most 10,000"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, args, message):
     out = tmp_path / "run"

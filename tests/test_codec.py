@@ -190,3 +190,32 @@ def test_compress_and_decompress_on_the_command_line(quick_run, tmp_path):
                                  "--out", str(tmp_path / "no")])
     assert result.exit_code == 2 and "big.png is 1×28×28; this run's unit reads 1×16×16" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "no").exists()
+
+
+def test_every_row_with_a_prior_carries_the_size_of_its_test_images_files(quick_run):
+    """coded_bits_per_image is 8 × the mean size of the files `geovq compress` writes for the test images (the
+    7-byte header included): recomputed here for one unit, and within one 32-bit flush of the prior's estimate
+    plus the header for every row; the report draws it beside JPEG and WebP on the same images."""
+    import json
+
+    from geovq.codec import CodeCoder, unit_tag
+    from geovq.stages.plan import RunPlan
+    from geovq.training.checkpoint import load_model
+
+    plan = RunPlan.load(quick_run)
+    rows = [row.as_dict() for row in plan.run.rows()]
+    assert rows and all(r["coded_bits_per_image"] is not None for r in rows)
+    for r in rows:
+        header_bits = 8 * HEADER_BYTES
+        assert r["prior_bits_per_image"] + header_bits - 1 <= r["coded_bits_per_image"]
+        assert r["coded_bits_per_image"] <= r["prior_bits_per_image"] + header_bits + 33
+    unit = plan.select("kmeans", None, 16, 0)
+    codes = np.load(plan.run.codes(unit, "test"))
+    prior = load_model(plan.run.prior(unit, "transformer") / "prior.pt", "prior")
+    files = CodeCoder(16, codes.shape[1], unit_tag(unit.key), prior, "transformer").encode(codes)
+    row = next(r for r in rows if r["unit"] == unit.key)
+    assert row["coded_bits_per_image"] == 8 * np.mean([len(f) for f in files])
+    figure = json.loads((quick_run / "figures" / "rate_distortion.json").read_text())
+    assert figure["panels"][-1] == "psnr_vs_coded_bpp" and len(figure["coded"]) == len({r["method"] for r in rows})
+    assert [p["quality"] for p in figure["references"]["codecs"]["jpeg"]["points"]] == [5, 10, 20, 35, 50, 75, 90]
+    assert "coded bits/image (files)" in (quick_run / "report.md").read_text()

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from consoles import sigint_at_default
 from geovq.cli import app
-from geovq.config import TrainConfig, TrunkConfig
+from geovq.config import END_TO_END, TrainConfig, TrunkConfig
 from geovq.data import load_dataset
 from geovq.errors import GeovqError
 from geovq.latents import TokenLayout
@@ -155,9 +155,11 @@ def test_conditional_parameters_are_sampled_only_where_they_act():
             assert own == {f"{method}.{p.key}" for p in space.methods.get(method, ())}
             candidate = study.candidate(values)
             assert candidate.bits == 64
-            if method == "vqvae":
+            if method in END_TO_END:  # the vqvae: section's train.* on each, its vq.* on the VQ-VAE only
                 assert "vae" not in values and not tdc_keys & set(values) and "train.beta" not in values
-                assert {"vq.commitment", "vq.decay"} <= set(trial.params) and candidate.vae is None
+                assert {"train.lr", "train.epochs"} <= set(trial.params) and candidate.vae is None
+                vq = {"vq.commitment", "vq.decay"}
+                assert vq <= set(trial.params) if method == "vqvae" else not vq & set(trial.params)
                 continue
             seen_variants.add(values["vae"])
             assert not {"vq.commitment", "vq.decay"} & set(values)
@@ -166,7 +168,7 @@ def test_conditional_parameters_are_sampled_only_where_they_act():
             else:
                 assert tdc_keys <= set(trial.params) and "train.beta" not in trial.params
             assert set(candidate.vae_overrides) == {k for k in values if k.startswith(("train.", "tdc."))}
-    assert seen_variants == {"plain", "tdc"}
+    assert seen_variants == {"plain", "tdc"} and set(END_TO_END) <= set(space.method_names)
 
 
 @pytest.mark.parametrize("database", [False, True], ids=["journal", "sqlite"])

@@ -117,6 +117,8 @@ def run_and_report(runs: list[SweepRun], address: str | None) -> list[list[dict[
     that `progress` then counts what is kept."""
     from geovq.distributed.tune import run_sweeps
     from geovq.report.build import write_report
+    from geovq.stages.common import load_splits
+    from geovq.stages.reference import reference_codecs_stage
 
     for run in runs:
         cfg = run.cfg
@@ -131,6 +133,8 @@ def run_and_report(runs: list[SweepRun], address: str | None) -> list[list[dict[
 
         ray.shutdown()  # stops the trials, so that none finishes a unit after it is counted
         raise
+    for run in runs:  # JPEG and WebP on the same test images, for the report's rate panel (kept once written)
+        reference_codecs_stage(run.plan.run, load_splits(run.cfg))
     return [write_report([run.root]).rows for run in runs]
 
 

@@ -1,4 +1,8 @@
-"""End-to-end VQ-VAE on the same trunk and grid as the Gaussian VAE (DESIGN.md §3.1).
+"""End-to-end autoencoders on the same trunk and grid as the Gaussian VAE (DESIGN.md §3.1): the VQ-VAE, and
+`QuantizedAE` around the FSQ, LFQ and residual-VQ bottlenecks (geovq.models.bottlenecks). Both map images to
+(B, T) codes in [0, K) and codes to images through the same interface (`EndToEndAE`).
+
+The VQ-VAE:
 
 The codebook is learned by exponential moving averages (decay 0.99), initialised by k-means on the first
 batches' encoder outputs, and dead codes (EMA usage below a threshold) are restarted from batch latents.
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geovq.config import TrunkConfig, VQConfig
+from geovq.end_to_end import EndToEndMethod
 from geovq.latents import TokenLayout
 from geovq.models.trunk import Decoder, Encoder
 from geovq.models.vae import reconstruction_nll
@@ -65,7 +70,39 @@ class EMACodebook(nn.Module):
         return n_dead
 
 
-class VQVAE(nn.Module):
+class EndToEndAE(nn.Module):
+    """Encoder -> tokens (cut by `layout`) -> K codes -> decoder. Subclasses set `encoder`, `decoder` and implement
+    `quantize` and `code_vectors`."""
+
+    layout: TokenLayout
+    n_codes: int
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) encoder outputs of images, cut into tokens."""
+        return self.layout.grid_to_tokens(self.encoder(x).permute(0, 2, 3, 1))
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) int64 codes of images and the (B, T, d) encoder tokens they quantize."""
+        raise NotImplementedError
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, T) codes -> the (B, T, d) token vectors the decoder receives."""
+        raise NotImplementedError
+
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) int64 codes of images."""
+        return self.quantize(x)[0]
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, T) codes -> predicted images in [0, 1]."""
+        return self.decoder.mean(self._grid(self.code_vectors(codes)))
+
+    def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, C, h, w) decoder input."""
+        return self.layout.tokens_to_grid(tokens).permute(0, 3, 1, 2)
+
+
+class VQVAE(EndToEndAE):
     """Encoder -> tokens (cut by `layout`) -> nearest of K EMA codewords -> decoder."""
 
     def __init__(self, cfg: TrunkConfig, layout: TokenLayout, n_codes: int, vq: VQConfig) -> None:
@@ -75,26 +112,12 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(cfg)
         self.codebook = EMACodebook(n_codes, layout.token_dim, vq.decay, vq.dead_code_threshold)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) encoder outputs of images, cut into tokens."""
-        return self.layout.grid_to_tokens(self.encoder(x).permute(0, 2, 3, 1))
-
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) int64 codes of images and the (B, T, d) encoder tokens they quantize."""
         tokens = self.tokens(x)
         return self.codebook.nearest(tokens.reshape(-1, self.layout.token_dim)).reshape(x.shape[0], -1), tokens
 
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T) int64 codes of images."""
-        return self.quantize(x)[0]
-
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, T) codes -> predicted images in [0, 1]."""
-        return self.decoder.mean(self._grid(self.codebook.embedding[codes]))
-
-    def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) -> (B, C, h, w) decoder input."""
-        return self.layout.tokens_to_grid(tokens).permute(0, 3, 1, 2)
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.codebook.embedding[codes]
 
     def loss(self, x: torch.Tensor, recon: str) -> dict[str, torch.Tensor]:
         tokens = self.tokens(x)
@@ -108,3 +131,29 @@ class VQVAE(nn.Module):
         restarted = self.codebook.ema_update(flat.detach(), codes) if self.training else 0
         return {"loss": nll + self.vq.commitment * commit, "nll": nll, "commit": commit, "logits": logits,
                 "codes": codes, "restarted": torch.tensor(float(restarted))}
+
+
+class QuantizedAE(EndToEndAE):
+    """Encoder -> tokens -> an FSQ, LFQ or residual-VQ bottleneck (`method.bottleneck`) -> decoder. The loss is the
+    per-element mean reconstruction term plus the bottleneck's own auxiliary loss (LFQ's entropy and commitment
+    terms, residual VQ's commitment; none for FSQ)."""
+
+    def __init__(self, cfg: TrunkConfig, layout: TokenLayout, method: EndToEndMethod) -> None:
+        super().__init__()
+        self.cfg, self.layout, self.n_codes, self.method = cfg, layout, method.n_codes, method
+        self.encoder = Encoder(cfg, cfg.latent_channels)
+        self.decoder = Decoder(cfg)
+        self.bottleneck = method.bottleneck(layout.token_dim)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens(x)
+        return self.bottleneck(tokens)[1], tokens
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck.code_vectors(codes)
+
+    def loss(self, x: torch.Tensor, recon: str) -> dict[str, torch.Tensor]:
+        quantized, codes, aux = self.bottleneck(self.tokens(x))
+        logits = self.decoder(self._grid(quantized))
+        nll = reconstruction_nll(logits, x, recon).mean()  # per-element mean, as the VQ-VAE's
+        return {"loss": nll + aux, "nll": nll, "aux": aux.detach(), "logits": logits, "codes": codes}

@@ -43,6 +43,7 @@ from geovq.latents import LatentSet, TokenLayout
 
 QUANTIZERS: dict[str, type["Quantizer"]] = {}
 Q = TypeVar("Q", bound="Quantizer")
+C = TypeVar("C", bound="Configurable")
 #: a method name: lower-case letters, digits, '_' and '-', starting with a letter or digit
 METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 #: constructor arguments that are not hyperparameters: the rate (K), the run seed, runtime objects
@@ -103,24 +104,16 @@ class Hyperparameter:
     help: str = ""  # the comment on its `self.name = name` line in the constructor
 
 
-class Quantizer(ABC):
-    """Base class. Subclasses declare hyperparameters in `__init__`, implement `_fit` and `_encode_tokens`,
-    and may add `_validate_params`, `_encode_info`, `state`/`set_state`."""
+class Configurable:
+    """What every method shares, post-hoc quantizer or end-to-end bottleneck (`geovq.end_to_end`): a rate of K
+    codes, a seed, and hyperparameters declared once, as the constructor's keyword arguments. The command-line
+    options, the run configuration and search spaces derive from that signature."""
 
     name: ClassVar[str] = ""
-    #: whether the constructor takes a `decoder=` argument (geometry-aware methods)
-    needs_decoder: ClassVar[bool] = False
 
     def __init__(self, n_codes: int, seed: int = 0) -> None:
         self.n_codes = n_codes
         self.seed = seed
-
-    def _check_decoder(self) -> None:
-        """For geometry-aware methods: the decoder is a runtime argument, not a hyperparameter, so it is
-        checked where it is used (fit, encode), not in `_validate_params`."""
-        if self.needs_decoder and getattr(self, "decoder", None) is None:
-            raise GeovqError(f"the {self.name} quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to "
-                             "images")
 
     # -- hyperparameters ----------------------------------------------------------------------------
     @classmethod
@@ -142,7 +135,7 @@ class Quantizer(ABC):
         return {"n_codes": self.n_codes, "seed": self.seed,
                 **{name: getattr(self, name) for name in self.hyperparameters()}}
 
-    def validate(self: Q) -> Q:
+    def validate(self: C) -> C:
         """Check every parameter; raise GeovqError naming the bad value and what would be valid."""
         if isinstance(self.n_codes, bool) or not isinstance(self.n_codes, (int, np.integer)) or self.n_codes < 2:
             raise GeovqError(f"codebook size K={self.n_codes} must be an integer >= 2")
@@ -163,6 +156,21 @@ class Quantizer(ABC):
 
     def _validate_params(self) -> None:
         """Method-specific checks of the hyperparameters (and of K); override in subclasses."""
+
+
+class Quantizer(Configurable, ABC):
+    """Base class. Subclasses declare hyperparameters in `__init__`, implement `_fit` and `_encode_tokens`,
+    and may add `_validate_params`, `_encode_info`, `state`/`set_state`."""
+
+    #: whether the constructor takes a `decoder=` argument (geometry-aware methods)
+    needs_decoder: ClassVar[bool] = False
+
+    def _check_decoder(self) -> None:
+        """For geometry-aware methods: the decoder is a runtime argument, not a hyperparameter, so it is
+        checked where it is used (fit, encode), not in `_validate_params`."""
+        if self.needs_decoder and getattr(self, "decoder", None) is None:
+            raise GeovqError(f"the {self.name} quantizer needs decoder=: a callable from μ-grids (B, h, w, C) to "
+                             "images")
 
     # -- the estimator interface ------------------------------------------------------------------
     def fit(self: Q, latents: LatentSet, **fit_options: Any) -> Q:
@@ -280,7 +288,7 @@ def _scalar_type(hint: Any, where: str) -> tuple[type, bool]:
     return kinds[0], optional
 
 
-def _comments(cls: type[Quantizer]) -> dict[str, str]:
+def _comments(cls: type[Configurable]) -> dict[str, str]:
     """{name: comment} of the constructor's `self.name = name  # comment` lines (help texts, said once)."""
     try:
         source = inspect.getsource(cls.__init__)

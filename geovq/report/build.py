@@ -79,7 +79,8 @@ def _write_report_files(out: Path, runs: Runs) -> None:
 
 #: what the sweep's HParams view compares: a row's settings, and its scores and rates
 ROW_HPARAMS = ("dataset", "method", "vae", "finetuned", "K", "token_dim", "seed")
-ROW_METRICS = ["psnr", "ssim", "lpips", "bits_per_image", "prior_bits_per_image", "usage_perplexity", "dead_codes"]
+ROW_METRICS = ["psnr", "ssim", "lpips", "bits_per_image", "prior_bits_per_image", "coded_bits_per_image",
+               "usage_perplexity", "dead_codes"]
 
 
 def write_rows_hparams(root: Path, rows: list[dict]) -> None:
@@ -97,7 +98,7 @@ def write_figures(out: Path, runs: Runs) -> list[Figure]:
     import matplotlib
 
     matplotlib.use("Agg")
-    figures = [rate_distortion_figure(out, runs.rows, runs.ceilings)]
+    figures = [rate_distortion_figure(out, runs.rows, runs.ceilings, runs.references)]
     by_bits = sorted({r["bits_per_image"] for r in runs.rows})
     for bits in by_bits:
         figures.append(compare_figure(out, runs.rows, runs.ceilings, bits))

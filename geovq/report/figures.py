@@ -87,9 +87,13 @@ def line_colours(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {label: style["color"] for label, style in line_styles(rows).items()}
 
 
-def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]]) -> Figure:
-    """PSNR, SSIM, LPIPS (where measured) and usage/K against bits per image, mean ± 95% CI over seeds."""
+def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]],
+                           references: dict[str, Any] | None = None) -> Figure:
+    """PSNR, SSIM, LPIPS (where measured) and usage/K against bits per image, mean ± 95% CI over seeds; with priors,
+    PSNR against the prior's bits, and against bits per pixel of real files (the geovq codec's, beside JPEG and WebP
+    on the same test images: `references`, stages.reference)."""
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     series = _series(rows)
     styles = line_styles(rows)
@@ -105,7 +109,13 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
                             if all(r.get("prior_bits_per_image") is not None for r in by_bits[b])]
                     for label, by_bits in series.items()}
     with_prior = any(prior_points.values())
-    panels = metrics + (["psnr_vs_prior_bits"] if with_prior else [])
+    # real files: 8 × the mean file size (header included) per native pixel, for lines whose every seed has them
+    coded_points = {label: [(_stat(by_bits[b], "coded_bits_per_image")[0] * by_bits[b][0]["bpp"] / b,
+                             *_stat(by_bits[b], "psnr")) for b in sorted(by_bits)
+                            if all(r.get("coded_bits_per_image") is not None for r in by_bits[b])]
+                    for label, by_bits in series.items()}
+    with_coded = any(coded_points.values())
+    panels = metrics + (["psnr_vs_prior_bits"] if with_prior else []) + (["psnr_vs_coded_bpp"] if with_coded else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for label, by_bits in series.items():
         bits = sorted(by_bits)
@@ -115,7 +125,18 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
                         label=label, **styles[label])
         if prior_points[label]:
             x, y, h = zip(*prior_points[label])
-            axes[-1].errorbar(x, y, yerr=h, marker="s", capsize=3, **styles[label])
+            axes[panels.index("psnr_vs_prior_bits")].errorbar(x, y, yerr=h, marker="s", capsize=3, **styles[label])
+        if coded_points[label]:
+            x, y, h = zip(*coded_points[label])
+            axes[panels.index("psnr_vs_coded_bpp")].errorbar(x, y, yerr=h, marker="D", capsize=3, **styles[label])
+    if with_coded and references:
+        ax = axes[panels.index("psnr_vs_coded_bpp")]
+        for codec, colour in (("jpeg", "black"), ("webp", "dimgray")):
+            points = references["codecs"].get(codec, {}).get("points", [])
+            if points:
+                ax.plot([p["bpp"] for p in points], [p["psnr"] for p in points], ls=":", marker=".", c=colour,
+                        label=f"{codec.upper()} (Pillow, quality {points[0]['quality']}–{points[-1]['quality']})")
+        ax.legend(fontsize=7, loc="lower right")
     for name, (psnr, style) in _ceiling_lines(ceilings).items():
         axes[0].axhline(psnr, ls=style, c="gray", label=name)
     rates = sorted({b for by_bits in series.values() for b in by_bits})
@@ -135,16 +156,30 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
             top.set_xlabel("bits per pixel (native image)", fontsize=8)
     axes[len(metrics) - 1].set_ylim(0, 1.05)
     if with_prior:
-        axes[-1].set(xlabel="bits per image under the prior (test codes)", ylabel=names["psnr"],
-                     title="with the prior as entropy model")
-        axes[-1].grid(alpha=0.3)
+        ax = axes[panels.index("psnr_vs_prior_bits")]
+        ax.set(xlabel="bits per image under the prior (test codes)", ylabel=names["psnr"],
+               title="with the prior as entropy model")
+        ax.grid(alpha=0.3)
+    if with_coded:
+        ax = axes[panels.index("psnr_vs_coded_bpp")]
+        ax.set(xlabel="bits per pixel of real files (header included)", ylabel=names["psnr"],
+               title="coded: geovq files, JPEG, WebP")
+        ax.set_xscale("log")
+        # plain numbers at the decades only: the log axis's minor labels (2×10⁰, 3×10⁰, …) ran into each other
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(alpha=0.3)
     # one legend beside the panels: inside the first it hid the curves once a run has 20 lines
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.0, 0.97), fontsize=7)
     path = out / "figures" / "rate_distortion.png"
     _save(fig, path, legend_outside=True)
     return Figure(path, "rate–distortion: test metrics against bits per image (mean ± 95% CI over seeds)"
-                  + ("; last panel: PSNR against the prior's bits per image" if with_prior else ""),
-                  {"panels": panels, "lines": list(series)})
+                  + ("; PSNR against the prior's bits per image" if with_prior else "")
+                  + ("; PSNR against bits per pixel of real files (geovq's codec, header included; JPEG and WebP "
+                     "on the same test images, whose headers dominate on small images)" if with_coded else ""),
+                  {"panels": panels, "lines": list(series),
+                   "coded": {label: points for label, points in coded_points.items() if points},
+                   "references": references})
 
 
 def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], bits: float) -> Figure:

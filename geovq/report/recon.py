@@ -35,7 +35,7 @@ def decode_rows(runs: Runs, bits: float, images: np.ndarray) -> dict[str, np.nda
 
     from geovq.quantize.base import Quantizer
     from geovq.stages.common import GridDecoder, decode_grids
-    from geovq.training.checkpoint import load_model
+    from geovq.training.checkpoint import END_TO_END_KINDS, load_model
 
     cpu = torch.device("cpu")
     firsts = first_seed_rows(runs.rows, bits)
@@ -43,8 +43,8 @@ def decode_rows(runs: Runs, bits: float, images: np.ndarray) -> dict[str, np.nda
     for label, r in firsts.items():
         unit_dir = runs.run_of(r).root / Path(r["codes_path"]).parent
         codes = np.load(runs.run_of(r).root / r["codes_path"])[images]
-        if r["vae"] is None:  # end to end: the VQ-VAE's own codebook and decoder
-            model = load_model(unit_dir / "model.pt", "vqvae")
+        if r["vae"] is None:  # end to end: the model's own code vectors and decoder
+            model = load_model(unit_dir / "model.pt", END_TO_END_KINDS)
             with torch.no_grad():
                 out[label] = model.decode_codes(torch.as_tensor(codes, dtype=torch.long)).numpy()
             continue

@@ -12,6 +12,7 @@ from geovq.config import SweepConfig, changed_options
 from geovq.errors import GeovqError
 from geovq.report.tables import sort_rows
 from geovq.stages.plan import RunPlan
+from geovq.stages.reference import FILE as REFERENCE_FILE
 from geovq.stages.rundir import RunDir
 
 
@@ -25,6 +26,8 @@ class Runs:
     ceilings: list[dict[str, Any]]
     finished: int
     planned: int
+    #: JPEG and WebP on the test images (stages.reference), where the first run has them; merged runs share a split
+    references: dict[str, Any] | None = None
 
     def run_of(self, row: dict[str, Any]) -> RunDir:
         return next(d for d in self.dirs if len(self.dirs) == 1 or d.root.name == row["run"])
@@ -63,5 +66,8 @@ def load_runs(run_dirs: list[Path]) -> Runs:
         ceilings += [json.loads(p.read_text()) for p in sorted((plan.run.root / "vae").glob("*/ceiling.json"))]
     if not rows:
         raise GeovqError(f"{', '.join(map(str, run_dirs))} holds no finished unit yet; run `geovq sweep` first")
+    references = next((json.loads(p.read_text()) for plan in plans
+                       if (p := plan.run.root / REFERENCE_FILE).exists()), None)
     return Runs([plan.run for plan in plans], first, sort_rows(rows), ceilings,
-                finished=sum(plan.finished() for plan in plans), planned=sum(len(plan.units) for plan in plans))
+                finished=sum(plan.finished() for plan in plans), planned=sum(len(plan.units) for plan in plans),
+                references=references)

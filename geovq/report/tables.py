@@ -19,7 +19,7 @@ COLUMNS = ["dataset", "method", "vae", "finetuned", "K", "token_dim", "grouping"
            "usage_perplexity_corrected", "dead_codes", "latent_error", "latent_error_sigma", "frac_beyond_sigma",
            "mean_token_kl_bits", "rate_gap_bits", "frac_tokens_in_band", "vae_psnr", "n_test", "seconds",
            "lpips_reason", "codes_path"]
-SUMMARY_METRICS = ["psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_codes"]
+SUMMARY_METRICS = ["psnr", "ssim", "lpips", "mse", "usage_perplexity", "dead_codes", "coded_bits_per_image"]
 
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,28 +90,52 @@ def vqvae_difference(line: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
     return paired_difference(line, baseline)
 
 
+def best_end_to_end(rows: list[dict[str, Any]], bits: float) -> tuple[str, list[dict[str, Any]]] | None:
+    """The baseline to beat at a rate: the end-to-end line (method and K, its own decoder) with the highest mean test
+    PSNR among `rows` at `bits` per image, as (its label, e.g. "fsq K=256", its rows); None where the rate has none."""
+    lines: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("vae") is None and not r["finetuned"] and r["bits_per_image"] == bits:
+            lines[(r["method"], r["K"])].append(r)
+    if not lines:
+        return None
+    (method, k), best = max(lines.items(), key=lambda kv: (mean_ci([r["psnr"] for r in kv[1]])[0], kv[0]))
+    return f"{method} K={k}", best
+
+
 def summary_by_bits(rows: list[dict[str, Any]]) -> dict[float, list[SummaryLine]]:
-    """Lines grouped by bits per image: only lines at equal bits are comparable. Each post-hoc line's PSNR is
-    also given against the VQ-VAE of its rate and K, where there is one (`vqvae_difference`)."""
+    """Lines grouped by bits per image: only lines at equal bits are comparable. Each line's PSNR is also given
+    against the best end-to-end line of its rate (`best_end_to_end`, named in the cell; "—" for that line itself)
+    and against the VQ-VAE of its rate and K (`vqvae_difference`), both paired by seed."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["bits_per_image"], r["K"], r["method"], r.get("vae"), r["finetuned"])].append(r)
     out: dict[float, list[SummaryLine]] = defaultdict(list)
+    baselines = {bits: best_end_to_end(rows, bits) for bits in {r["bits_per_image"] for r in rows}}
     for (bits, k, method, vae, tuned), rs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] or "", kv[0][4])):
         cells = []
-        for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1)):
+        for metric, digits in zip(SUMMARY_METRICS, (2, 4, 4, 5, 1, 1, 1)):
             vals = [r[metric] for r in rs if r.get(metric) is not None]
             cells.append(_fmt(*mean_ci(vals), digits) if vals else "n/a")
+        baseline = baselines[bits]
+        if baseline is None:
+            best_cell = "n/a"
+        elif baseline[1][0] in rs:
+            best_cell = f"— ({baseline[0]})"
+        else:
+            delta = paired_difference(rs, baseline[1])
+            best_cell = f"{_fmt(*delta, 2)} vs {baseline[0]}" if delta else "n/a"
         delta = vqvae_difference(rs, rows)
-        cells.insert(1, "—" if method == "vqvae" else _fmt(*delta, 2) if delta else "n/a")
+        cells[1:1] = [best_cell, "—" if method == "vqvae" else _fmt(*delta, 2) if delta else "n/a"]
         out[bits].append(SummaryLine(method, vae, decoder_label(tuned, vae), k, bits, rs[0]["bpp"], len(rs), cells,
                                      mean_ci([r["psnr"] for r in rs])[0]))
     return out
 
 
 SUMMARY_HEADER = ["method", "vae", "decoder", "K", "bits/image", "bpp", "n", "PSNR (dB)",
-                  "ΔPSNR vs VQ-VAE (paired by seed)", "SSIM", "LPIPS", "MSE", "usage perplexity", "dead codes"]
+                  "ΔPSNR vs best end-to-end (paired by seed)", "ΔPSNR vs VQ-VAE (same K)", "SSIM", "LPIPS", "MSE",
+                  "usage perplexity", "dead codes", "coded bits/image (files)"]
 
 
 def ceiling_lines(ceilings: list[dict[str, Any]]) -> list[str]:
@@ -137,7 +161,8 @@ def title(finished: int, planned: int) -> str:
 
 INTRO = ("Paired metrics on the held-out test split; mean ± 95% CI over seeds (n = seeds). "
          "Rows are comparable only within one bits-per-image group; the best PSNR of each group is marked. "
-         "ΔPSNR is a line's PSNR minus the end-to-end VQ-VAE's at the same rate and K, seed by seed: its CI, "
+         "ΔPSNR is a line's PSNR minus a baseline's, seed by seed: first the best end-to-end line of the rate "
+         "(VQ-VAE, FSQ, LFQ or residual VQ, named in the cell), then the VQ-VAE at the same rate and K. Its CI, "
          "not the two lines' own, says whether they differ.")
 
 

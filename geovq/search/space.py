@@ -3,19 +3,21 @@ define-by-run sampler that Optuna calls for each trial.
 
 A space names settings geovq already has, so nothing here invents a parameter:
 - under `vae:` and `vqvae:`, dotted training settings ("train.lr", "tdc.factor", "vq.decay"), typed and checked
-  against the config dataclasses (geovq.config.check_override);
-- under `methods.<name>:`, keyword arguments of that quantizer's constructor, typed by
-  `Quantizer.hyperparameters()` and checked by the quantizer's own `validate()`.
+  against the config dataclasses (geovq.config.check_override). `vqvae:` is the end-to-end models' training:
+  its train.* settings act on every end-to-end method (VQ-VAE, FSQ, LFQ, residual VQ), its vq.* on the VQ-VAE;
+- under `methods.<name>:`, keyword arguments of that method's constructor (a post-hoc quantizer's, or FSQ's,
+  LFQ's or residual VQ's: geovq.end_to_end), typed by `hyperparameters()` and checked by the method's own
+  `validate()`.
 Each parameter is a range `{low, high}` (`log: true`, `step: s` optional), a choice `{choices: [...]}`, or a
 plain value (fixed: applied and recorded, never searched).
 
 Every method gets a study of its own (`Study`), so each gets the same number of trials. Conditional parameters
-are sampled only where they act: tdc.* only for the TDC VAE, train.beta only for the plain VAE, a quantizer's
-parameters only in its own study, the VQ-VAE's settings only in the vqvae study.
+are sampled only where they act: tdc.* only for the TDC VAE, train.beta only for the plain VAE, a method's
+parameters only in its own study, vq.* only in the vqvae study.
 
 The rate: at a fixed budget of B bits per image, a study chooses among the (K, d) pairs with
-tokens(d) × log2 K = B (tokens(d) = h·w·C/d); under --pareto it chooses d and log2 K freely and bits become a
-second objective.
+tokens(d) × log2 K = B (tokens(d) = h·w·C/d), those its method admits (residual VQ with 2 stages needs K a
+square); under --pareto it chooses d and log2 K freely and bits become a second objective.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from geovq.config import END_TO_END, VAE_VARIANTS, check_override, check_setting, typed_setting
+from geovq.config import END_TO_END, VAE_VARIANTS, check_override, check_setting, method_class, typed_setting
 from geovq.errors import GeovqError
 
 TOP_KEYS = ("bits", "rate", "sampler", "asha", "max_train_images", "vae", "vqvae", "methods")
@@ -99,7 +101,19 @@ class Space:
 
     @property
     def method_names(self) -> list[str]:
-        return ([*END_TO_END] if self.vqvae is not None else []) + list(self.methods)
+        """The methods the file tunes: the VQ-VAE where it has a vqvae: section, and those under methods:."""
+        return (["vqvae"] if self.vqvae is not None else []) + list(self.methods)
+
+    def end_to_end_training(self, method: str) -> tuple[Param, ...]:
+        """The vqvae: section's settings that act on an end-to-end method: all of them on the VQ-VAE, the train.*
+        ones on FSQ, LFQ and residual VQ."""
+        return tuple(p for p in self.vqvae or () if method == "vqvae" or not p.key.startswith("vq."))
+
+    def own_params(self, method: str) -> tuple[Param, ...]:
+        """A study's parameters: an end-to-end method's training settings and hyperparameters, or a post-hoc
+        method's VAE settings (all variants; `acts_on` picks per variant) and hyperparameters."""
+        first = self.end_to_end_training(method) if method in END_TO_END else self.vae
+        return first + self.methods.get(method, ())
 
     def tokens(self, token_dim: int) -> int:
         h, w, c = self.latent_grid
@@ -140,7 +154,31 @@ class Space:
         if method not in self.method_names:
             raise GeovqError(f"{self.path} has no entry for method {method!r}; its methods: "
                              f"{', '.join(self.method_names)}")
-        return Study(self, method, tuple(self.check_bits(bits)) if bits is not None else None)
+        if bits is None:
+            study = Study(self, method, None)
+            if not study._log2_codes():
+                raise GeovqError(f"{method} admits no K in [{self.min_codes}, {self.max_codes}]: "
+                                 f"{self.refusal(method, self.min_codes)}")
+            return study
+        rates = self.check_bits(bits)
+        admitted = [(k, d) for k, d in rates if self.admits(method, k)]
+        if not admitted:
+            raise GeovqError(f"{method} admits none of the rates of --bits {bits} ("
+                             + ", ".join(f"K={k} d={d}" for k, d in rates) + f"): {self.refusal(method, rates[0][0])}")
+        return Study(self, method, tuple(admitted))
+
+    def admits(self, method: str, n_codes: int) -> bool:
+        """Whether the method's rules (with its fixed hyperparameters, the rest at their defaults) admit K codes."""
+        return not self.refusal(method, n_codes)
+
+    def refusal(self, method: str, n_codes: int) -> str:
+        """Why the method's rules refuse K codes ("" where they admit it)."""
+        fixed = {p.key: p.value for p in self.methods.get(method, ()) if p.fixed}
+        try:
+            method_class(method)(n_codes=n_codes, seed=0, **fixed).validate()
+        except GeovqError as e:
+            return str(e)
+        return ""
 
 
 @dataclass(frozen=True)
@@ -178,6 +216,14 @@ class Study:
         """The bit budget per image (None under --pareto)."""
         return None if self.rates is None else self.space.tokens(self.rates[0][1]) * int(math.log2(self.rates[0][0]))
 
+    def _log2_codes(self) -> list[int]:
+        """Under --pareto: the log2 K in the space's range that the method admits (rvq with 2 stages: even ones)."""
+        lo, hi = int(math.log2(self.space.min_codes)), int(math.log2(self.space.max_codes))
+        return [b for b in range(lo, hi + 1) if self.space.admits(self.method, 2**b)]
+
+    def _every_log2_codes(self) -> bool:
+        return len(self._log2_codes()) == int(math.log2(self.space.max_codes / self.space.min_codes)) + 1
+
     def _rate_labels(self) -> dict[str, tuple[int, int]]:
         return {f"K{k}-d{d}": (k, d) for k, d in self.rates}
 
@@ -199,10 +245,11 @@ class Study:
         else:
             dims = list(self.space.token_dims)
             take(DIM_PARAM, trial.suggest_categorical(DIM_PARAM, dims) if len(dims) > 1 else dims[0])
-            take(LOG2K_PARAM, trial.suggest_int(LOG2K_PARAM, int(math.log2(self.space.min_codes)),
-                                                int(math.log2(self.space.max_codes))))
+            log2_codes = self._log2_codes()
+            take(LOG2K_PARAM, trial.suggest_int(LOG2K_PARAM, log2_codes[0], log2_codes[-1])
+                 if self._every_log2_codes() else trial.suggest_categorical(LOG2K_PARAM, log2_codes))
         if self.end_to_end:
-            for p in self.space.vqvae:
+            for p in self.space.own_params(self.method):
                 take(p.name, p.suggest(trial))
             return out
         variants = list(self.space.variants)
@@ -222,9 +269,9 @@ class Study:
         else:
             k, d = 2 ** int(values[LOG2K_PARAM]), int(values[DIM_PARAM])
         bits = self.space.tokens(d) * int(math.log2(k))
-        if self.end_to_end:
-            overrides = {p.key: values[p.name] if not p.fixed else p.value for p in self.space.vqvae}
-            return Candidate(self.method, k, d, bits, None, {}, overrides)
+        if self.end_to_end:  # its params: dotted training settings beside its hyperparameters (end_to_end.split_params)
+            params = {p.key: values[p.name] if not p.fixed else p.value for p in self.space.own_params(self.method)}
+            return Candidate(self.method, k, d, bits, None, {}, params)
         variant = values[VAE_PARAM]
         vae = {p.key: values[p.name] if not p.fixed else p.value for p in self.space.vae if acts_on(p.key, variant)}
         params = {p.key: values[p.name] if not p.fixed else p.value for p in self.space.methods[self.method]}
@@ -241,21 +288,18 @@ class Study:
         else:
             if len(self.space.token_dims) > 1:
                 out[DIM_PARAM] = od.CategoricalDistribution(list(self.space.token_dims))
-            out[LOG2K_PARAM] = od.IntDistribution(int(math.log2(self.space.min_codes)),
-                                                  int(math.log2(self.space.max_codes)))
-        if self.end_to_end:
-            params = self.space.vqvae
-        else:
-            if len(self.space.variants) > 1:
-                out[VAE_PARAM] = od.CategoricalDistribution(list(self.space.variants))
-            params = self.space.vae + self.space.methods[self.method]
+            log2_codes = self._log2_codes()
+            out[LOG2K_PARAM] = (od.IntDistribution(log2_codes[0], log2_codes[-1]) if self._every_log2_codes()
+                                else od.CategoricalDistribution(log2_codes))
+        if not self.end_to_end and len(self.space.variants) > 1:
+            out[VAE_PARAM] = od.CategoricalDistribution(list(self.space.variants))
+        params = self.space.own_params(self.method)
         out.update({p.name: p.distribution() for p in params if not p.fixed})
         return out
 
     def max_epochs(self, default: int) -> int:
         """The most epochs a trial of this study trains (ASHA's max_t); `default`: the dataset's epochs."""
-        params = self.space.vqvae if self.end_to_end else self.space.vae
-        epochs = [p for p in params if p.key == "train.epochs"]
+        epochs = [p for p in self.space.own_params(self.method) if p.key == "train.epochs"]
         return int(max(epochs[0].extremes())) if epochs else default
 
     def grid(self) -> list[dict[str, Any]]:
@@ -388,13 +432,11 @@ def parse_space(raw: Any, latent_grid: tuple[int, int, int], name: str = "space"
                 raise fail(f"vqvae.{key}", "acts on the Gaussian VAE only; put it under vae:")
             vqvae.append(_param(f"vqvae.{key}", key, key, kind, spec, fail))
     methods: dict[str, tuple[Param, ...]] = {}
-    from geovq.quantize import get_quantizer_class
-
     for method, params in _mapping(raw.get("methods", {}), name, "methods", fail).items():
-        if method in END_TO_END:
-            raise fail(f"methods.{method}", f"{method} is trained end to end; its settings go under {method}:")
+        if method == "vqvae":
+            raise fail(f"methods.{method}", "the VQ-VAE's settings are training settings; they go under vqvae:")
         try:
-            qcls = get_quantizer_class(method)
+            qcls = method_class(method)
         except GeovqError as e:
             raise fail(f"methods.{method}", str(e)) from None
         hps = qcls.hyperparameters()
@@ -404,11 +446,16 @@ def parse_space(raw: Any, latent_grid: tuple[int, int, int], name: str = "space"
                 raise fail(f"methods.{method}.{key}", f"{method} has no hyperparameter {key!r}; valid: "
                                                       f"{', '.join(hps)}")
             p = _param(f"methods.{method}.{key}", f"{method}.{key}", key, hps[key].type, spec, fail)
-            for value in p.extremes():  # the quantizer's own rules (gq: β >= 0, geodesic: known quadratures)
-                try:
-                    qcls(n_codes=codes["min_codes"], seed=0, **{key: value}).validate()
-                except GeovqError as e:
-                    raise fail(f"methods.{method}.{key}", str(e)) from None
+            for value in p.extremes():  # the method's own rules (gq: β >= 0, rvq: K = K_q ** stages), at some K
+                errors = []
+                for log2_k in range(int(math.log2(codes["min_codes"])), int(math.log2(codes["max_codes"])) + 1):
+                    try:
+                        qcls(n_codes=2**log2_k, seed=0, **{key: value}).validate()
+                        break
+                    except GeovqError as e:
+                        errors.append(e)
+                else:
+                    raise fail(f"methods.{method}.{key}", str(errors[0])) from None
             parsed.append(p)
         methods[method] = tuple(parsed)
     space = Space(name, latent_grid, bits, tuple(dims), codes["min_codes"], codes["max_codes"], startup,

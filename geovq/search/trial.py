@@ -106,20 +106,21 @@ def run_candidate(run: RunDir, cfg: SweepConfig, unit: Unit, data: WithheldSplit
     epoch before its quantizer is scored) and the objective."""
     from filelock import FileLock
 
+    from geovq.end_to_end import split_params
+    from geovq.stages.end_to_end import train_end_to_end_stage
     from geovq.stages.fit import fit_stage
     from geovq.stages.train_vae import train_vae_stage
-    from geovq.stages.vqvae import train_vqvae_stage
     from geovq.training.checkpoint import load_model
 
     if unit.end_to_end:
         out = run.unit(unit)
         out.mkdir(parents=True, exist_ok=True)
-        epochs = cfg.settings(unit.params, unit.seed)[0].epochs
+        epochs = cfg.settings(split_params(unit.params)[0], unit.seed)[0].epochs
         with FileLock(str(out / ".train.lock")):
             last = train_reporting(out / HISTORY, epochs, report, trained,
-                                   lambda on_epoch: train_vqvae_stage(run, cfg, unit, data, device, no_progress,
-                                                                      on_epoch),
-                                   lambda model: vqvae_val_psnr(model, data.val, device))
+                                   lambda on_epoch: train_end_to_end_stage(run, cfg, unit, data, device, no_progress,
+                                                                           on_epoch),
+                                   lambda model: end_to_end_val_psnr(model, data.val, device))
         return {EPOCH: epochs, EPOCH_METRIC: last, OBJECTIVE: last}
     spec = run.vae(unit.vae)
     spec.mkdir(parents=True, exist_ok=True)
@@ -230,12 +231,12 @@ def vae_val_psnr(model: torch.nn.Module, images: np.ndarray, device: torch.devic
 
 
 @torch.no_grad()
-def vqvae_val_psnr(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> float:
-    """The VQ-VAE's validation PSNR: each image through its own codes, codebook and decoder."""
-    from geovq.stages.vqvae import vqvae_reconstruct
+def end_to_end_val_psnr(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> float:
+    """An end-to-end model's validation PSNR: each image through its own codes, code vectors and decoder."""
+    from geovq.stages.end_to_end import end_to_end_reconstruct
     from geovq.training.loop import to_device
 
     model.eval()
     codes = np.concatenate([model.encode_codes(to_device(images[s:s + INFERENCE_BATCH], device)).cpu().numpy()
                             for s in range(0, len(images), INFERENCE_BATCH)])
-    return mean_psnr(images, vqvae_reconstruct(model, device)(codes), device)
+    return mean_psnr(images, end_to_end_reconstruct(model, device)(codes), device)

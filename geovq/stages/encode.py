@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def unit_encoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
                  fitted: tuple[torch.nn.Module, Quantizer | None] | None = None
                  ) -> Callable[[np.ndarray], np.ndarray]:
-    """images (N, ch, H, W) in [0, 1] -> (N, T) codes by the unit's own rule: a VQ-VAE's nearest codeword, or the
+    """images (N, ch, H, W) in [0, 1] -> (N, T) codes by the unit's own rule: an end-to-end model's, or the
     VAE's posterior means cut into the unit's tokens and encoded by its fitted quantizer (as the sweep encoded
     its splits). The counterpart of `stages.prior.code_decoder`; `fitted` as there."""
     import torch
@@ -41,11 +41,11 @@ def unit_encoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device
         model.eval()
 
         @torch.no_grad()
-        def encode_vqvae(images: np.ndarray) -> np.ndarray:
+        def encode_end_to_end(images: np.ndarray) -> np.ndarray:
             return np.concatenate([model.encode_codes(to_device(images[s:s + INFERENCE_BATCH], device)).cpu().numpy()
                                    for s in range(0, len(images), INFERENCE_BATCH)] or [np.zeros((0, 0), np.int64)])
 
-        return encode_vqvae
+        return encode_end_to_end
     layout = vae_layout(cfg, unit.vae)
 
     def encode_posthoc(images: np.ndarray) -> np.ndarray:

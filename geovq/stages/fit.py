@@ -21,7 +21,7 @@ from geovq.quantize.base import Quantizer, get_quantizer_class
 from geovq.stages.common import GridDecoder
 from geovq.stages.rundir import RunDir
 from geovq.stages.units import Unit
-from geovq.training.checkpoint import load_model
+from geovq.training.checkpoint import END_TO_END_KINDS, load_model
 
 EdgeLengths = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -31,10 +31,10 @@ def load_vae(run: RunDir, unit: Unit, device: torch.device) -> GaussianVAE:
 
 
 def load_fitted(run: RunDir, unit: Unit, device: torch.device) -> tuple[torch.nn.Module, Quantizer | None]:
-    """A finished unit's models on `device`: (its VQ-VAE, None), or (its Gaussian VAE, its fitted post-hoc
+    """A finished unit's models on `device`: (its end-to-end model, None), or (its Gaussian VAE, its fitted post-hoc
     quantizer with what it needs at run time). What encoding images and decoding codes both start from."""
     if unit.end_to_end:
-        return load_model(run.unit(unit) / "model.pt", "vqvae", device), None
+        return load_model(run.unit(unit) / "model.pt", END_TO_END_KINDS, device), None
     path = run.unit(unit) / "quantizer.npz"
     if not path.exists():
         raise GeovqError(f"unit {unit.key} has no fitted quantizer in {run.root}: run the unit first")

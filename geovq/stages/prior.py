@@ -1,6 +1,7 @@
 """Stages: a prior over a unit's codes, and samples from it (DESIGN.md §3.8, §4).
 
-    codes_{train,val} ─ prior_stage ─> prior-{kind}/prior.pt, prior.json (test bits/token, bits/image)
+    codes_{train,val} ─ prior_stage ─> prior-{kind}/prior.pt, prior.json (test bits/token, bits/image, and the
+                                       coded bits/image of the test images' files)
     prior.pt ─ sample_stage ─> samples-…/samples.png, samples.npz, samples.json (sample metrics)
     dataset ─ domain_classifier_stage ─> domain/classifier.pt, classifier.json (its test accuracy)
 
@@ -74,11 +75,19 @@ def prior_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
                 config: PriorConfig | None = None) -> dict[str, Any]:
     """Train (or resume, or load) the unit's prior of `kind` and score it on the test codes; writes and
     returns prior.json: test bits/token and bits/image under the prior (beside the fixed-length bits and the
-    unigram baseline's), the validation curve, sizes and seconds. `config`: the default for the dataset."""
+    unigram baseline's), the coded rate of real files (`coded_rate`; unconditional priors), the validation curve,
+    sizes and seconds. `config`: the default for the dataset."""
     out = run.prior(unit, kind, conditional)
     done = out / "prior.json"
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if conditional or "coded_bits_per_image" in result:
+            return result
+        # scored by a geovq that did not code files yet: add their rate
+        test_codes = np.load(run.codes(unit, "test"))
+        result.update(coded_rate(unit, kind, load_model(out / "prior.pt", "prior", torch.device("cpu")), test_codes))
+        write_json(done, result)
+        return result
     data = data or load_splits(cfg)
     codes = load_unit_codes(run, unit, data)
     if conditional and not _known_labels(data):
@@ -112,8 +121,36 @@ def prior_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
               "prior_train_cpu_seconds": record["cpu_seconds"],
               "prior_score_seconds": time.time() - t0, "prior_config": trained_with,
               "prior_train_codes": len(codes["train"]), "prior_test_codes": len(codes["test"])}
+    if not conditional:  # the codec codes without labels: a class-conditional prior has no file rate
+        result.update(coded_rate(unit, kind, model.cpu(), codes["test"]))
     write_json(done, result)  # written last: its presence marks the prior finished
     return result
+
+
+#: test images whose files are decoded back in every sweep (the full round trip is bench/codec.py's)
+CODED_ROUND_TRIP_IMAGES = 16
+
+
+def coded_rate(unit: Unit, kind: str, prior: Prior, test_codes: np.ndarray) -> dict[str, Any]:
+    """The rate in bytes: every test image's codes compressed to a file by the codec (`geovq compress`'s, header
+    included) under the unconditional `prior` (on the CPU, as the codec runs it), 8 × the mean file size; the first
+    CODED_ROUND_TRIP_IMAGES files decoded back and checked."""
+    from geovq.codec import HEADER_BYTES, CodeCoder, unit_tag
+
+    t0 = time.time()
+    coder = CodeCoder(unit.n_codes, test_codes.shape[1], unit_tag(unit.key), prior, kind)
+    files = coder.encode(test_codes)
+    checked = min(CODED_ROUND_TRIP_IMAGES, len(files))
+    if not np.array_equal(coder.decode(files[:checked]), test_codes[:checked]):
+        raise GeovqError(f"unit {unit.key}: the codec's files do not decode to their codes")
+    return {"coded_bits_per_image": 8 * float(np.mean([len(f) for f in files])), "coded_header_bytes": HEADER_BYTES,
+            "coded_round_trip_images": checked, "coded_seconds": time.time() - t0}
+
+
+def decoder_kind(unit: Unit, finetuned: bool) -> str:
+    """Which decoder turns a unit's codes into images, as samples.json records it: "end_to_end" (the model's own),
+    "vae" (the Gaussian VAE's) or "finetuned" (the VAE's, fine-tuned on the codebook)."""
+    return "end_to_end" if unit.end_to_end else "finetuned" if finetuned else "vae"
 
 
 def code_decoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
@@ -126,11 +163,12 @@ def code_decoder(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device
 
     model, quantizer = fitted or load_fitted(run, unit, device)
     if unit.end_to_end:
-        from geovq.stages.vqvae import vqvae_reconstruct
+        from geovq.stages.end_to_end import end_to_end_reconstruct
 
-        return vqvae_reconstruct(model, device), "vqvae"
+        return end_to_end_reconstruct(model, device), decoder_kind(unit, finetuned=False)
     tuned = run.unit(unit) / "decoder_finetuned.pt"
-    decoder, which = (load_model(tuned, "decoder", device), "finetuned") if tuned.exists() else (model.decoder, "vae")
+    decoder, which = ((load_model(tuned, "decoder", device), decoder_kind(unit, finetuned=True)) if tuned.exists()
+                      else (model.decoder, decoder_kind(unit, finetuned=False)))
 
     def decode(codes: np.ndarray) -> torch.Tensor:
         return decode_grids(decoder, quantizer.layout_.tokens_to_grid(quantizer.decode(codes)), device)

@@ -30,7 +30,7 @@ from geovq.stages.rundir import RunDir
 from geovq.stages.score import rate_diagnostics, score_unit_stage, score_vae_stage
 from geovq.stages.train_vae import train_vae_stage
 from geovq.stages.units import Unit, VaeSpec
-from geovq.stages.vqvae import encode_vqvae_stage, train_vqvae_stage, vqvae_reconstruct
+from geovq.stages.end_to_end import encode_end_to_end_stage, train_end_to_end_stage, end_to_end_reconstruct
 from geovq.training.checkpoint import load_model
 
 
@@ -54,13 +54,13 @@ def run_vae(run: RunDir, cfg: SweepConfig, spec: VaeSpec, device: torch.device, 
 def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, progress: Progress,
              data: ImageSplits | None = None, edge_lengths: EdgeLengths | None = None) -> Row:
     """Fit (or train), encode and score one unit, fine-tune its decoder and train and sample its prior when the
-    sweep asks, then mark it finished; returns its row (through the VAE's decoder, or the VQ-VAE's)."""
+    sweep asks, then mark it finished; returns its row (through the VAE's decoder, or the end-to-end model's)."""
     if run.unit_done(unit, cfg.finetune_decoder, cfg.prior):
         return run.read_row(unit)
     run.unmark_finished(unit)  # a crash in what follows must not leave it marked with what it had before
     data = data or load_splits(cfg)
     if unit.end_to_end:
-        score_vqvae(run, cfg, unit, data, device, progress)
+        score_end_to_end(run, cfg, unit, data, device, progress)
     else:
         score_posthoc(run, cfg, unit, data, device, progress, edge_lengths)
     if cfg.prior:
@@ -69,17 +69,18 @@ def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, pr
     return run.read_row(unit)
 
 
-def score_vqvae(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
+def score_end_to_end(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
                 progress: Progress) -> None:
-    """Train the unit's VQ-VAE, encode every split with it and score its test codes: row.json, unless it exists."""
+    """Train the unit's end-to-end model, encode every split with it and score its test codes: row.json, unless it
+    exists."""
     if run.row_path(unit).exists():
         return
     t0 = time.time()
-    model = train_vqvae_stage(run, cfg, unit, data, device, progress)
-    info = encode_vqvae_stage(run, unit, model, data, device)
+    model = train_end_to_end_stage(run, cfg, unit, data, device, progress)
+    info = encode_end_to_end_stage(run, unit, model, data, device)
     fit = json.loads((run.unit(unit) / "fit.json").read_text())
     extra = {**fit, "latent_error": info["test"]["latent_error"], "seconds": time.time() - t0}
-    score_unit_stage(run, cfg, unit, data, device, vqvae_reconstruct(model, device), extra)
+    score_unit_stage(run, cfg, unit, data, device, end_to_end_reconstruct(model, device), extra)
 
 
 def score_posthoc(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
@@ -113,8 +114,8 @@ def score_posthoc(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, 
 #: samples.json fields renamed sample_* in a row (they would read as the row's own otherwise)
 SAMPLE_SETTINGS = ("n", "seed", "temperature", "top_k", "top_p", "decoder", "decode_seconds", "n_real", "n_samples")
 #: prior.json fields a results row carries (the validation curve and the prior's settings stay in prior.json)
-PRIOR_ROW_FIELDS = ("prior", "prior_bits_per_token", "prior_bits_per_image", "unigram_bits_per_image",
-                    "prior_val_bits_per_token", "prior_parameters", "prior_train_seconds")
+PRIOR_ROW_FIELDS = ("prior", "prior_bits_per_token", "prior_bits_per_image", "coded_bits_per_image",
+                    "unigram_bits_per_image", "prior_val_bits_per_token", "prior_parameters", "prior_train_seconds")
 
 
 def prior_rows(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, progress: Progress,
@@ -122,7 +123,7 @@ def prior_rows(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, 
     """Train the unit's prior and sample it (geovq.stages.prior); its rate goes into every row of the unit, the
     sample metrics into the row of the decoder the samples were decoded by (the fine-tuned one where it
     exists)."""
-    from geovq.stages.prior import prior_stage, sample_stage
+    from geovq.stages.prior import decoder_kind, prior_stage, sample_stage
 
     prior = prior_stage(run, cfg, unit, device, progress, kind=cfg.prior, data=data)
     samples = sample_stage(run, cfg, unit, device, progress, n=cfg.prior_samples, kind=cfg.prior, seed=unit.seed,
@@ -132,5 +133,5 @@ def prior_rows(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, 
                if key not in ("prior", "prior_conditional")}
     for finetuned in (False, True):
         if run.row_path(unit, finetuned).exists():
-            own = samples["decoder"] == ("finetuned" if finetuned else ("vqvae" if unit.end_to_end else "vae"))
+            own = samples["decoder"] == decoder_kind(unit, finetuned)
             run.write_row(unit, run.read_row(unit, finetuned).with_metrics({**rate, **(sampled if own else {})}))

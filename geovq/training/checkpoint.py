@@ -17,6 +17,8 @@ from geovq.io import atomic_path
 
 FORMAT = "geovq-checkpoint"
 VERSION = 2  # 2: VQ-VAE checkpoints carry their layout and K beside the VQConfig
+#: the kinds of an end-to-end model: the VQ-VAE, and the QuantizedAE of FSQ, LFQ or residual VQ (method + params)
+END_TO_END_KINDS = ("vqvae", "quantized_ae")
 
 
 def save_checkpoint(path: str | os.PathLike, kind: str, model: torch.nn.Module, config: dict[str, Any],
@@ -28,7 +30,7 @@ def save_checkpoint(path: str | os.PathLike, kind: str, model: torch.nn.Module, 
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
@@ -41,22 +43,24 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
         raise GeovqError(f"{path} is not a geovq checkpoint (no '{FORMAT}' header)")
     if payload.get("version") != VERSION:
         raise GeovqError(f"{path} has checkpoint version {payload.get('version')}; this geovq reads {VERSION}")
-    if kind is not None and payload["kind"] != kind:
-        raise GeovqError(f"{path} holds a {payload['kind']!r} model, expected {kind!r}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and payload["kind"] not in kinds:
+        raise GeovqError(f"{path} holds a {payload['kind']!r} model, expected {' or '.join(map(repr, kinds))}")
     return payload
 
 
-def load_model(path: str | os.PathLike, kind: str | None = None,
+def load_model(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
                device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild a VAE, VQ-VAE, fine-tuned decoder, prior or domain classifier from its checkpoint alone, on
-    `device`, in eval mode."""
+    """Rebuild a VAE, end-to-end model, fine-tuned decoder, prior or domain classifier from its checkpoint alone, on
+    `device`, in eval mode. `kind`: the kind (or kinds) the file must hold."""
     from geovq.config import TrunkConfig, VQConfig
     from geovq.latents import TokenLayout
     from geovq.models.classifier import DomainClassifier
     from geovq.models.priors import build_prior
     from geovq.models.trunk import Decoder
     from geovq.models.vae import GaussianVAE
-    from geovq.models.vqvae import VQVAE
+    from geovq.end_to_end import end_to_end_class
+    from geovq.models.vqvae import VQVAE, QuantizedAE
 
     payload = load_checkpoint(path, kind)
     config = payload["config"]
@@ -65,6 +69,9 @@ def load_model(path: str | os.PathLike, kind: str | None = None,
     elif payload["kind"] == "vqvae":
         model = VQVAE(TrunkConfig(**config["trunk"]), TokenLayout(**config["layout"]), config["n_codes"],
                       VQConfig(**config["vq"]))
+    elif payload["kind"] == "quantized_ae":
+        method = end_to_end_class(config["method"])(**config["params"]).validate()
+        model = QuantizedAE(TrunkConfig(**config["trunk"]), TokenLayout(**config["layout"]), method)
     elif payload["kind"] == "decoder":
         model = Decoder(TrunkConfig(**config["trunk"]))
     elif payload["kind"] == "prior":
@@ -72,8 +79,8 @@ def load_model(path: str | os.PathLike, kind: str | None = None,
     elif payload["kind"] == "classifier":
         model = DomainClassifier(**config)
     else:
-        raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, vqvae, decoder, "
-                         "prior, classifier")
+        raise GeovqError(f"{path} holds an unknown model kind {payload['kind']!r}; valid: vae, {', '.join(END_TO_END_KINDS)}, "
+                         "decoder, prior, classifier")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:

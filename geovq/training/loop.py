@@ -1,4 +1,4 @@
-"""Training of the Gaussian VAE and the VQ-VAE: one plain loop, epoch checkpoints, TensorBoard logging.
+"""Training of the Gaussian VAE and the end-to-end models: one plain loop, epoch checkpoints, TensorBoard logging.
 
 The loop knows nothing of Ray. `progress` is any tqdm-compatible factory: plain tqdm on a terminal, or
 Ray's tqdm when the Tune edge runs it in a worker. An interrupted training resumes from `state.pt`, the
@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from geovq.config import TDCConfig, TrainConfig, TrunkConfig, VQConfig
+from geovq.end_to_end import EndToEndMethod
 from geovq.errors import GeovqError
 from geovq.io import atomic_path
 from geovq.latents import TokenLayout
 from geovq.models.vae import GaussianVAE
-from geovq.models.vqvae import VQVAE
+from geovq.models.vqvae import VQVAE, EndToEndAE, QuantizedAE
 from geovq.training.checkpoint import save_checkpoint
 from geovq.training.tdc import TDCController, token_kl_bits
 
@@ -232,36 +233,51 @@ def train_vae(trunk: TrunkConfig, cfg: TrainConfig, train_images: np.ndarray, va
     return model
 
 
-def train_vqvae(trunk: TrunkConfig, layout: TokenLayout, n_codes: int, vq: VQConfig, cfg: TrainConfig,
-                train_images: np.ndarray, val_images: np.ndarray, out_dir: Path, progress: Callable[..., Any],
-                device: torch.device, on_epoch: EpochCallback | None = None) -> VQVAE:
-    """Train the VQ-VAE on `device` (k-means init of the codebook first); writes out_dir/model.pt."""
+def train_end_to_end(trunk: TrunkConfig, layout: TokenLayout, method: EndToEndMethod, vq: VQConfig,
+                     cfg: TrainConfig, train_images: np.ndarray, val_images: np.ndarray, out_dir: Path,
+                     progress: Callable[..., Any], device: torch.device, on_epoch: EpochCallback | None = None
+                     ) -> EndToEndAE:
+    """Train an end-to-end model on `device`: the VQ-VAE (k-means init of its codebook first; settings `vq`) or
+    the QuantizedAE of an FSQ, LFQ or residual-VQ `method`. Writes out_dir/model.pt."""
     torch.manual_seed(cfg.seed)
-    model = VQVAE(trunk, layout, n_codes, vq).to(device)
-    if not (out_dir / "state.pt").exists():
-        _kmeans_init(model, train_images, cfg, device)
+    k = method.n_codes
+    if method.is_vqvae:
+        model: EndToEndAE = VQVAE(trunk, layout, k, vq).to(device)
+        logged = ("loss", "nll", "commit", "restarted", "logits")
+        kind, config = "vqvae", {"vq": asdict(vq)}
+    else:
+        model = QuantizedAE(trunk, layout, method).to(device)
+        logged = ("loss", "nll", "aux", "logits")
+        kind, config = "quantized_ae", {"method": method.name, "params": method.get_params()}
+    if not (out_dir / "state.pt").exists():  # a resumed training restores its quantizer with its weights
+        _init_from_data(model, train_images, vq.kmeans_init_tokens, cfg.seed, device)
 
     def step_loss(x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = model.loss(x, cfg.recon)
-        return {k: out[k] for k in ("loss", "nll", "commit", "restarted", "logits")}
+        return {name: out[name] for name in logged}
 
-    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, f"vqvae K={n_codes}",
+    val = train_model(model, step_loss, train_images, val_images, cfg, out_dir, progress, f"{method.name} K={k}",
                       device, on_epoch=on_epoch)
-    save_checkpoint(out_dir / "model.pt", "vqvae", model,
-                    {"trunk": trunk.as_dict(), "layout": layout.as_dict(), "n_codes": n_codes,
-                     "vq": asdict(vq), "train": cfg.as_dict()}, {"val_losses": val})
+    save_checkpoint(out_dir / "model.pt", kind, model,
+                    {"trunk": trunk.as_dict(), "layout": layout.as_dict(), "n_codes": k, **config,
+                     "train": cfg.as_dict()}, {"val_losses": val})
     return model
 
 
 @torch.no_grad()
-def _kmeans_init(model: VQVAE, train_images: np.ndarray, cfg: TrainConfig, device: torch.device) -> None:
-    """Initialise the codebook by k-means on the untrained encoder's outputs of a random image sample."""
-    rng = np.random.default_rng(cfg.seed)
+def _init_from_data(model: EndToEndAE, train_images: np.ndarray, n_tokens: int, seed: int, device: torch.device
+                    ) -> None:
+    """Initialise the quantizer from the untrained encoder's tokens of a random image sample (about `n_tokens`):
+    the VQ-VAE's codebook by k-means, LFQ's input projection by its statistics (`Bottleneck.init_from`)."""
+    rng = np.random.default_rng(seed)
     per_image = model.layout.tokens_per_image
-    n_images = min(len(train_images), max(1, -(-model.vq.kmeans_init_tokens // per_image)))
+    n_images = min(len(train_images), max(1, -(-n_tokens // per_image)))
     sample = to_device(train_images[rng.choice(len(train_images), n_images, replace=False)], device)
     flat = model.tokens(sample).reshape(-1, model.layout.token_dim)
+    if isinstance(model, QuantizedAE):
+        model.bottleneck.init_from(flat)
+        return
     if flat.shape[0] < model.n_codes:
         raise GeovqError(f"codebook size K={model.n_codes} exceeds the {flat.shape[0]} tokens available "
                          "for its k-means initialisation")
-    model.codebook.init_from(flat.cpu().numpy(), cfg.seed)
+    model.codebook.init_from(flat.cpu().numpy(), seed)
