@@ -91,6 +91,7 @@ def test_a_truncated_foreign_or_newer_file_is_refused_in_one_line():
         (coder, b"\x89PNG\r\n\x1a\n", "f is not a geovq compressed image"),
         (coder, good[:5], "f is not a geovq compressed image"),
         (coder, bytes([0xA0 | (VERSION + 1)]) + good[1:], f"format version {VERSION + 1}, newer than this geovq"),
+        (coder, bytes([0xA0 | (VERSION - 1)]) + good[1:], f"format version {VERSION - 1}, whose prior probabilities"),
         (fixed, plain[:-1], "f is truncated or padded"),
         (coder, good[:HEADER_BYTES + 2], "f: "),  # a payload cut short: it fails to decode, or fails the check
     ]
@@ -102,6 +103,23 @@ def test_a_truncated_foreign_or_newer_file_is_refused_in_one_line():
         other.decode([plain], ["f"])
     with pytest.raises(GeovqError, match="holds fixed-length codes; this codec reads the transformer prior's"):
         coder.decode([plain], ["f"])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "pixelcnn"])
+@pytest.mark.parametrize("grid", [GRID, CodeGrid(7, 7, 1, 256), CodeGrid(8, 8, 1, 256)], ids=["T18", "T49", "T64"])
+def test_a_codes_probabilities_do_not_depend_on_later_codes_to_the_last_bit(kind, grid):
+    """What decoding relies on: the decoder's forward over the codes decoded so far (zeros after them) gives code
+    t's distribution bit for bit as the encoder's forward over the whole image did."""
+    prior = make_prior(kind, grid)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.mul_(4.0)
+    coder = CodeCoder(grid.n_codes, grid.tokens, unit_tag("u"), prior, kind)
+    for row in np.random.default_rng(2).integers(0, grid.n_codes, (2, grid.tokens)):
+        full = coder._probabilities(row)
+        for t in range(grid.tokens):
+            prefix = np.where(np.arange(grid.tokens) < t, row, 0)
+            assert np.array_equal(coder._probabilities(prefix)[t], full[t]), t
 
 
 def test_a_decoder_whose_arithmetic_differs_is_caught_by_the_check_not_returned():
@@ -212,7 +230,8 @@ def test_every_row_with_a_prior_carries_the_size_of_its_test_images_files(quick_
     unit = plan.select("kmeans", None, 16, 0)
     codes = np.load(plan.run.codes(unit, "test"))
     prior = load_model(plan.run.prior(unit, "transformer") / "prior.pt", "prior")
-    files = CodeCoder(16, codes.shape[1], unit_tag(unit.key), prior, "transformer").encode(codes)
+    coder = CodeCoder(16, codes.shape[1], unit_tag(unit.key), prior, "transformer")
+    files = coder.encode(codes)
     row = next(r for r in rows if r["unit"] == unit.key)
     assert row["coded_bits_per_image"] == 8 * np.mean([len(f) for f in files])
     figure = json.loads((quick_run / "figures" / "rate_distortion.json").read_text())

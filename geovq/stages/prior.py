@@ -132,9 +132,9 @@ CODED_ROUND_TRIP_IMAGES = 16
 
 
 def coded_rate(unit: Unit, kind: str, prior: Prior, test_codes: np.ndarray) -> dict[str, Any]:
-    """The rate in bytes: every test image's codes compressed to a file by the codec (`geovq compress`'s, header
-    included) under the unconditional `prior` (on the CPU, as the codec runs it), 8 × the mean file size; the first
-    CODED_ROUND_TRIP_IMAGES files decoded back and checked."""
+    """The rate in bytes: every test image's codes compressed to a file by the codec (`geovq compress`'s format,
+    header included) under the unconditional `prior` (on the CPU, as the codec runs it), 8 × the mean file size;
+    the first CODED_ROUND_TRIP_IMAGES files decoded back by the codec's own one-image decoder and checked."""
     from geovq.codec import HEADER_BYTES, CodeCoder, unit_tag
 
     t0 = time.time()
