@@ -94,8 +94,10 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     """`kill`, `timeout` and job schedulers stop a process with SIGTERM. Taken as Ctrl-C, a sweep or search stops
     the same clean way (one "interrupted" line, finished work kept, exit 130) instead of dying in the handler
     that ray.init installs, with a stack dump and no word on what was kept. Entered after ray.init for that
-    reason; the previous handler is put back on exit."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    reason; the previous handler is put back on exit. The handler raises KeyboardInterrupt itself: a sweep that a
+    script started in the background (`geovq sweep … &`) ignores SIGINT, and passing SIGTERM on as SIGINT then
+    did nothing."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:

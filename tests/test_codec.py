@@ -238,3 +238,27 @@ def test_every_row_with_a_prior_carries_the_size_of_its_test_images_files(quick_
     assert figure["panels"][-1] == "psnr_vs_coded_bpp" and len(figure["coded"]) == len({r["method"] for r in rows})
     assert [p["quality"] for p in figure["references"]["codecs"]["jpeg"]["points"]] == [5, 10, 20, 35, 50, 75, 90]
     assert "coded bits/image (files)" in (quick_run / "report.md").read_text()
+
+
+def test_a_prior_scored_before_files_were_coded_gains_their_rate_when_read_again(quick_run, tmp_path):
+    """A run from a geovq that did not code files yet: its prior.json gains the coded rate the next time the prior
+    stage reads it (a re-run or an extended sweep), the same as a fresh run's."""
+    import json
+    import shutil
+
+    from geovq.stages.common import no_progress
+    from geovq.stages.plan import RunPlan
+    from geovq.stages.prior import prior_stage
+    from geovq.stages.rundir import RunDir
+
+    plan = RunPlan.load(quick_run)
+    unit = plan.select("gq", None, 16, 0)
+    unit_dir = plan.run.unit(unit).relative_to(quick_run)
+    shutil.copytree(quick_run / unit_dir, tmp_path / unit_dir, ignore=shutil.ignore_patterns("tb", "samples-*"))
+    copy = RunDir(tmp_path)
+    done = copy.prior(unit, "transformer") / "prior.json"
+    fresh = json.loads(done.read_text())
+    done.write_text(json.dumps({k: v for k, v in fresh.items() if not k.startswith("coded_")}))
+    result = prior_stage(copy, plan.cfg, unit, torch.device("cpu"), no_progress, kind="transformer")
+    assert result["coded_bits_per_image"] == fresh["coded_bits_per_image"]
+    assert json.loads(done.read_text())["coded_round_trip_images"] == 16

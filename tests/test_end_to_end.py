@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from geovq.codec import HEADER_BYTES
 from geovq.config import TrunkConfig, validate_tuned
 from geovq.end_to_end import END_TO_END_METHODS, FSQMethod, end_to_end_method, split_params
 from geovq.errors import GeovqError
@@ -139,15 +140,15 @@ def test_a_space_tunes_their_hyperparameters_beside_the_end_to_end_training_and_
 
 
 def test_their_units_run_through_the_sweep_stages_with_priors_and_every_column(tmp_path):
-    """fsq, lfq and rvq next to the VQ-VAE in one tiny in-process run: the same bits per image, every column
-    (usage, dead codes, prior bits, samples), parameters counted, and codes that the saved model reproduces."""
+    """fsq, lfq and rvq in one tiny in-process run: tokens × log2 K bits per image, every column (usage, dead
+    codes, prior bits, coded bits, samples), parameters counted, and codes that the saved model reproduces."""
     from geovq.stages.common import load_splits, no_progress
     from geovq.stages.encode import unit_encoder
     from geovq.stages.rundir import RunDir
     from geovq.stages.run import run_unit
     from geovq.stages.units import plan_units
 
-    cfg = tiny_config(["vqvae", *BASELINES], [16], prior="transformer",
+    cfg = tiny_config(list(BASELINES), [16], prior="transformer",
                       method_params={"rvq": {"stages": 4}, "fsq": {"levels": "2,8"}})
     run, data, cpu = RunDir(tmp_path), load_splits(cfg), torch.device("cpu")
     rows = {}
@@ -156,13 +157,13 @@ def test_their_units_run_through_the_sweep_stages_with_priors_and_every_column(t
         codes = np.load(run.codes(unit, "test"))
         assert codes.min() >= 0 and codes.max() < 16
         np.testing.assert_array_equal(unit_encoder(run, cfg, unit, cpu)(data.test), codes)
-    assert {r["bits_per_image"] for r in rows.values()} == {16 * 4}
+    assert {r["bits_per_image"] for r in rows.values()} == {cfg.tokens_per_image * 4} == {16 * 4}
     for method in BASELINES:
         r = rows[method]
         assert r["vae"] is None and r["params"] == cfg.method_params.get(method, {})
         assert 1 <= r["usage_perplexity"] <= 16 and 0 <= r["dead_codes"] < 16
         assert math.isfinite(r["prior_bits_per_image"]) and (r["prior_bits_per_image"] > 0) == (r["dead_codes"] < 15)
-        assert r["sample_decoder"] == "end_to_end"
+        assert r["sample_decoder"] == "end_to_end" and r["coded_bits_per_image"] >= 8 * HEADER_BYTES
         assert r["parameters"] > r["quantizer_parameters"] >= 0
     assert rows["fsq"]["quantizer_parameters"] == (4 * 2 + 2) + (2 * 4 + 4)  # d = C = 4 at --tiny, 2 levels
-    assert rows["rvq"]["quantizer_parameters"] == 0 and rows["vqvae"]["quantizer_parameters"] == 0
+    assert rows["rvq"]["quantizer_parameters"] == 0  # EMA codebooks: running averages, not trained parameters

@@ -32,10 +32,15 @@ INTERRUPTIBLE = SMALL + ["--epochs", "10", "--cpus-per-trial", "2"]
 UNIT_LINE = re.compile(r"geovq: \[\d+/\d+\] digits/")  # the driver's line for a finished job
 
 
-def geovq(*args: str, **kwargs) -> subprocess.Popen:
+def geovq(*args: str, preexec_fn=sigint_at_default, **kwargs) -> subprocess.Popen:
     """The real console script in its own process group, as a terminal runs it (Ctrl-C reaches the group)."""
     return subprocess.Popen(["geovq", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=sigint_at_default, **kwargs)
+                            start_new_session=True, preexec_fn=preexec_fn, **kwargs)
+
+
+def sigint_ignored() -> None:
+    """A child's `preexec_fn`: SIGINT ignored, as a script's background job (`geovq sweep … &`) has it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def read_lines(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
@@ -94,8 +99,10 @@ def test_sigint_exits_130_with_one_line_and_the_same_command_finishes_without_re
 def test_sigterm_stops_a_sweep_like_ctrl_c(ray_local, tmp_path):
     # `kill`, `timeout` and job schedulers send SIGTERM, to the driver alone; Ray's own handler (which ray.init
     # installs when it connects, too) would dump a stack and say nothing of what was kept. The sweep joins the
-    # session's Ray rather than starting one of its own.
-    proc = geovq(*SMALL, "--address", ray_local.get_runtime_context().gcs_address, "--out", str(tmp_path / "run"))
+    # session's Ray rather than starting one of its own. Started as a script's background job, which ignores
+    # SIGINT: SIGTERM must stop it all the same (it once did nothing there: it was passed on as SIGINT).
+    proc = geovq(*SMALL, "--address", ray_local.get_runtime_context().gcs_address, "--out", str(tmp_path / "run"),
+                 preexec_fn=sigint_ignored)
     lines, reader = read_lines(proc)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any("jobs to run" in line for line in lines):
