@@ -229,7 +229,8 @@ def test_merged_report_figures_html_and_reconstruction_tiles(two_runs, tmp_path)
     assert all(f"<h2>{bits} bits per image</h2>" in html for bits in (64, 80, 96))
     rd = json.loads((out / "figures" / "rate_distortion.json").read_text())
     assert set(rd["lines"]) == set(methods)
-    assert rd["panels"][0] == "psnr" and rd["panels"][-1] == "psnr_vs_prior_bits"  # run a has priors
+    # run a has priors, so its rows have coded files too
+    assert rd["panels"][0] == "psnr" and rd["panels"][-2:] == ["psnr_vs_prior_bits", "psnr_vs_coded_bpp"]
     # geodesic diagnostics: the geodesic row's sampled pairs and edges, both panels drawn
     geometry = json.loads((out / "figures" / "geometry_64bits.json").read_text())
     geodesic = next(r for r in rows if r["method"] == "geodesic" and r["K"] == 16)
@@ -423,25 +424,28 @@ def test_the_coded_panel_puts_real_file_rates_beside_jpeg_and_webp_on_the_same_i
 
     from geovq.data import ImageSplits
     from geovq.report.figures import rate_distortion_figure
-    from geovq.stages.reference import QUALITIES, reference_codecs_stage
+    from geovq.stages.reference import PERFECT_PSNR, QUALITIES, reference_codecs_stage
     from geovq.stages.rundir import RunDir
 
     rng = np.random.default_rng(0)
     test = rng.random((5, 1, 16, 16)).astype(np.float32)
+    test[4] = 1.0  # a flat white image, which may come back exactly (PSNR +inf, counted as PERFECT_PSNR)
     empty = np.zeros((0, 1, 16, 16), np.float32)
     data = ImageSplits("noise", empty, empty, test, np.zeros(0, int), np.zeros(0, int), np.zeros(5, int), (8, 8), "")
     refs = reference_codecs_stage(RunDir(tmp_path), data)
     assert (tmp_path / "reference_codecs.json").exists() and refs["qualities"] == list(QUALITIES)
     for codec, fmt in (("jpeg", "JPEG"), ("webp", "WEBP")):
         point = refs["codecs"][codec]["points"][2]  # quality 20
-        sizes, psnrs = [], []
+        sizes, psnrs, perfect = [], [], 0
         for image in test:
             buffer = io.BytesIO()
             Image.fromarray(np.rint(image[0] * 255).astype(np.uint8)).save(buffer, format=fmt, quality=20)
             sizes.append(len(buffer.getvalue()))
             back = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("L"), np.float32) / 255
-            psnrs.append(10 * np.log10(1 / np.mean((back - image[0]) ** 2)))
-        assert point["bits_per_image"] == pytest.approx(8 * np.mean(sizes))
+            mse = np.mean((back - image[0]) ** 2)
+            psnrs.append(PERFECT_PSNR if mse == 0 else 10 * np.log10(1 / mse))
+            perfect += mse == 0
+        assert point["bits_per_image"] == pytest.approx(8 * np.mean(sizes)) and point["perfect"] == perfect
         assert point["bpp"] == pytest.approx(8 * np.mean(sizes) / 64)  # per native 8×8 pixel
         assert point["psnr"] == pytest.approx(np.mean(psnrs), rel=1e-5)
 
@@ -455,5 +459,6 @@ def test_the_coded_panel_puts_real_file_rates_beside_jpeg_and_webp_on_the_same_i
     # bpp 1.0 at 64 fixed-length bits: 110 coded bits are 110/64 bits per pixel
     assert figure.data["coded"] == {"vqvae": [(110.0 / 64, 20.5, pytest.approx(mean_ci([20.0, 21.0])[1]))]}
     assert figure.data["references"]["codecs"]["jpeg"]["points"][0]["quality"] == QUALITIES[0]
+    assert any(p["perfect"] for c in refs["codecs"].values() for p in c["points"])  # the flat image, somewhere
     rows[0]["coded_bits_per_image"] = None  # one seed without files: no point, and no empty panel
     assert "psnr_vs_coded_bpp" not in rate_distortion_figure(tmp_path, rows, [], refs).data["panels"]

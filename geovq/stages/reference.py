@@ -5,7 +5,9 @@ the learned codes' rate in real bytes beside them (DESIGN.md §2: rates in bits 
 
 Each point is one codec at one quality over every test image: bits per image from the real file sizes (8 × the
 mean size, headers included, as `coded_bits_per_image` counts the geovq codec's 7-byte header), bits per native
-pixel, and the mean PSNR of the decoded images against the same float images the rows are scored on. The images
+pixel, and the mean PSNR of the decoded images against the same float images the rows are scored on; an image
+that comes back exactly (flat patches at high quality: PSNR +inf) counts as PERFECT_PSNR dB, and `perfect` says
+how many did. The images
 are coded as the networks see them (8-bit, grey or RGB, at the trunk's size), so a point and a row reconstruct
 the same pixels. On tiny images a JPEG or WebP header is most of the file: that is the real cost of those formats
 there, and the figure says so.
@@ -28,6 +30,8 @@ from geovq.stages.rundir import RunDir
 
 #: the qualities each codec is run at (Pillow's 1-100 scale for both)
 QUALITIES = (5, 10, 20, 35, 50, 75, 90)
+#: the PSNR an exactly reconstructed image counts with in a point's mean (its own PSNR is +inf)
+PERFECT_PSNR = 100.0
 #: Pillow format name of each codec
 CODECS = {"jpeg": "JPEG", "webp": "WEBP"}
 FILE = "reference_codecs.json"
@@ -82,8 +86,10 @@ def reference_codecs_stage(run: RunDir, data: ImageSplits) -> dict[str, Any]:
         for quality in QUALITIES:
             sizes, decoded = code_images(data.test, codec, quality)
             bits = 8 * float(sizes.mean())
+            per_image = psnr(originals, torch.from_numpy(decoded))
             points.append({"quality": quality, "bits_per_image": bits, "bpp": bits_per_pixel(bits, data.native_hw),
-                           "psnr": float(psnr(originals, torch.from_numpy(decoded)).mean())})
+                           "psnr": float(np.minimum(per_image, PERFECT_PSNR).mean()),
+                           "perfect": int(np.isinf(per_image).sum())})
         result["codecs"][codec] = {"points": points, "reason": None}
     result["seconds"] = time.time() - t0
     write_json(path, result)
