@@ -83,6 +83,11 @@ def test_a_projection_is_counted_in_the_baseline_and_the_checkpoint_rebuilds_it(
     torch.testing.assert_close(back.decode_codes(back.encode_codes(x)), model.decode_codes(model.encode_codes(x)))
     with pytest.raises(GeovqError, match="expected 'vae'"):
         load_model(tmp_path / "m.pt", "vae")
+    save_checkpoint(tmp_path / "odd.pt", "quantized_ae", model,  # settings this geovq's FSQ does not take
+                    {"trunk": TRUNK.as_dict(), "layout": model.layout.as_dict(), "n_codes": 256,
+                     "method": "fsq", "params": {**model.method.get_params(), "temperature": 2.0}})
+    with pytest.raises(GeovqError, match="odd.pt: its fsq settings do not match this geovq's"):
+        load_model(tmp_path / "odd.pt")
 
 
 def test_options_and_the_rules_of_a_sweep_derive_from_the_constructors():

@@ -70,7 +70,10 @@ def load_model(path: str | os.PathLike, kind: str | tuple[str, ...] | None = Non
         model = VQVAE(TrunkConfig(**config["trunk"]), TokenLayout(**config["layout"]), config["n_codes"],
                       VQConfig(**config["vq"]))
     elif payload["kind"] == "quantized_ae":
-        method = end_to_end_class(config["method"])(**config["params"]).validate()
+        try:
+            method = end_to_end_class(config["method"])(**config["params"]).validate()
+        except TypeError as e:  # a parameter the method's constructor does not take
+            raise GeovqError(f"{path}: its {config['method']} settings do not match this geovq's ({e})") from None
         model = QuantizedAE(TrunkConfig(**config["trunk"]), TokenLayout(**config["layout"]), method)
     elif payload["kind"] == "decoder":
         model = Decoder(TrunkConfig(**config["trunk"]))
