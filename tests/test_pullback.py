@@ -383,6 +383,17 @@ def test_the_probed_rule_settles_unsure_tokens_exactly_and_reports_its_agreement
     assert (q.encode_probed(test) == exact).mean() >= max(info["agreement"] - 1e-9, (estimate == exact).mean())
 
 
+def test_encode_alone_makes_the_codes_without_the_records_checks(monkeypatch):
+    """`encode` (what `geovq compress` calls) gives encode_with_info's codes without measuring the rule against the
+    exact one: that check costs 2,000 tokens' exact metrics, more than the codes of a few images."""
+    decoder, q, test = probed_setup(8, 4, 12)
+    q.probes = 32
+    codes, info = q.encode_with_info(test)
+    assert "agreement" in info
+    monkeypatch.setattr(type(q), "_check_against_exact", lambda *a: pytest.fail("encode ran the check"))
+    np.testing.assert_array_equal(q.encode(test), codes)
+
+
 def test_the_probed_rule_refuses_bad_input():
     decoder, q, test = probed_setup(8, 4, 12)
     q.probes = 8
