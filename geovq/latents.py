@@ -92,8 +92,13 @@ class LatentSet:
     mu: np.ndarray  # (N, h, w, C) float32
     logvar: np.ndarray  # (N, h, w, C) float32
     layout: TokenLayout
+    #: (N,) each image's index in its whole split, where this set is a shard of it (None: 0..N−1). What draws
+    #: per image are seeded by (pull-back's output probes), so that a shard's codes are the whole split's.
+    image_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.image_ids is not None and np.shape(self.image_ids) != (self.mu.shape[0],):
+            raise GeovqError(f"image_ids {np.shape(self.image_ids)} must give one index per image ({self.mu.shape[0]})")
         if self.mu.shape != self.logvar.shape or self.mu.ndim != 4:
             raise GeovqError(f"mu {self.mu.shape} and logvar {self.logvar.shape} must be equal (N, h, w, C) grids")
         if self.mu.shape[1:] != (self.layout.height, self.layout.width, self.layout.channels):
@@ -111,6 +116,11 @@ class LatentSet:
     @property
     def n_images(self) -> int:
         return self.mu.shape[0]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(N,) each image's index in its whole split."""
+        return np.arange(self.n_images) if self.image_ids is None else np.asarray(self.image_ids)
 
     @property
     def tokens_per_image(self) -> int:
@@ -164,11 +174,11 @@ class LatentSet:
         return self.token_kl_bits().reshape(self.n_images, lay.height, lay.width, lay.groups)
 
     def subset(self, images: np.ndarray) -> LatentSet:
-        return LatentSet(self.mu[images], self.logvar[images], self.layout)
+        return LatentSet(self.mu[images], self.logvar[images], self.layout, self.ids[images])
 
     def with_tokens(self, token_dim: int | None, grouping: str | None = None) -> LatentSet:
         """The same grids cut into tokens of `token_dim` channels (a VAE's latents serve any d)."""
-        return LatentSet(self.mu, self.logvar, self.layout.with_token_dim(token_dim, grouping))
+        return LatentSet(self.mu, self.logvar, self.layout.with_token_dim(token_dim, grouping), self.image_ids)
 
     def save(self, path: str | os.PathLike) -> None:
         save_npz(path, mu=self.mu, logvar=self.logvar, layout=np.array(

@@ -98,3 +98,32 @@ def test_cpu_actor_pools_use_every_core_once_and_spare_one_cpu_for_read_tasks(ra
         assert reserved == (cpus - 1 if read_tasks else cpus)  # a read task can always be scheduled
     one_block = actor_pool(0.0, False, max_actors=1)  # no actor Ray Data cannot feed; its threads use the cores
     assert (one_block.size, one_block.threads) == (1, cpus)
+
+
+def test_ray_data_codes_of_a_split_are_the_in_process_codes(trained, tmp_path):
+    """A fitted pull-back quantizer's probed codes of the test split, sharded over an actor pool in batches of 48
+    images, are the in-process encode's of the same latents: each shard's probes are drawn by its images' indices
+    in the split."""
+    from geovq.distributed.data import encode_codes_parquet, extract_latents_parquet, latents_from_parquet
+    from geovq.latents import LatentSet
+    from geovq.quantize import make_quantizer
+    from geovq.stages.common import GridDecoder
+    from geovq.training.checkpoint import load_model
+
+    run, cfg, spec, data = trained
+    checkpoint = run.vae(spec) / "model.pt"
+    decoder = GridDecoder(load_model(checkpoint, "vae"))
+    train = LatentSet.load(run.latents(spec, "train"))
+    q = make_quantizer("pullback", 16, seed=0, decoder=decoder, max_tokens=2000, probes=16).fit(train)
+    q.save(tmp_path / "quantizer.npz")
+    shards = extract_latents_parquet(checkpoint, data.test, data.test_labels, tmp_path / "test")
+    test, _ = latents_from_parquet(shards, train.layout)
+    assert q.rule_for(test) == "probed"  # 16 probes: the rule whose draws depend on the image's index
+    in_process = q.encode(test)
+    sharded = encode_codes_parquet(checkpoint, tmp_path / "quantizer.npz", shards, train.layout, batch_size=48)
+    np.testing.assert_array_equal(sharded, in_process)
+    # the index matters: the same images numbered from 0 in each shard would draw other probes
+    shard = test.subset(np.arange(48, 96))
+    np.testing.assert_array_equal(q.encode(shard), in_process[48:96])
+    renumbered = LatentSet(shard.mu, shard.logvar, shard.layout)
+    assert (q.encode(renumbered) != in_process[48:96]).any()

@@ -1,4 +1,5 @@
-"""Ray Data stages: latent extraction and edge re-weighting sharded over an actor pool (GPU workers on a cluster).
+"""Ray Data stages: latent extraction, edge re-weighting and a fitted quantizer's codes sharded over an actor pool
+(GPU workers on a cluster).
 
 Both wrap plain stage functions (`geovq.stages.extract.encode_images`, `geovq.stages.edges.measure_edges`) in a
 callable class for `map_batches` over `ActorPoolStrategy`: each actor loads the model from its checkpoint path
@@ -148,6 +149,58 @@ def latents_from_parquet(path: Path, layout: TokenLayout) -> tuple[LatentSet, np
     shape = (len(order), layout.height, layout.width, layout.channels)
     return (LatentSet(table["mu"][order].reshape(shape), table["logvar"][order].reshape(shape), layout),
             table["label"][order])
+
+
+class CodeEncoder:
+    """map_batches callable: latents rows (index, μ, log σ² flattened, label) as `extract_latents_parquet` writes
+    them -> (index, codes) by a unit's fitted quantizer, loaded once per actor with the VAE's decoder on the actor's
+    device. Each image keeps its index in the split (`LatentSet.image_ids`), so what is drawn per image (pull-back's
+    probes) is what the in-process encode of the whole split draws."""
+
+    def __init__(self, checkpoint: str, quantizer: str, layout: dict, num_gpus: float, threads: int) -> None:
+        import torch
+
+        from geovq.quantize.base import Quantizer
+        from geovq.stages.fit import runtime_options
+        from geovq.training.checkpoint import load_model
+
+        torch.set_num_threads(threads)
+        vae = load_model(checkpoint, "vae", _actor_device(num_gpus))
+        self.quantizer = Quantizer.load(quantizer, **runtime_options(Quantizer.load_class(quantizer), vae))
+        self.layout = TokenLayout(**layout)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        lay = self.layout
+        shape = (len(batch["index"]), lay.height, lay.width, lay.channels)
+        latents = LatentSet(np.stack(batch["mu"]).reshape(shape).astype(np.float32),
+                            np.stack(batch["logvar"]).reshape(shape).astype(np.float32), lay, batch["index"])
+        return {"index": batch["index"], "codes": self.quantizer.encode(latents)}
+
+
+def encode_codes_parquet(checkpoint: Path, quantizer: Path, latents: Path, layout: TokenLayout,
+                         num_gpus: float = 0.0, threads: int | None = None, batch_size: int = 512) -> np.ndarray:
+    """(N, T) codes, in image order, of a split's latents (Parquet shards in `latents`, as `extract_latents_parquet`
+    writes them) by a unit's fitted quantizer (quantizer.npz), sharded over an actor pool of `batch_size`-image
+    batches: a pull-back or geodesic encode's decoder passes, one actor per GPU on a cluster. The codes are the
+    in-process encode's; its record (the rule's agreement with the exact one) is the caller's to measure once."""
+    import pyarrow.parquet as pq
+    import ray
+
+    # the driver reads the shards (pyarrow: seconds for MNIST) and hands out blocks of `batch_size` images: no read
+    # task needs a CPU, so the pool may take every core (a pool beside read tasks leaves one free)
+    table = pq.read_table(str(latents))
+    blocks = [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)]
+    pool = actor_pool(num_gpus, read_tasks=False, max_actors=len(blocks))
+    rows = ray.data.from_arrow(blocks).map_batches(
+        CodeEncoder, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs=dict(checkpoint=str(checkpoint), quantizer=str(quantizer), layout=layout.as_dict(),
+                                   num_gpus=num_gpus, threads=threads or pool.threads),
+        **pool.map_batches_args()).take_all()
+    index = np.array([int(r["index"]) for r in rows])
+    order = np.argsort(index)
+    if not np.array_equal(index[order], np.arange(len(index))):
+        raise GeovqError(f"{latents}: the encoded shards do not hold every image of the split exactly once")
+    return np.stack([np.asarray(rows[i]["codes"]) for i in order]).astype(np.int64)
 
 
 class EdgeMeasurer:

@@ -413,7 +413,8 @@ class PullbackQuantizer(Quantizer):
             images = np.arange(start, min(start + step, latents.n_images))
             grids = latents.mu[images].astype(np.float64)
             t0 = time.perf_counter()
-            grads = image_probes(self.decoder, grids, self.probes, self.seed, images)  # (B, s, h, w, C)
+            # (B, s, h, w, C); probes drawn by each image's index in its split, so a shard's are the split's
+            grads = image_probes(self.decoder, grids, self.probes, self.seed, latents.ids[images])
             t1 = time.perf_counter()
             flat = grads.reshape(*grads.shape[:2], -1)[:, :, positions]  # (B, s, tokens per image, d)
             probe_grads = flat.transpose(0, 2, 1, 3).reshape(-1, flat.shape[1], d)  # (n, s, d)
