@@ -152,15 +152,17 @@ def test_a_rates_comparison_shows_only_the_ceilings_of_the_vaes_quantized_at_tha
     assert Image.open(tmp_path / "figures" / "compare_96bits.png").format == "PNG"
 
 
-def test_the_comparison_draws_the_paired_difference_only_where_the_rate_has_a_vqvae(tmp_path):
+def test_the_comparison_draws_the_paired_difference_only_where_the_rate_has_an_end_to_end_line(tmp_path):
     from geovq.report.figures import compare_figure
 
     (tmp_path / "figures").mkdir()
     rows = [row("kmeans", "plain", 64, s, p) for s, p in enumerate([24.0, 25.0, 26.0])]  # 96 bits
-    rows += [row("vqvae", None, 64, s, p) for s, p in enumerate([24.5, 24.0, 25.0])]
-    rows.append(row("gq", "plain", 16, 0, 20.0))  # 64 bits: no VQ-VAE there
+    rows += [row("vqvae", None, 64, s, p) for s, p in enumerate([24.5, 24.0, 25.0])]  # the best end to end
+    rows += [row("fsq", None, 64, s, p) for s, p in enumerate([24.0, 24.0, 24.5])]
+    rows.append(row("gq", "plain", 16, 0, 20.0))  # 64 bits: no end-to-end line there
     at_96 = compare_figure(tmp_path, rows, [], 96).data
-    assert at_96["panels"] == 3 and at_96["delta"] == {"kmeans": list(mean_ci([-0.5, 1.0, 1.0]))}
+    assert at_96["panels"] == 3 and at_96["baseline"] == "vqvae K=64"
+    assert at_96["delta"] == {"kmeans": list(mean_ci([-0.5, 1.0, 1.0])), "fsq": list(mean_ci([-0.5, 0.0, -0.5]))}
     at_64 = compare_figure(tmp_path, rows, [], 64).data
     assert at_64["panels"] == 2 and at_64["delta"] == {}
     assert Image.open(tmp_path / "figures" / "compare_96bits.png").size[0] > \

@@ -13,7 +13,7 @@ import numpy as np
 
 from geovq.io import atomic_path
 from geovq.latents import LatentSet
-from geovq.report.tables import mean_ci, vqvae_difference
+from geovq.report.tables import best_end_to_end, mean_ci, paired_difference
 
 if TYPE_CHECKING:
     from geovq.report.runs import Runs
@@ -183,8 +183,8 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
 
 
 def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]], bits: float) -> Figure:
-    """The methods at one rate, best PSNR on top, with the continuous VAEs' ceilings, each line's PSNR minus the
-    VQ-VAE's seed by seed (where the rate has a VQ-VAE at the line's K) and usage/K."""
+    """The methods at one rate, best PSNR on top, with the continuous VAEs' ceilings, each line's PSNR minus the best
+    end-to-end line's seed by seed (`best_end_to_end`, as report.md's first ΔPSNR column) and usage/K."""
     import matplotlib.pyplot as plt
 
     series = _series(rows)
@@ -194,8 +194,11 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     ceiling_lines = _ceiling_lines([c for c in ceilings if c.get("vae_key") in used])
     labels = sorted((label for label in series if bits in series[label]),
                     key=lambda label: _stat(series[label][bits], "psnr")[0])
-    # {label: (mean, half-width or None)} of PSNR minus the VQ-VAE's, paired by seed
-    deltas = {label: delta for label in labels if (delta := vqvae_difference(series[label][bits], rows))}
+    # {label: (mean, half-width or None)} of PSNR minus the best end-to-end line's, paired by seed
+    baseline = best_end_to_end(rows, bits)
+    deltas = {} if baseline is None else {
+        label: delta for label in labels if baseline[1][0] not in series[label][bits]
+        and (delta := paired_difference(series[label][bits], baseline[1]))}
     panels = ["psnr"] + (["delta"] if deltas else []) + ["usage_perplexity"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 + 3.35 * len(panels), 0.9 + 0.32 * len(labels)),
                              sharey=True)
@@ -218,7 +221,8 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
                                                        else "1 seed)"))
     if deltas:
         axes[1].axvline(0, c="gray", lw=1)
-        axes[1].set(xlabel="Δ test PSNR vs the VQ-VAE (dB)", title="paired by seed (mean ± 95% CI)")
+        axes[1].set_xlabel(f"Δ test PSNR vs {baseline[0]} (dB)")
+        axes[1].set_title("vs the best end-to-end line, paired by seed", fontsize=9)
     axes[-1].set(xlabel="usage perplexity / K", xlim=(0, 1.05), title="codebook usage (test)")
     for ax in axes:
         ax.grid(alpha=0.3, axis="x")
@@ -226,6 +230,7 @@ def compare_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[st
     _save(fig, path)
     return Figure(path, f"the methods at {bits:g} bits per image, ranked by test PSNR",
                   {"lines": labels, "ceilings": sorted(ceiling_lines), "panels": len(panels),
+                   "baseline": None if baseline is None else baseline[0],
                    "delta": {label: list(d) for label, d in deltas.items()}})
 
 
