@@ -80,7 +80,7 @@ def paired_difference(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
 
 
 def vqvae_difference(line: list[dict[str, Any]], rows: list[dict[str, Any]]) -> tuple[float, float | None] | None:
-    """`paired_difference` of a post-hoc line (its rows at one rate) against the end-to-end VQ-VAE among `rows` at
+    """`paired_difference` of a line (its rows at one rate) against the end-to-end VQ-VAE among `rows` at
     the same rate and K (so with the same token layout); None for the VQ-VAE itself or where there is none."""
     first = line[0]
     if first["method"] == "vqvae":
