@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from geovq.config import END_TO_END
 from geovq.errors import GeovqError
-from geovq.quantize.base import Configurable, check_method_name
+from geovq.quantize.base import Configurable, check_method_name, power_of_two_bits
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,12 +62,8 @@ def register_end_to_end(name: str):
 
 
 def _power_of_two_bits(method: str, n_codes: int) -> int:
-    """log2 K, or a GeovqError naming K and the nearest valid sizes."""
-    bits = int(n_codes).bit_length() - 1
-    if n_codes != 2**bits:
-        raise GeovqError(f"{method} at K={n_codes}: K must be a power of two (its codes are whole bits); got "
-                         f"K={n_codes}, nearest valid: {2**bits} or {2**(bits + 1)}")
-    return bits
+    """log2 K, or a GeovqError naming K and the nearest valid sizes (`quantize.base.power_of_two_bits`)."""
+    return power_of_two_bits(n_codes, f"{method} at K={n_codes}: K must be a power of two (its codes are whole bits)")
 
 
 @register_end_to_end("vqvae")

@@ -72,6 +72,17 @@ class EncodeProgress:
                      spent * (self.total / done - 1))
 
 
+def power_of_two_bits(n_codes: int, needs: str) -> int:
+    """log2 K where K is a power of two; else a GeovqError of `needs` (what requires it, and why) naming K and the
+    nearest valid sizes. The one rule of gq (Sobol balance), fsq and lfq (codes of whole bits)."""
+    n_codes = int(n_codes)
+    if n_codes < 2 or n_codes & (n_codes - 1):
+        below = 1 << max(n_codes.bit_length() - 1, 1)
+        above = 1 << max(n_codes.bit_length(), 1)
+        raise GeovqError(f"{needs}; got K={n_codes}, nearest valid: {below} or {above}")
+    return n_codes.bit_length() - 1
+
+
 def check_method_name(name: str) -> str:
     if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
         raise GeovqError(f"method name {name!r} is not valid; names match [a-z0-9][a-z0-9_-]* (e.g. w2-fast)")

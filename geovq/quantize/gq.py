@@ -29,7 +29,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
-from geovq.quantize.base import Quantizer, register
+from geovq.quantize.base import Quantizer, power_of_two_bits, register
 
 #: Sobol points are integers times 2^-SOBOL_BITS; see `sobol_gaussian_codebook` for why this matters.
 SOBOL_BITS = 30
@@ -39,15 +39,8 @@ SCORE_BLOCK_BYTES = 64 << 20
 
 def check_power_of_two(n_codes: int) -> int:
     """log2 K, or a GeovqError naming K and the nearest valid sizes (Sobol balance needs K = 2^m)."""
-    n_codes = int(n_codes)
-    if n_codes < 2 or n_codes & (n_codes - 1):
-        below = 1 << max(n_codes.bit_length() - 1, 1)
-        above = 1 << max(n_codes.bit_length(), 1)
-        raise GeovqError(
-            f"gq needs a codebook size K that is a power of two (scrambled Sobol points are balanced only "
-            f"then); got K={n_codes}, nearest valid: {below} or {above}"
-        )
-    return n_codes.bit_length() - 1
+    return power_of_two_bits(n_codes, "gq needs a codebook size K that is a power of two (scrambled Sobol points "
+                                      "are balanced only then)")
 
 
 def check_beta(beta: float) -> float:

@@ -87,6 +87,16 @@ def line_colours(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {label: style["color"] for label, style in line_styles(rows).items()}
 
 
+def _psnr_against(series: dict[str, dict[float, list[dict]]], rate: str,
+                  scale: Callable[[float, list[dict]], float] = lambda bits, rows: 1.0
+                  ) -> dict[str, list[tuple[float, float, float]]]:
+    """{line label: [(mean `rate` × scale(bits, rows), PSNR mean, its CI half-width), ...]} over the line's
+    fixed-length rates (mean over seeds on both axes); a rate has a point only where every seed's row has `rate`."""
+    return {label: [(_stat(by_bits[b], rate)[0] * scale(b, by_bits[b]), *_stat(by_bits[b], "psnr"))
+                    for b in sorted(by_bits) if all(r.get(rate) is not None for r in by_bits[b])]
+            for label, by_bits in series.items()}
+
+
 def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list[dict[str, Any]],
                            references: dict[str, Any] | None = None) -> Figure:
     """PSNR, SSIM, LPIPS (where measured) and usage/K against bits per image, mean ± 95% CI over seeds; with priors,
@@ -104,16 +114,10 @@ def rate_distortion_figure(out: Path, rows: list[dict[str, Any]], ceilings: list
     # with priors, PSNR again against the prior's code length: the rate an entropy coder driven by the prior
     # would reach (mean over seeds on both axes). A point needs a prior on every seed of its line and rate; the
     # panel is drawn only when some line has one (a run whose priors cover only some seeds has no such point).
-    prior_points = {label: [(_stat(by_bits[b], "prior_bits_per_image")[0], *_stat(by_bits[b], "psnr"))
-                            for b in sorted(by_bits)
-                            if all(r.get("prior_bits_per_image") is not None for r in by_bits[b])]
-                    for label, by_bits in series.items()}
+    prior_points = _psnr_against(series, "prior_bits_per_image")
     with_prior = any(prior_points.values())
-    # real files: 8 × the mean file size (header included) per native pixel, for lines whose every seed has them
-    coded_points = {label: [(_stat(by_bits[b], "coded_bits_per_image")[0] * by_bits[b][0]["bpp"] / b,
-                             *_stat(by_bits[b], "psnr")) for b in sorted(by_bits)
-                            if all(r.get("coded_bits_per_image") is not None for r in by_bits[b])]
-                    for label, by_bits in series.items()}
+    # real files: 8 × the mean file size (header included) per native pixel (a row's bpp / its fixed-length bits)
+    coded_points = _psnr_against(series, "coded_bits_per_image", lambda b, rs: rs[0]["bpp"] / b)
     with_coded = any(coded_points.values())
     panels = metrics + (["psnr_vs_prior_bits"] if with_prior else []) + (["psnr_vs_coded_bpp"] if with_coded else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))

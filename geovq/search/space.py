@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ class Space:
                              f"{', '.join(self.method_names)}")
         if bits is None:
             study = Study(self, method, None)
-            if not study._log2_codes():
+            if not study._log2_codes:
                 raise GeovqError(f"{method} admits no K in [{self.min_codes}, {self.max_codes}]: "
                                  f"{self.refusal(method, self.min_codes)}")
             return study
@@ -216,13 +217,15 @@ class Study:
         """The bit budget per image (None under --pareto)."""
         return None if self.rates is None else self.space.tokens(self.rates[0][1]) * int(math.log2(self.rates[0][0]))
 
+    @cached_property
     def _log2_codes(self) -> list[int]:
-        """Under --pareto: the log2 K in the space's range that the method admits (rvq with 2 stages: even ones)."""
+        """Under --pareto: the log2 K in the space's range that the method admits (rvq with 2 stages: even ones).
+        Found once per study (each value validates the method), not once per trial."""
         lo, hi = int(math.log2(self.space.min_codes)), int(math.log2(self.space.max_codes))
         return [b for b in range(lo, hi + 1) if self.space.admits(self.method, 2**b)]
 
     def _every_log2_codes(self) -> bool:
-        return len(self._log2_codes()) == int(math.log2(self.space.max_codes / self.space.min_codes)) + 1
+        return len(self._log2_codes) == int(math.log2(self.space.max_codes / self.space.min_codes)) + 1
 
     def _rate_labels(self) -> dict[str, tuple[int, int]]:
         return {f"K{k}-d{d}": (k, d) for k, d in self.rates}
@@ -245,7 +248,7 @@ class Study:
         else:
             dims = list(self.space.token_dims)
             take(DIM_PARAM, trial.suggest_categorical(DIM_PARAM, dims) if len(dims) > 1 else dims[0])
-            log2_codes = self._log2_codes()
+            log2_codes = self._log2_codes
             take(LOG2K_PARAM, trial.suggest_int(LOG2K_PARAM, log2_codes[0], log2_codes[-1])
                  if self._every_log2_codes() else trial.suggest_categorical(LOG2K_PARAM, log2_codes))
         if self.end_to_end:
@@ -288,7 +291,7 @@ class Study:
         else:
             if len(self.space.token_dims) > 1:
                 out[DIM_PARAM] = od.CategoricalDistribution(list(self.space.token_dims))
-            log2_codes = self._log2_codes()
+            log2_codes = self._log2_codes
             out[LOG2K_PARAM] = (od.IntDistribution(log2_codes[0], log2_codes[-1]) if self._every_log2_codes()
                                 else od.CategoricalDistribution(log2_codes))
         if not self.end_to_end and len(self.space.variants) > 1:
