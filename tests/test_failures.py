@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -307,3 +308,29 @@ def test_npz_data_root_that_is_not_an_archive_gets_no_unsafe_hint(tmp_path):
     result = runner.invoke(app, ["sweep", "npz", "--data-root", str(text), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "cannot read" in result.output
     assert "pickle" not in result.output and "Traceback" not in result.output
+
+
+def test_a_trial_worker_stopped_by_ray_prints_no_traceback_but_other_hidden_errors_still_show():
+    # Ray stops a phase's idle trial workers by SIGTERM, whose handler raises SystemExit wherever Python is; in a
+    # weakref callback or __del__ Python printed it as "Exception ignored ... Traceback", forwarded to the console
+    script = """
+import sys
+from geovq.distributed.trial import quiet_stop_hook
+sys.unraisablehook = quiet_stop_hook if sys.argv[1] == "hook" else sys.__unraisablehook__
+
+class Stopped:
+    def __init__(self, error):
+        self.error = error
+    def __del__(self):
+        raise self.error
+
+Stopped(SystemExit(1))
+Stopped(ValueError("a real bug"))
+print("alive")
+"""
+    runs = {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=60)
+            for mode in ("hook", "default")}
+    assert all(run.returncode == 0 and run.stdout == "alive\n" for run in runs.values())
+    default, hooked = runs["default"].stderr, runs["hook"].stderr
+    assert "SystemExit" in default and "ValueError: a real bug" in default  # what the console showed before
+    assert "SystemExit" not in hooked and "ValueError: a real bug" in hooked and "Exception ignored" in hooked

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from geovq.config import SweepConfig
-from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_threads
+from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_process
 from geovq.errors import GeovqError, RunFailed
 from geovq.io import write_json, write_text
 from geovq.stages.plan import RunPlan
@@ -150,7 +150,7 @@ def _trial(config: dict[str, Any]) -> None:
     _log_to_run(run)
     where = {"node_id": ray.get_runtime_context().get_node_id()}
     try:
-        with trial_threads(cfg.cpus_per_trial):
+        with trial_process(cfg.cpus_per_trial):
             device = trial_device()
             if isinstance(work, VaeSpec):
                 result = run_vae(run, cfg, work, device, progress, train_only=job.steps == "train")

@@ -25,7 +25,7 @@ import torch
 
 from geovq.config import SweepConfig
 from geovq.data import ImageSplits
-from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_threads
+from geovq.distributed.trial import GEOVQ_ERROR, trial_device, trial_process
 from geovq.errors import GeovqError
 from geovq.io import write_json
 from geovq.stages.common import INFERENCE_BATCH, decode_grids, load_splits, no_progress
@@ -87,7 +87,7 @@ def search_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         tune.report({**metrics, "epochs_trained": trained["epochs"], **fixed})
 
     t0 = time.time()
-    with trial_threads(cfg.cpus_per_trial):
+    with trial_process(cfg.cpus_per_trial):
         try:
             final = run_candidate(run, cfg, unit, search_splits(cfg), trial_device(), report, trained)
         except Diverged as e:
