@@ -24,7 +24,7 @@ per image or edge):
 - pull-back probed encode tokens/s: `PullbackQuantizer.encode_probed` (32 output probes per image, the unsure
   tokens settled by exact forward-mode passes: issue 26) of the extracted latents against a K = 256 codebook of
   their own tokens (no fit: the fit needs faiss). This is what each actor of the Ray Data codes stage
-  (`distributed.data.encode_codes_parquet`, one actor per GPU on a cluster) runs on its batches, so the row is that
+  (`distributed.data.encode_split_codes`, one actor per GPU on a cluster) runs on its batches, so the row is that
   stage's rate per GPU, before Ray Data's start-up (~9 s per job here).
 - agreement: the same edges of the same checkpoint measured on the CPU and the GPU, max |GPU − CPU| / CPU,
   with torch's default for cuDNN convolutions (TF32 allowed on Ampere and later) and with TF32 off; and the

@@ -36,7 +36,7 @@ def main() -> None:
     import ray
 
     from geovq.config import resolve_config
-    from geovq.distributed.data import encode_codes_parquet, extract_latents_parquet, latents_from_parquet
+    from geovq.distributed.data import encode_split_codes, extract_latents_parquet, latents_from_parquet
     from geovq.models.vae import GaussianVAE
     from geovq.quantize import make_quantizer
     from geovq.stages.common import GridDecoder, load_splits
@@ -66,8 +66,8 @@ def main() -> None:
     loop = q.encode(latents)
     loop_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sharded = encode_codes_parquet(work / "model.pt", work / "quantizer.npz", shards, cfg.layout,
-                                   batch_size=args.batch)
+    (sharded,) = encode_split_codes(work / "model.pt", work / "quantizer.npz", [latents], batch_size=args.batch)
+    sharded = sharded.codes
     ray_s = time.perf_counter() - t0
     ray.shutdown()
     tokens = latents.n_tokens

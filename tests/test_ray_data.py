@@ -100,30 +100,72 @@ def test_cpu_actor_pools_use_every_core_once_and_spare_one_cpu_for_read_tasks(ra
     assert (one_block.size, one_block.threads) == (1, cpus)
 
 
-def test_ray_data_codes_of_a_split_are_the_in_process_codes(trained, tmp_path):
-    """A fitted pull-back quantizer's probed codes of the test split, sharded over an actor pool in batches of 48
-    images, are the in-process encode's of the same latents: each shard's probes are drawn by its images' indices
-    in the split."""
-    from geovq.distributed.data import encode_codes_parquet, extract_latents_parquet, latents_from_parquet
+def test_a_splits_shards_give_its_codes_and_figures_when_each_image_keeps_its_index(trained):
+    """What the Ray Data codes stage relies on (its end-to-end test follows): pull-back's probed codes of the test
+    split encoded in shards of 48 images, each image by its index in the split, are the whole split's codes, and
+    the shards' additive figures (`encode_stats`: tokens left unsure by the probes, exact passes to settle them)
+    sum to the whole's; the same images numbered from 0 in their shard draw other probes."""
     from geovq.latents import LatentSet
     from geovq.quantize import make_quantizer
     from geovq.stages.common import GridDecoder
     from geovq.training.checkpoint import load_model
 
     run, cfg, spec, data = trained
-    checkpoint = run.vae(spec) / "model.pt"
-    decoder = GridDecoder(load_model(checkpoint, "vae"))
+    decoder = GridDecoder(load_model(run.vae(spec) / "model.pt", "vae"))
     train = LatentSet.load(run.latents(spec, "train"))
     q = make_quantizer("pullback", 16, seed=0, decoder=decoder, max_tokens=2000, probes=16).fit(train)
-    q.save(tmp_path / "quantizer.npz")
-    shards = extract_latents_parquet(checkpoint, data.test, data.test_labels, tmp_path / "test")
-    test, _ = latents_from_parquet(shards, train.layout)
+    test = LatentSet.load(run.latents(spec, "test"))
     assert q.rule_for(test) == "probed"  # 16 probes: the rule whose draws depend on the image's index
-    in_process = q.encode(test)
-    sharded = encode_codes_parquet(checkpoint, tmp_path / "quantizer.npz", shards, train.layout, batch_size=48)
-    np.testing.assert_array_equal(sharded, in_process)
-    # the index matters: the same images numbered from 0 in each shard would draw other probes
+    whole, stats = q.encode(test), q.encode_stats()
+    parts, summed = [], dict.fromkeys(stats, 0.0)
+    for start in range(0, test.n_images, 48):
+        parts.append(q.encode(test.subset(np.arange(start, min(start + 48, test.n_images)))))
+        summed = {k: summed[k] + v for k, v in q.encode_stats().items()}
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert stats["unsure"] > 0 and all(summed[k] == stats[k] for k in ("unsure", "verify_passes"))
     shard = test.subset(np.arange(48, 96))
-    np.testing.assert_array_equal(q.encode(shard), in_process[48:96])
     renumbered = LatentSet(shard.mu, shard.logvar, shard.layout)
-    assert (q.encode(renumbered) != in_process[48:96]).any()
+    assert (q.encode(renumbered) != whole[48:96]).any()
+
+
+def test_on_a_cluster_a_decoder_methods_codes_come_from_ray_data_with_the_in_process_codes_and_record(trained,
+                                                                                                     tmp_path):
+    """The sweep's cluster path (`--address`) for pull-back on a trained VAE: its unit is fitted alone (a "fit"
+    phase), the Ray Data codes stage encodes its three splits in one job, and the "posthoc" phase scores those
+    codes without encoding again. The codes and encode.json's record (rule, probed figures summed over the actors,
+    agreement with the exact rule) are the in-process encode's."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    import ray
+
+    from geovq.distributed.tune import codes_by_ray_data, run_sweep
+    from geovq.stages.fit import load_fitted, load_latents
+    from geovq.stages.plan import RunPlan
+
+    run, _, spec, _ = trained
+    cfg = tiny_config(["pullback"], method_params={"pullback": {"max_tokens": 2000, "probes": 16}})
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.vae(spec), copy.vae(spec))
+    copy.config.write_text(cfg.to_yaml())
+    (unit,) = RunPlan.of(copy, cfg).units
+    assert codes_by_ray_data(copy, unit) and not codes_by_ray_data(copy, replace(unit, method="kmeans", params=()))
+    run_sweep(copy, cfg, ray.get_runtime_context().gcs_address)  # k-means (above) would encode in its trial
+    assert RunPlan.of(copy, cfg).finished() == 1 and not codes_by_ray_data(copy, unit)
+    _, quantizer = load_fitted(copy, unit, CPU)
+    sharded = json.loads((copy.unit(unit) / "encode.json").read_text())
+    records = {}
+    for split in ("train", "val", "test"):
+        codes, records[split] = quantizer.encode_with_info(load_latents(copy, unit, split))
+        np.testing.assert_array_equal(np.load(copy.codes(unit, split)), codes)
+        assert set(sharded[split]) - set(records[split]) == {"ray_data_actors"}
+        assert sharded[split]["ray_data_actors"] == 2 and sharded[split]["rule"] == records[split]["rule"] == "probed"
+        for key in ("tokens", "check_tokens", "agreement"):
+            assert sharded[split][key] == pytest.approx(records[split][key]), key
+    # one job encoded the three splits: its figures are shared out by tokens, so each split's rates are the job's
+    tokens = {split: record["tokens"] for split, record in records.items()}
+    for key in ("unsure_fraction", "verify_passes_per_token"):
+        whole = sum(records[s][key] * tokens[s] for s in records) / sum(tokens.values())
+        assert all(sharded[split][key] == pytest.approx(whole) for split in records), key
+    assert copy.read_row(unit).metrics["encode_info"] == sharded["test"]  # scored from the stage's codes

@@ -1,14 +1,15 @@
 """Ray Data stages: latent extraction, edge re-weighting and a fitted quantizer's codes sharded over an actor pool
 (GPU workers on a cluster).
 
-Both wrap plain stage functions (`geovq.stages.extract.encode_images`, `geovq.stages.edges.measure_edges`) in a
-callable class for `map_batches` over `ActorPoolStrategy`: each actor loads the model from its checkpoint path
-once, on the GPU Ray assigned it, then handles batch after batch. Extraction's dataset is the split the
+Each wraps a plain stage function (`geovq.stages.extract.encode_images`, `geovq.stages.edges.measure_edges`, a
+fitted quantizer's `encode`) in a callable class for `map_batches` over `ActorPoolStrategy`: each actor loads the
+model from its checkpoint path once, on the GPU Ray assigned it, then handles batch after batch. Extraction's dataset is the split the
 driver already holds (index, image, label blocks in the object store: 172 MB for MNIST's training split), so
 an actor does not re-read and re-split the whole dataset before its first batch, and each actor writes its
 batches' latents as Parquet shards itself: sent back through the object store to Ray Data's write tasks,
 MNIST's 350 MB of latents cost 4x what pyarrow takes to write them (bench/ray_data.py). Edge re-weighting's
-output is small, and Ray Data writes it.
+output is small, and Ray Data writes it. The codes stage's input is a split's latents, its output one code
+per token, both small beside the decoder passes that make them.
 
 The sweep runs these from the driver between Tune phases when it runs on a cluster (`--address`): inside a
 trial, a Ray Data job would wait for CPUs that the trials hold. When Ray Data reads a stage's input (the edge
@@ -153,9 +154,11 @@ def latents_from_parquet(path: Path, layout: TokenLayout) -> tuple[LatentSet, np
 
 class CodeEncoder:
     """map_batches callable: latents rows (index, μ, log σ² flattened, label) as `extract_latents_parquet` writes
-    them -> (index, codes) by a unit's fitted quantizer, loaded once per actor with the VAE's decoder on the actor's
-    device. Each image keeps its index in the split (`LatentSet.image_ids`), so what is drawn per image (pull-back's
-    probes) is what the in-process encode of the whole split draws."""
+    them -> (index, codes, and the encode's additive figures as `stat:NAME` columns) by a unit's fitted quantizer,
+    loaded once per actor with the VAE's decoder on the actor's device. Each image keeps its index in the split
+    (`LatentSet.image_ids`), so what is drawn per image (pull-back's probes) is what the in-process encode of the
+    whole split draws. A batch's figures (`Quantizer.encode_stats`) are spread evenly over its rows, so that the
+    column sums are the split's."""
 
     def __init__(self, checkpoint: str, quantizer: str, layout: dict, num_gpus: float, threads: int) -> None:
         import torch
@@ -171,25 +174,61 @@ class CodeEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lay = self.layout
-        shape = (len(batch["index"]), lay.height, lay.width, lay.channels)
-        latents = LatentSet(np.stack(batch["mu"]).reshape(shape).astype(np.float32),
-                            np.stack(batch["logvar"]).reshape(shape).astype(np.float32), lay, batch["index"])
-        return {"index": batch["index"], "codes": self.quantizer.encode(latents)}
+        rows = len(batch["index"])
+        shape = (rows, lay.height, lay.width, lay.channels)
+        ids = batch["id"] if "id" in batch else batch["index"]  # id: the image's index in its split, where the
+        latents = LatentSet(np.stack(batch["mu"]).reshape(shape).astype(np.float32),  # rows hold several splits
+                            np.stack(batch["logvar"]).reshape(shape).astype(np.float32), lay, ids)
+        codes = self.quantizer.encode(latents)
+        stats = {f"stat:{name}": np.full(rows, value / rows) for name, value in self.quantizer.encode_stats().items()}
+        return {"index": batch["index"], "codes": codes, **stats}
 
 
-def encode_codes_parquet(checkpoint: Path, quantizer: Path, latents: Path, layout: TokenLayout,
-                         num_gpus: float = 0.0, threads: int | None = None, batch_size: int = 512) -> np.ndarray:
-    """(N, T) codes, in image order, of a split's latents (Parquet shards in `latents`, as `extract_latents_parquet`
-    writes them) by a unit's fitted quantizer (quantizer.npz), sharded over an actor pool of `batch_size`-image
-    batches: a pull-back or geodesic encode's decoder passes, one actor per GPU on a cluster. The codes are the
-    in-process encode's; its record (the rule's agreement with the exact one) is the caller's to measure once."""
-    import pyarrow.parquet as pq
+@dataclass
+class ShardedCodes:
+    """What the Ray Data codes stage returns: a split's (N, T) codes in image order, the sum of its actors'
+    `encode_stats`, and the pool's size."""
+
+    codes: np.ndarray
+    stats: dict[str, float]
+    actors: int
+
+
+def encode_split_codes(checkpoint: Path, quantizer: Path, splits: list[LatentSet], num_gpus: float = 0.0,
+                       threads: int | None = None, batch_size: int = 512) -> list[ShardedCodes]:
+    """The codes of each of a unit's splits (its latents_{split}.npz, cut into the unit's tokens, held by the
+    driver) by one Ray Data job (its start-up paid once): the splits' rows one after another, each image drawing
+    by its index in its own split (`LatentSet.ids`), sharded over an actor pool (`encode_codes_table`). The
+    figures of each split's record are the job's, shared out by tokens."""
+    import pyarrow as pa
+
+    def rows(arrays: list[np.ndarray]) -> pa.FixedSizeListArray:  # (N, h, w, C) each -> N lists of h·w·C floats
+        flat = np.concatenate([np.asarray(a, dtype=np.float32).reshape(len(a), -1) for a in arrays])
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+    sizes = [s.n_images for s in splits]
+    table = pa.table({"index": pa.array(np.arange(sum(sizes), dtype=np.int64)),
+                      "id": pa.array(np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in splits])),
+                      "mu": rows([s.mu for s in splits]), "logvar": rows([s.logvar for s in splits])})
+    whole = encode_codes_table(checkpoint, quantizer, table, splits[0].layout, num_gpus, threads, batch_size)
+    bounds = np.cumsum([0, *sizes])
+    return [ShardedCodes(whole.codes[a:b], {k: v * (b - a) / bounds[-1] for k, v in whole.stats.items()},
+                         whole.actors) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def encode_codes_table(checkpoint: Path, quantizer: Path, table: Any, layout: TokenLayout, num_gpus: float = 0.0,
+                       threads: int | None = None, batch_size: int = 512) -> ShardedCodes:
+    """(N, T) codes, in index order, of latents rows (a pyarrow table: index 0..N-1, μ, log σ²) by a unit's fitted
+    quantizer, sharded over an actor pool of `batch_size`-image batches: a pull-back or geodesic encode's decoder
+    passes, one actor per GPU on a cluster. The codes are the in-process encode's; its record (the rule's agreement
+    with the exact one) is the caller's to make once, from the summed figures (`Quantizer.encode_record`)."""
     import ray
 
-    # the driver reads the shards (pyarrow: seconds for MNIST) and hands out blocks of `batch_size` images: no read
-    # task needs a CPU, so the pool may take every core (a pool beside read tasks leaves one free)
-    table = pq.read_table(str(latents))
+    # the driver holds the table and hands out blocks of `batch_size` images: no read task needs a CPU, so the pool
+    # may take every core (a pool beside read tasks leaves one free)
     blocks = [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)]
+    if not blocks:
+        raise GeovqError("no latents to encode: the split is empty")
     pool = actor_pool(num_gpus, read_tasks=False, max_actors=len(blocks))
     rows = ray.data.from_arrow(blocks).map_batches(
         CodeEncoder, batch_size=batch_size, batch_format="numpy",
@@ -199,8 +238,10 @@ def encode_codes_parquet(checkpoint: Path, quantizer: Path, latents: Path, layou
     index = np.array([int(r["index"]) for r in rows])
     order = np.argsort(index)
     if not np.array_equal(index[order], np.arange(len(index))):
-        raise GeovqError(f"{latents}: the encoded shards do not hold every image of the split exactly once")
-    return np.stack([np.asarray(rows[i]["codes"]) for i in order]).astype(np.int64)
+        raise GeovqError("the encoded shards do not hold every image of the split exactly once")
+    stats = {name.removeprefix("stat:"): float(sum(r[name] for r in rows)) for name in rows[0] if
+             name.startswith("stat:")}
+    return ShardedCodes(np.stack([np.asarray(rows[i]["codes"]) for i in order]).astype(np.int64), stats, pool.size)
 
 
 class EdgeMeasurer:

@@ -142,7 +142,7 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.experimental.tqdm_ray import tqdm
 
     from geovq.stages.common import no_progress
-    from geovq.stages.run import run_unit, run_vae
+    from geovq.stages.run import fit_unit, run_unit, run_vae
 
     job = Job.from_dict(config["job"])
     run, cfg, work = job.run, job.cfg, job.work
@@ -154,6 +154,9 @@ def _trial(config: dict[str, Any]) -> None:
             device = trial_device()
             if isinstance(work, VaeSpec):
                 result = run_vae(run, cfg, work, device, progress, train_only=job.steps == "train")
+            elif job.steps == "fit":
+                fit_unit(run, cfg, work, device)
+                result = {}
             else:
                 result = run_unit(run, cfg, work, device, progress).as_dict()
     except GeovqError as e:  # recorded, and the trial ends without asking Tune for a retry (see GEOVQ_ERROR)
@@ -217,8 +220,9 @@ def _unit_logger(total: int):
             psnr = f" PSNR {r['psnr']:.2f} dB" if "psnr" in r else ""
             usage = f", usage perplexity {r['usage_perplexity']:.1f}" if "usage_perplexity" in r else ""
             self.done += 1
-            log.info("[%d/%d] %s finished%s%s", self.done, total, Job.from_dict(trial.config["job"]).label, psnr,
-                     usage)
+            job = Job.from_dict(trial.config["job"])
+            done = {"train": "trained", "fit": "fitted"}.get(job.steps, "finished")  # a cluster's partial jobs
+            log.info("[%d/%d] %s %s%s%s", self.done, total, job.label, done, psnr, usage)
 
     return UnitLogger()
 
@@ -226,8 +230,10 @@ def _unit_logger(total: int):
 @dataclass(frozen=True)
 class Job:
     """One trial's work: a VAE or unit of one run directory (several datasets' runs share one cluster).
-    `steps`: "all", or for a VAE on a cluster "train" (its latents come from the Ray Data stage). `after`: the
-    label of the job whose outputs this one needs (a post-hoc unit's VAE), run first in the same experiment."""
+    `steps`: "all"; on a cluster "train" for a VAE (its latents come from the Ray Data stage) and "fit" for a unit
+    whose encode runs the decoder (its codes come from the Ray Data codes stage). `after`: the label of the job
+    whose outputs this one needs (a post-hoc unit's VAE), run first when it is in the same experiment, and
+    taken as done when it is not (it ran in an earlier one) unless it failed there."""
 
     run: RunDir
     cfg: SweepConfig
@@ -272,7 +278,10 @@ def _prerequisites_searcher(jobs: list[Job], failed: dict[str, str]):
             super().__init__()
             self.waiting = [job for job in jobs if job.label not in failed]
             self.running: dict[str, Job] = {}
-            self.done: set[str] = set()
+            # a prerequisite that is none of this experiment's jobs ran in an earlier one (a VAE trained before
+            # a cluster's fit phase): done, unless it failed there (then `_drop_after` below)
+            self.done: set[str] = ({job.after for job in jobs if job.after is not None}
+                                   - {job.label for job in jobs} - set(failed))
             self.not_run: dict[str, str] = {}
             for label in failed:
                 self._drop_after(label)
@@ -375,6 +384,7 @@ def run_sweeps(plans: list[RunPlan], address: str | None) -> None:
     start_ray(address)
     on_cluster = address is not None
     first: list[Job] = []  # local: everything; cluster: what needs no Ray Data latents
+    fits: list[Job] = []  # cluster: the fits of units whose codes the Ray Data codes stage makes
     second: list[Job] = []  # cluster: the VAEs' scoring and the post-hoc units on them
     for plan in plans:
         run, cfg = plan.run, plan.cfg
@@ -385,18 +395,26 @@ def run_sweeps(plans: list[RunPlan], address: str | None) -> None:
                 first.append(Job(run, cfg, vae, "train" if on_cluster else "all"))
                 if on_cluster:
                     second.append(Job(run, cfg, vae))
-        first += [Job(run, cfg, u) for u in pending if u.end_to_end or ready[u.vae]]
+        sharded = {u for u in pending if on_cluster and codes_by_ray_data(run, u)}
+        for u in pending:
+            after = None if u.end_to_end or ready[u.vae] else f"{cfg.dataset}/{u.vae.key}"
+            if u in sharded:
+                fits.append(Job(run, cfg, u, "fit", after=after))
+        first += [Job(run, cfg, u) for u in pending if (u.end_to_end or ready[u.vae]) and u not in sharded]
         (second if on_cluster else first).extend(Job(run, cfg, u, after=f"{cfg.dataset}/{u.vae.key}")
-                                                 for u in pending if not u.end_to_end and not ready[u.vae])
+                                                 for u in pending if u in sharded or not (u.end_to_end or ready[u.vae]))
         to_train = sum(not r for r in ready.values())
         # the jobs this command runs, as the [k/N] lines count them: each pending unit, and each VAE it trains
         log.info("%s: %d jobs to run: %d of %d units pending, %d VAE(s) to train", cfg.dataset,
                  len(pending) + to_train, len(pending), len(plan.units), to_train)
     storage = plans[0].run.root / "ray" if len(plans) == 1 else plans[0].run.root.parent / "ray"
     failures: dict[str, str] = {}
-    for phase, jobs in (("train", first), ("posthoc", second)) if on_cluster else (("sweep", first),):
-        if phase == "posthoc":  # between the experiments: the VAEs' latents, sharded over the cluster by Ray Data
-            extract_on_cluster([job for job in jobs if isinstance(job.work, VaeSpec) and job.label not in failures])
+    phases = (("train", first), ("fit", fits), ("posthoc", second)) if on_cluster else (("sweep", first),)
+    for phase, jobs in phases:
+        if phase == "fit":  # between the experiments: the VAEs' latents, sharded over the cluster by Ray Data
+            extract_on_cluster([job for job in second if isinstance(job.work, VaeSpec) and job.label not in failures])
+        if phase == "posthoc":  # and the codes of the units whose encode runs the decoder
+            failures.update(encode_on_cluster([job for job in fits if job.label not in failures]))
         t0 = time.time()
         failures.update(run_trials(jobs, phase, storage, failures))
         log.info("phase %s: %d trials in %.1f s", phase, len(jobs), time.time() - t0)
@@ -440,3 +458,54 @@ def extract_on_cluster(jobs: list[Job]) -> None:
             start = rows.stop
         log.info("%s: %s latents extracted by one Ray Data job in %.1f s (Parquet shards in %s)", job.label,
                  ", ".join(missing), time.time() - t0, shards)
+
+
+def codes_by_ray_data(run: RunDir, unit: Unit) -> bool:
+    """Whether a pending unit's codes come from the Ray Data codes stage on a cluster: a post-hoc method whose
+    encode runs the decoder for every token (`Quantizer.needs_decoder`: pull-back, geodesic) with a split still to
+    encode. The others' encodes cost less than a Ray Data job's start-up and stay in their trial."""
+    from geovq.quantize import get_quantizer_class
+    from geovq.stages.encode import encode_records
+
+    if unit.end_to_end or not get_quantizer_class(unit.method, unit.quantizer).needs_decoder:
+        return False
+    return bool(encode_records(run, unit)[1])
+
+
+def encode_on_cluster(jobs: list[Job]) -> dict[str, str]:
+    """The missing splits' codes of each fitted unit (`Job.steps` "fit"), by the Ray Data codes stage: one job per
+    unit over an actor pool (one actor per GPU on a GPU cluster, per core bundle here), each split's images by
+    their index in it, so the codes are the in-process encode's. The record beside them (encode.json: the rule, its
+    figures summed over the actors, its agreement with the exact rule on a check sample) is made here, on the
+    driver's CPU, as the trial's encode would make it. Returns {label: one-line report} of the units that failed."""
+    import torch
+
+    from geovq.distributed.data import encode_split_codes
+    from geovq.stages.encode import encode_records, save_codes
+    from geovq.stages.fit import load_fitted, load_latents
+
+    failures = {}
+    for job in jobs:
+        run, unit = job.run, job.work
+        info, missing = encode_records(run, unit)
+        if not missing:
+            continue
+        try:
+            _, quantizer = load_fitted(run, unit, torch.device("cpu"))
+            splits = [load_latents(run, unit, split) for split in missing]
+            t0 = time.time()
+            sharded = encode_split_codes(run.vae(unit.vae) / "model.pt", run.unit(unit) / "quantizer.npz", splits,
+                                         num_gpus=job.cfg.gpus_per_trial or 0.0)
+            seconds = time.time() - t0
+            for split, latents, codes in zip(missing, splits, sharded):
+                share = seconds * latents.n_images / sum(s.n_images for s in splits)  # the job's, by images
+                record = {**quantizer.encode_record(latents, codes.codes, share, codes.stats),
+                          "ray_data_actors": codes.actors}
+                save_codes(run, unit, split, codes.codes, record, info)
+            log.info("%s: %s codes by one Ray Data job in %.1f s (%d actors)", job.label, ", ".join(missing),
+                     seconds, sharded[0].actors)
+        except GeovqError as e:  # a unit's own fault (a damaged file, a non-finite Jacobian): its line, no retry
+            record_failure(run, unit, e)
+            trace, _ = failure_paths(run, unit)
+            failures[job.label] = f"{unit.key} failed: {str(e).splitlines()[0]} (full traceback: {trace})"
+    return failures

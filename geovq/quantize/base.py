@@ -173,7 +173,8 @@ class Quantizer(Configurable, ABC):
     """Base class. Subclasses declare hyperparameters in `__init__`, implement `_fit` and `_encode_tokens`,
     and may add `_validate_params`, `_encode_info`, `state`/`set_state`."""
 
-    #: whether the constructor takes a `decoder=` argument (geometry-aware methods)
+    #: whether the constructor takes a `decoder=` argument (geometry-aware methods). Their encodes run the
+    #: decoder for every token (metric tensors, curves): on a cluster the Ray Data codes stage shards them
     needs_decoder: ClassVar[bool] = False
 
     def _check_decoder(self) -> None:
@@ -210,8 +211,24 @@ class Quantizer(Configurable, ABC):
         self._check_layout(latents)
         t0 = time.perf_counter()
         codes = self._encode_tokens(latents)
-        info = {"seconds": time.perf_counter() - t0, **self._encode_info(latents, codes)}
+        info = self.encode_record(latents, codes, time.perf_counter() - t0, self.encode_stats())
         return codes.reshape(latents.n_images, latents.tokens_per_image).astype(np.int64), info
+
+    def encode_stats(self) -> dict[str, float]:
+        """Additive figures of the last encode (seconds of its steps, tokens it settled exactly, ...), which its
+        record reports; when shards of a split are encoded apart (the Ray Data codes stage), their sum. {} unless
+        the method keeps some."""
+        return {}
+
+    def encode_record(self, latents: LatentSet, codes: np.ndarray, seconds: float, stats: dict[str, float]
+                      ) -> dict[str, Any]:
+        """`encode_with_info`'s record of `codes` of `latents` made in `seconds` with `stats` (`encode_stats`,
+        summed over shards): also for codes made elsewhere, e.g. by the Ray Data codes stage's actors."""
+        self._set_encode_stats(dict(stats))
+        return {"seconds": seconds, **self._encode_info(latents, np.asarray(codes).reshape(-1))}
+
+    def _set_encode_stats(self, stats: dict[str, float]) -> None:
+        """Take `stats` as the last encode's (see `encode_stats`)."""
 
     def _check_layout(self, latents: LatentSet) -> None:
         self._check_fitted()

@@ -507,6 +507,12 @@ class PullbackQuantizer(Quantizer):
             codes[s:s + len(chunk)], _ = assign(latents.token_mu[chunk].astype(np.float64), metrics, self.codebook_)
         return codes
 
+    def encode_stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in getattr(self, "_encode_stats", {}).items()}
+
+    def _set_encode_stats(self, stats: dict[str, float]) -> None:
+        self._encode_stats = stats
+
     def _encode_info(self, latents: LatentSet, codes: np.ndarray) -> dict[str, Any]:
         rule = self.rule_for(latents)
         if rule == "borrowed":

@@ -59,14 +59,25 @@ def code_dtype(n_codes: int) -> type:
     return np.int32 if n_codes < 2**31 else np.int64
 
 
-def encode_stage(run: RunDir, unit: Unit, quantizer: Quantizer) -> dict[str, dict]:
-    """Encode each split not yet encoded; returns encode.json's content ({split: info})."""
+def encode_records(run: RunDir, unit: Unit) -> tuple[dict[str, dict], list[str]]:
+    """encode.json's content ({split: info}) and the splits still to encode (no codes, or no record of them)."""
     info_path = run.unit(unit) / "encode.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    for split in SPLITS:
-        if run.codes(unit, split).exists() and split in info:
-            continue
-        codes, info[split] = quantizer.encode_with_info(load_latents(run, unit, split))
-        save_npy(run.codes(unit, split), codes.astype(code_dtype(unit.n_codes)))
-        write_json(info_path, info)
+    return info, [split for split in SPLITS if not (run.codes(unit, split).exists() and split in info)]
+
+
+def save_codes(run: RunDir, unit: Unit, split: str, codes: np.ndarray, record: dict, info: dict[str, dict]) -> None:
+    """A split's codes (codes_{split}.npy) and their record, added to encode.json's content `info`."""
+    info[split] = record
+    save_npy(run.codes(unit, split), codes.astype(code_dtype(unit.n_codes)))
+    write_json(run.unit(unit) / "encode.json", info)
+
+
+def encode_stage(run: RunDir, unit: Unit, quantizer: Quantizer) -> dict[str, dict]:
+    """Encode each split not yet encoded (on a cluster the Ray Data codes stage may have encoded them:
+    `distributed.tune.encode_on_cluster`); returns encode.json's content ({split: info})."""
+    info, missing = encode_records(run, unit)
+    for split in missing:
+        codes, record = quantizer.encode_with_info(load_latents(run, unit, split))
+        save_codes(run, unit, split, codes, record, info)
     return info

@@ -69,6 +69,12 @@ def run_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device, pr
     return run.read_row(unit)
 
 
+def fit_unit(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device) -> None:
+    """A post-hoc unit's fit alone (quantizer.npz): on a cluster the Ray Data codes stage encodes its splits next
+    (`distributed.tune.encode_on_cluster`), and `run_unit` then finds the fit and the codes and goes on."""
+    fit_stage(run, cfg, unit, device)
+
+
 def score_end_to_end(run: RunDir, cfg: SweepConfig, unit: Unit, data: ImageSplits, device: torch.device,
                 progress: Progress) -> None:
     """Train the unit's end-to-end model, encode every split with it and score its test codes: row.json, unless it
