@@ -44,6 +44,11 @@ class TokenLayout:
         return self.channels // self.token_dim
 
     @property
+    def split_tokens(self) -> int:
+        """Tokens of the whole split this set belongs to (`split_images`; this set's own when it is the split)."""
+        return (self.n_images if self.split_images is None else self.split_images) * self.tokens_per_image
+
+    @property
     def tokens_per_image(self) -> int:
         return self.height * self.width * self.groups
 
@@ -95,6 +100,9 @@ class LatentSet:
     #: (N,) each image's index in its whole split, where this set is a shard of it (None: 0..N−1). What draws
     #: per image are seeded by (pull-back's output probes), so that a shard's codes are the whole split's.
     image_ids: np.ndarray | None = None
+    #: the number of images of the whole split this set is a shard of (None: this set is the split). Methods whose
+    #: encode rule depends on a split's size (pull-back, geodesic: `rule_for`) give a shard its split's rule.
+    split_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_ids is not None and np.shape(self.image_ids) != (self.mu.shape[0],):
@@ -121,6 +129,11 @@ class LatentSet:
     def ids(self) -> np.ndarray:
         """(N,) each image's index in its whole split."""
         return np.arange(self.n_images) if self.image_ids is None else np.asarray(self.image_ids)
+
+    @property
+    def split_tokens(self) -> int:
+        """Tokens of the whole split this set belongs to (`split_images`; this set's own when it is the split)."""
+        return (self.n_images if self.split_images is None else self.split_images) * self.tokens_per_image
 
     @property
     def tokens_per_image(self) -> int:
@@ -178,7 +191,8 @@ class LatentSet:
 
     def with_tokens(self, token_dim: int | None, grouping: str | None = None) -> LatentSet:
         """The same grids cut into tokens of `token_dim` channels (a VAE's latents serve any d)."""
-        return LatentSet(self.mu, self.logvar, self.layout.with_token_dim(token_dim, grouping), self.image_ids)
+        return LatentSet(self.mu, self.logvar, self.layout.with_token_dim(token_dim, grouping), self.image_ids,
+                         self.split_images)
 
     def save(self, path: str | os.PathLike) -> None:
         save_npz(path, mu=self.mu, logvar=self.logvar, layout=np.array(

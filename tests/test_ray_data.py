@@ -169,3 +169,36 @@ def test_on_a_cluster_a_decoder_methods_codes_come_from_ray_data_with_the_in_pro
         whole = sum(records[s][key] * tokens[s] for s in records) / sum(tokens.values())
         assert all(sharded[split][key] == pytest.approx(whole) for split in records), key
     assert copy.read_row(unit).metrics["encode_info"] == sharded["test"]  # scored from the stage's codes
+
+
+def test_a_batch_mixing_two_splits_gives_each_image_its_own_splits_index_and_rule(trained, tmp_path):
+    """The codes stage's actor (CodeEncoder, called here without Ray) on one batch holding the ends of two splits:
+    pull-back's exact rule (probes=0) takes its metric tensors from fit tokens ("borrowed") above
+    exact_encode_limit tokens of a SPLIT, so the larger split's rows are encoded as that whole split is, though the
+    batch itself is small; each row as its own split's in-process encode codes it."""
+    from geovq.distributed.data import CodeEncoder
+    from geovq.latents import LatentSet
+    from geovq.quantize import make_quantizer
+    from geovq.stages.common import GridDecoder
+    from geovq.training.checkpoint import load_model
+
+    run, _, spec, _ = trained
+    checkpoint = run.vae(spec) / "model.pt"
+    train = LatentSet.load(run.latents(spec, "train"))
+    val, test = (LatentSet.load(run.latents(spec, split)) for split in ("val", "test"))
+    limit = (val.n_tokens + test.n_tokens) // 2  # val (180 images) below it, test (359) above
+    q = make_quantizer("pullback", 16, seed=0, decoder=GridDecoder(load_model(checkpoint, "vae")), max_tokens=2000,
+                       probes=0, exact_encode_limit=limit).fit(train)
+    q.save(tmp_path / "quantizer.npz")
+    assert (q.rule_for(val), q.rule_for(test)) == ("exact", "borrowed")
+    picked = np.arange(30, 40)  # test images where the two rules part (image 33, on this VAE)
+    want = np.concatenate([q.encode(val)[-5:], q.encode(test)[picked]])
+    rows = [(val, np.arange(val.n_images - 5, val.n_images)), (test, picked)]
+    batch = {"index": np.arange(15), "id": np.concatenate([ids for _, ids in rows]),
+             "split_images": np.concatenate([np.full(len(ids), s.n_images) for s, ids in rows]),
+             "mu": np.concatenate([s.mu[ids].reshape(len(ids), -1) for s, ids in rows]),
+             "logvar": np.concatenate([s.logvar[ids].reshape(len(ids), -1) for s, ids in rows])}
+    encoder = CodeEncoder(str(checkpoint), str(tmp_path / "quantizer.npz"), val.layout.as_dict(), 0.0, 1)
+    np.testing.assert_array_equal(encoder(batch)["codes"], want)
+    alone = test.subset(picked)  # the same 10 rows as a split of their own: the exact rule, other codes
+    assert q.rule_for(alone) == "exact" and (q.encode(alone) != want[5:]).any()

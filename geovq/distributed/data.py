@@ -176,11 +176,21 @@ class CodeEncoder:
         lay = self.layout
         rows = len(batch["index"])
         shape = (rows, lay.height, lay.width, lay.channels)
-        ids = batch["id"] if "id" in batch else batch["index"]  # id: the image's index in its split, where the
-        latents = LatentSet(np.stack(batch["mu"]).reshape(shape).astype(np.float32),  # rows hold several splits
-                            np.stack(batch["logvar"]).reshape(shape).astype(np.float32), lay, ids)
-        codes = self.quantizer.encode(latents)
-        stats = {f"stat:{name}": np.full(rows, value / rows) for name, value in self.quantizer.encode_stats().items()}
+        mu = np.stack(batch["mu"]).reshape(shape).astype(np.float32)
+        logvar = np.stack(batch["logvar"]).reshape(shape).astype(np.float32)
+        # rows of several splits (encode_split_codes): each image by its index in its split (id) and each split's
+        # images by the rule of the split's size (split_images); a Parquet shard's rows are one split's
+        ids = batch.get("id", batch["index"])
+        sizes = batch.get("split_images", np.full(rows, -1))
+        codes = np.empty((rows, lay.tokens_per_image), dtype=np.int64)
+        totals: dict[str, float] = {}
+        for size in np.unique(sizes):
+            mine = np.flatnonzero(sizes == size)
+            codes[mine] = self.quantizer.encode(LatentSet(mu[mine], logvar[mine], lay, ids[mine],
+                                                          None if size < 0 else int(size)))
+            for name, value in self.quantizer.encode_stats().items():
+                totals[name] = totals.get(name, 0.0) + value
+        stats = {f"stat:{name}": np.full(rows, value / rows) for name, value in totals.items()}
         return {"index": batch["index"], "codes": codes, **stats}
 
 
@@ -198,8 +208,9 @@ def encode_split_codes(checkpoint: Path, quantizer: Path, splits: list[LatentSet
                        threads: int | None = None, batch_size: int = 512) -> list[ShardedCodes]:
     """The codes of each of a unit's splits (its latents_{split}.npz, cut into the unit's tokens, held by the
     driver) by one Ray Data job (its start-up paid once): the splits' rows one after another, each image drawing
-    by its index in its own split (`LatentSet.ids`), sharded over an actor pool (`encode_codes_table`). The
-    figures of each split's record are the job's, shared out by tokens."""
+    by its index in its own split (`LatentSet.ids`) and encoded by the rule of its split's size (a method whose
+    rule depends on it: `LatentSet.split_images`), sharded over an actor pool (`encode_codes_table`). The figures
+    of each split's record are the job's, shared out by images."""
     import pyarrow as pa
 
     def rows(arrays: list[np.ndarray]) -> pa.FixedSizeListArray:  # (N, h, w, C) each -> N lists of h·w·C floats
@@ -209,6 +220,7 @@ def encode_split_codes(checkpoint: Path, quantizer: Path, splits: list[LatentSet
     sizes = [s.n_images for s in splits]
     table = pa.table({"index": pa.array(np.arange(sum(sizes), dtype=np.int64)),
                       "id": pa.array(np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in splits])),
+                      "split_images": pa.array(np.repeat(np.asarray(sizes, dtype=np.int64), sizes)),
                       "mu": rows([s.mu for s in splits]), "logvar": rows([s.logvar for s in splits])})
     whole = encode_codes_table(checkpoint, quantizer, table, splits[0].layout, num_gpus, threads, batch_size)
     bounds = np.cumsum([0, *sizes])

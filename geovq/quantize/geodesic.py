@@ -317,8 +317,9 @@ class GeodesicQuantizer(Quantizer):
         return self.paths
 
     def rule_for(self, latents: LatentSet) -> str:
-        """The exact rule for a split of at most `exact_encode_limit` tokens, else `approx_rule`."""
-        return self.exact_rule if latents.n_tokens <= self.exact_encode_limit else self.approx_rule
+        """The exact rule for a split of at most `exact_encode_limit` tokens, else `approx_rule` (a shard gets its
+        whole split's rule: `LatentSet.split_tokens`)."""
+        return self.exact_rule if latents.split_tokens <= self.exact_encode_limit else self.approx_rule
 
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
         return self.encode_tokens(latents, rule=self.rule_for(latents))

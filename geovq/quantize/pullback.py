@@ -356,10 +356,11 @@ class PullbackQuantizer(Quantizer):
         """"probed" where it is the cheaper rule (`probes` > 0 and a token's d tangent passes times the tokens of an
         image exceed twice the probes: the probes plus about as many exact passes for the unsure tokens) and no
         re-rank is asked (it re-scores the exact rule's candidates); else "exact" (every token's own metric) up to
-        `exact_encode_limit` tokens, and "borrowed" above."""
+        `exact_encode_limit` tokens of the split (a shard's whole split: `LatentSet.split_tokens`), and "borrowed"
+        above."""
         if self.probes and not self.rerank and latents.token_dim * latents.tokens_per_image > 2 * self.probes:
             return "probed"
-        return "exact" if latents.n_tokens <= self.exact_encode_limit else "borrowed"
+        return "exact" if latents.split_tokens <= self.exact_encode_limit else "borrowed"
 
     def _encode_tokens(self, latents: LatentSet) -> np.ndarray:
         rule = self.rule_for(latents)
