@@ -27,6 +27,7 @@ import typer
 from geovq.errors import GeovqError, RunFailed
 
 if TYPE_CHECKING:
+    from geovq.config import SweepConfig
     from geovq.distributed.sweep import SweepRun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -160,7 +161,7 @@ class BarSafeHandler(logging.StreamHandler):
 
 def _sweep(
     ctx: typer.Context,
-    dataset: str = typer.Argument(..., help="digits (embedded, offline), mnist, fashion, cifar10 or npz; a comma list runs several at once"),
+    dataset: Optional[str] = typer.Argument(None, help="digits (embedded, offline), mnist, fashion, cifar10 or npz; a comma list runs several at once; with --config, the one it records"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory \\[default: runs/DATASET or runs/DATASET-quick]; with several datasets, their parent folder"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma list \\[default: every registered method]"),
     codebook_sizes: Optional[str] = typer.Option(None, "--codebook-sizes", help="comma list of K \\[default: per dataset]"),
@@ -198,7 +199,9 @@ def _sweep(
     from geovq.distributed.sweep import resolve_runs
 
     # parse: the command line as resolve_config's arguments, and a run directory per dataset
-    datasets = comma_list(dataset, "DATASET")
+    if dataset is None and config is None:
+        raise GeovqError("give a DATASET (digits, mnist, fashion, cifar10 or npz), or --config with a run's config.yaml")
+    datasets = comma_list(dataset, "DATASET") if dataset is not None else [_load_config(config).dataset]
     chosen = _methods(methods)
     params = _method_params(method_options, chosen)
     sizes = comma_list(codebook_sizes, "--codebook-sizes", int) if codebook_sizes else None
@@ -249,14 +252,10 @@ def _typed_options(ctx: typer.Context | None) -> set[str]:
 def _config_settings(path: Path, datasets: list[str], settings: dict[str, Any], typed: set[str],
                      method_params_given: bool) -> tuple[Any, dict[str, Any]]:
     """(the recorded configuration of --config, the settings of the options typed on top of it)."""
-    from geovq.config import SweepConfig
-
     refused = [f"--{name}" for name in ("quick", "tiny", "tuned") if name in typed]
     if refused:
         raise GeovqError(f"--config replays a configuration as it was resolved; drop {refused[0]}")
-    if not path.is_file():
-        raise GeovqError(f"--config {path} is not a file; give a run's config.yaml")
-    base = SweepConfig.load(path)
+    base = _load_config(path)
     if datasets != [base.dataset]:
         raise GeovqError(f"--config {path} is a {base.dataset} configuration; run it as `geovq sweep {base.dataset} "
                          f"--config {path}`")
@@ -265,6 +264,15 @@ def _config_settings(path: Path, datasets: list[str], settings: dict[str, Any], 
     if method_params_given:
         given["method_params"] = settings["method_params"]
     return base, given
+
+
+def _load_config(path: Path) -> SweepConfig:
+    """The configuration recorded in --config's file."""
+    from geovq.config import SweepConfig
+
+    if not path.is_file():
+        raise GeovqError(f"--config {path} is not a file; give a run's config.yaml")
+    return SweepConfig.load(path)
 
 
 def _methods(methods: str | None) -> list[str]:

@@ -285,3 +285,19 @@ def test_console_lines_are_printed_between_the_live_progress_bars(monkeypatch):
         handler.setFormatter(logging.Formatter("geovq: %(message)s"))
         handler.emit(record)
         assert calls == expected and stream.getvalue() == "geovq: [3/25] digits/kmeans finished\n"
+
+
+def test_config_alone_names_the_dataset_and_no_dataset_at_all_is_one_line(tmp_path):
+    from geovq.config import resolve_config
+
+    # an MNIST configuration whose data root holds no MNIST: the sweep went on with the dataset the file records
+    cfg = resolve_config("mnist", (1, 28, 28), ["kmeans"], [16], 1, None, False, None, tiny=True,
+                         data_root=tmp_path / "nowhere")
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    for args, expected in (
+            (["--config", str(tmp_path / "config.yaml")], f"mnist not found or incomplete in {tmp_path / 'nowhere'}"),
+            ([], "give a DATASET (digits, mnist, fashion, cifar10 or npz), or --config with a run's config.yaml"),
+            (["--config", str(tmp_path / "none.yaml")], f"--config {tmp_path / 'none.yaml'} is not a file")):
+        result = runner.invoke(app, ["sweep", *args, "--out", str(tmp_path / "run")])
+        assert result.exit_code == 2 and expected in result.output and len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / "run").exists()
