@@ -153,12 +153,13 @@ def latents_from_parquet(path: Path, layout: TokenLayout) -> tuple[LatentSet, np
 
 
 class CodeEncoder:
-    """map_batches callable: latents rows (index, μ, log σ² flattened, label) as `extract_latents_parquet` writes
-    them -> (index, codes, and the encode's additive figures as `stat:NAME` columns) by a unit's fitted quantizer,
-    loaded once per actor with the VAE's decoder on the actor's device. Each image keeps its index in the split
-    (`LatentSet.image_ids`), so what is drawn per image (pull-back's probes) is what the in-process encode of the
-    whole split draws. A batch's figures (`Quantizer.encode_stats`) are spread evenly over its rows, so that the
-    column sums are the split's."""
+    """map_batches callable: latents rows (index, id, split_images, μ and log σ² flattened), as
+    `encode_split_codes` lays them out -> (index, codes, and the encode's additive figures as `stat:NAME` columns)
+    by a unit's fitted quantizer, loaded once per actor with the VAE's decoder on the actor's device. Each image
+    keeps its index in its split (id: `LatentSet.image_ids`), so what is drawn per image (pull-back's probes) is
+    what the in-process encode of the whole split draws, and its split's size (`LatentSet.split_images`), so that
+    its rule is the split's. A batch's figures (`Quantizer.encode_stats`) are spread evenly over its rows, so that
+    the column sums are the job's."""
 
     def __init__(self, checkpoint: str, quantizer: str, layout: dict, num_gpus: float, threads: int) -> None:
         import torch
@@ -179,15 +180,13 @@ class CodeEncoder:
         mu = np.stack(batch["mu"]).reshape(shape).astype(np.float32)
         logvar = np.stack(batch["logvar"]).reshape(shape).astype(np.float32)
         # rows of several splits (encode_split_codes): each image by its index in its split (id) and each split's
-        # images by the rule of the split's size (split_images); a Parquet shard's rows are one split's
-        ids = batch.get("id", batch["index"])
-        sizes = batch.get("split_images", np.full(rows, -1))
+        # images by the rule of the split's size (split_images)
+        ids, sizes = batch["id"], batch["split_images"]
         codes = np.empty((rows, lay.tokens_per_image), dtype=np.int64)
         totals: dict[str, float] = {}
         for size in np.unique(sizes):
             mine = np.flatnonzero(sizes == size)
-            codes[mine] = self.quantizer.encode(LatentSet(mu[mine], logvar[mine], lay, ids[mine],
-                                                          None if size < 0 else int(size)))
+            codes[mine] = self.quantizer.encode(LatentSet(mu[mine], logvar[mine], lay, ids[mine], int(size)))
             for name, value in self.quantizer.encode_stats().items():
                 totals[name] = totals.get(name, 0.0) + value
         stats = {f"stat:{name}": np.full(rows, value / rows) for name, value in totals.items()}
