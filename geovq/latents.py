@@ -44,11 +44,6 @@ class TokenLayout:
         return self.channels // self.token_dim
 
     @property
-    def split_tokens(self) -> int:
-        """Tokens of the whole split this set belongs to (`split_images`; this set's own when it is the split)."""
-        return (self.n_images if self.split_images is None else self.split_images) * self.tokens_per_image
-
-    @property
     def tokens_per_image(self) -> int:
         return self.height * self.width * self.groups
 

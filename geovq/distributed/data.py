@@ -3,13 +3,13 @@
 
 Each wraps a plain stage function (`geovq.stages.extract.encode_images`, `geovq.stages.edges.measure_edges`, a
 fitted quantizer's `encode`) in a callable class for `map_batches` over `ActorPoolStrategy`: each actor loads the
-model from its checkpoint path once, on the GPU Ray assigned it, then handles batch after batch. Extraction's dataset is the split the
-driver already holds (index, image, label blocks in the object store: 172 MB for MNIST's training split), so
-an actor does not re-read and re-split the whole dataset before its first batch, and each actor writes its
-batches' latents as Parquet shards itself: sent back through the object store to Ray Data's write tasks,
-MNIST's 350 MB of latents cost 4x what pyarrow takes to write them (bench/ray_data.py). Edge re-weighting's
-output is small, and Ray Data writes it. The codes stage's input is a split's latents, its output one code
-per token, both small beside the decoder passes that make them.
+model from its checkpoint path once, on the GPU Ray assigned it, then handles batch after batch. Extraction's
+dataset is the split the driver already holds (index, image, label blocks in the object store: 172 MB for MNIST's
+training split), so an actor does not re-read and re-split the whole dataset before its first batch, and each actor
+writes its batches' latents as Parquet shards itself: sent back through the object store to Ray Data's write tasks,
+MNIST's 350 MB of latents cost 4x what pyarrow takes to write them (bench/ray_data.py). Edge re-weighting's output
+is small, and Ray Data writes it. The codes stage's input is a split's latents, its output one code per token, both
+small beside the decoder passes that make them.
 
 The sweep runs these from the driver between Tune phases when it runs on a cluster (`--address`): inside a
 trial, a Ray Data job would wait for CPUs that the trials hold. When Ray Data reads a stage's input (the edge
@@ -19,6 +19,7 @@ reserves every CPU hangs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,11 +197,12 @@ class CodeEncoder:
 @dataclass
 class ShardedCodes:
     """What the Ray Data codes stage returns: a split's (N, T) codes in image order, the sum of its actors'
-    `encode_stats`, and the pool's size."""
+    `encode_stats`, the pool's size, and the job's wall seconds."""
 
     codes: np.ndarray
     stats: dict[str, float]
     actors: int
+    seconds: float
 
 
 def encode_split_codes(checkpoint: Path, quantizer: Path, splits: list[LatentSet], num_gpus: float = 0.0,
@@ -209,7 +211,7 @@ def encode_split_codes(checkpoint: Path, quantizer: Path, splits: list[LatentSet
     driver) by one Ray Data job (its start-up paid once): the splits' rows one after another, each image drawing
     by its index in its own split (`LatentSet.ids`) and encoded by the rule of its split's size (a method whose
     rule depends on it: `LatentSet.split_images`), sharded over an actor pool (`encode_codes_table`). The figures
-    of each split's record are the job's, shared out by images."""
+    and seconds of each split's record are the job's, shared out by images."""
     import pyarrow as pa
 
     def rows(arrays: list[np.ndarray]) -> pa.FixedSizeListArray:  # (N, h, w, C) each -> N lists of h·w·C floats
@@ -224,7 +226,7 @@ def encode_split_codes(checkpoint: Path, quantizer: Path, splits: list[LatentSet
     whole = encode_codes_table(checkpoint, quantizer, table, splits[0].layout, num_gpus, threads, batch_size)
     bounds = np.cumsum([0, *sizes])
     return [ShardedCodes(whole.codes[a:b], {k: v * (b - a) / bounds[-1] for k, v in whole.stats.items()},
-                         whole.actors) for a, b in zip(bounds[:-1], bounds[1:])]
+                         whole.actors, whole.seconds * (b - a) / bounds[-1]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def encode_codes_table(checkpoint: Path, quantizer: Path, table: Any, layout: TokenLayout, num_gpus: float = 0.0,
@@ -235,6 +237,7 @@ def encode_codes_table(checkpoint: Path, quantizer: Path, table: Any, layout: To
     with the exact one) is the caller's to make once, from the summed figures (`Quantizer.encode_record`)."""
     import ray
 
+    t0 = time.perf_counter()
     # the driver holds the table and hands out blocks of `batch_size` images: no read task needs a CPU, so the pool
     # may take every core (a pool beside read tasks leaves one free)
     blocks = [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)]
@@ -252,7 +255,8 @@ def encode_codes_table(checkpoint: Path, quantizer: Path, table: Any, layout: To
         raise GeovqError("the encoded shards do not hold every image of the split exactly once")
     stats = {name.removeprefix("stat:"): float(sum(r[name] for r in rows)) for name in rows[0] if
              name.startswith("stat:")}
-    return ShardedCodes(np.stack([np.asarray(rows[i]["codes"]) for i in order]).astype(np.int64), stats, pool.size)
+    return ShardedCodes(np.stack([np.asarray(rows[i]["codes"]) for i in order]).astype(np.int64), stats, pool.size,
+                        time.perf_counter() - t0)
 
 
 class EdgeMeasurer:

@@ -191,18 +191,24 @@ def record_failure(run: RunDir, work: VaeSpec | Unit, error: BaseException) -> N
     write_json(message, {"message": text.splitlines()[0] if text else type(error).__name__})
 
 
+def failure_line(run: RunDir, work: VaeSpec | Unit) -> str:
+    """One line for a failure `record_failure` wrote: the unit, its message, and where its full traceback is."""
+    trace, message = failure_paths(run, work)
+    return f"{work.key} failed: {json.loads(message.read_text())['message']} (full traceback: {trace})"
+
+
 def describe_failure(run: RunDir, work: VaeSpec | Unit, result: Any) -> str:
     """One line: the unit, what went wrong, and where its full traceback is (copied into the run directory)."""
     trace, message = failure_paths(run, work)
     if result.error is None or message.exists():  # the trial caught it: geovq's own message
-        text = json.loads(message.read_text())["message"]
-    else:  # the worker died (killed, out of memory): only Tune saw it
-        text = f"its worker process died ({type(result.error).__name__}); it is retried when you re-run"
-        tune_trace = Path(result.path) / "error.txt" if result.path else None
-        if tune_trace is not None and tune_trace.exists():
-            write_text(trace, tune_trace.read_text())
-        else:
-            write_text(trace, "".join(traceback.format_exception(result.error)))
+        return failure_line(run, work)
+    # the worker died (killed, out of memory): only Tune saw it
+    text = f"its worker process died ({type(result.error).__name__}); it is retried when you re-run"
+    tune_trace = Path(result.path) / "error.txt" if result.path else None
+    if tune_trace is not None and tune_trace.exists():
+        write_text(trace, tune_trace.read_text())
+    else:
+        write_text(trace, "".join(traceback.format_exception(result.error)))
     return f"{work.key} failed: {text} (full traceback: {trace})"
 
 
@@ -395,14 +401,13 @@ def run_sweeps(plans: list[RunPlan], address: str | None) -> None:
                 first.append(Job(run, cfg, vae, "train" if on_cluster else "all"))
                 if on_cluster:
                     second.append(Job(run, cfg, vae))
-        sharded = {u for u in pending if on_cluster and codes_by_ray_data(run, u)}
-        for u in pending:
-            after = None if u.end_to_end or ready[u.vae] else f"{cfg.dataset}/{u.vae.key}"
-            if u in sharded:
-                fits.append(Job(run, cfg, u, "fit", after=after))
-        first += [Job(run, cfg, u) for u in pending if (u.end_to_end or ready[u.vae]) and u not in sharded]
-        (second if on_cluster else first).extend(Job(run, cfg, u, after=f"{cfg.dataset}/{u.vae.key}")
-                                                 for u in pending if u in sharded or not (u.end_to_end or ready[u.vae]))
+        vae_of = {u: f"{cfg.dataset}/{u.vae.key}" for u in pending if not u.end_to_end}  # a post-hoc unit's VAE job
+        waits = {u for u in vae_of if not ready[u.vae]}  # on a VAE this command trains
+        sharded = {u for u in vae_of if on_cluster and codes_by_ray_data(run, u)}  # fit, Ray Data codes, the rest
+        fits += [Job(run, cfg, u, "fit", after=vae_of[u]) for u in pending if u in sharded]
+        first += [Job(run, cfg, u) for u in pending if u not in waits and u not in sharded]
+        (second if on_cluster else first).extend(Job(run, cfg, u, after=vae_of[u]) for u in pending
+                                                 if u in waits or u in sharded)
         to_train = sum(not r for r in ready.values())
         # the jobs this command runs, as the [k/N] lines count them: each pending unit, and each VAE it trains
         log.info("%s: %d jobs to run: %d of %d units pending, %d VAE(s) to train", cfg.dataset,
@@ -493,19 +498,15 @@ def encode_on_cluster(jobs: list[Job]) -> dict[str, str]:
         try:
             _, quantizer = load_fitted(run, unit, torch.device("cpu"))
             splits = [load_latents(run, unit, split) for split in missing]
-            t0 = time.time()
             sharded = encode_split_codes(run.vae(unit.vae) / "model.pt", run.unit(unit) / "quantizer.npz", splits,
                                          num_gpus=job.cfg.gpus_per_trial or 0.0)
-            seconds = time.time() - t0
             for split, latents, codes in zip(missing, splits, sharded):
-                share = seconds * latents.n_images / sum(s.n_images for s in splits)  # the job's, by images
-                record = {**quantizer.encode_record(latents, codes.codes, share, codes.stats),
+                record = {**quantizer.encode_record(latents, codes.codes, codes.seconds, codes.stats),
                           "ray_data_actors": codes.actors}
                 save_codes(run, unit, split, codes.codes, record, info)
             log.info("%s: %s codes by one Ray Data job in %.1f s (%d actors)", job.label, ", ".join(missing),
-                     seconds, sharded[0].actors)
+                     sum(codes.seconds for codes in sharded), sharded[0].actors)
         except GeovqError as e:  # a unit's own fault (a damaged file, a non-finite Jacobian): its line, no retry
             record_failure(run, unit, e)
-            trace, _ = failure_paths(run, unit)
-            failures[job.label] = f"{unit.key} failed: {str(e).splitlines()[0]} (full traceback: {trace})"
+            failures[job.label] = failure_line(run, unit)
     return failures

@@ -3,14 +3,13 @@ the learned codes' rate in real bytes beside them (DESIGN.md §2: rates in bits 
 
     test images ─ Pillow at each quality ─> files in memory ─ decoded ─> reference_codecs.json
 
-Each point is one codec at one quality over every test image: bits per image from the real file sizes (8 × the
-mean size, headers included, as `coded_bits_per_image` counts the geovq codec's 7-byte header), bits per native
-pixel, and the mean PSNR of the decoded images against the same float images the rows are scored on; an image
-that comes back exactly (flat patches at high quality: PSNR +inf) counts as PERFECT_PSNR dB, and `perfect` says
-how many did. The images
-are coded as the networks see them (8-bit, grey or RGB, at the trunk's size), so a point and a row reconstruct
-the same pixels. On tiny images a JPEG or WebP header is most of the file: that is the real cost of those formats
-there, and the figure says so.
+Each point is one codec at one quality over every test image: bits per image from the real file sizes (8 × the mean
+size, headers included, as `coded_bits_per_image` counts the geovq codec's 7-byte header), bits per native pixel,
+and the mean PSNR of the decoded images against the same float images the rows are scored on; an image that comes
+back exactly (flat patches at high quality: PSNR +inf) counts as PERFECT_PSNR dB, and `perfect` says how many did.
+The images are coded as the networks see them (8-bit, grey or RGB, at the trunk's size), so a point and a row
+reconstruct the same pixels. On tiny images a JPEG or WebP header is most of the file: that is the real cost of
+those formats there, and the figure says so.
 """
 
 from __future__ import annotations
