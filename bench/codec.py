@@ -8,8 +8,10 @@ images (all, or the first --images) are compressed one file each, and decompress
   (−Σ log2 p of the same codes), the payload over the estimate (the coder's flush: at most one 32-bit word
   per file), and the file over fixed length (tokens × log2 K, no header: the sweep's `bits_per_image`);
 - round trip: the share of images whose decoded codes equal the sweep's saved test codes (must be 100%);
-- speed: compress and entropy-decode images/s (one image at a time through the prior: see geovq/codec.py), and the
-  fixed-length codec's images/s on the same images in the same run, its baseline.
+- speed: compress and entropy-decode images/s (the prior stepped through blocks of 16 images: see geovq/codec.py);
+  baselines in the same run: the fixed-length codec's compress images/s on the same images, and format 2's decoder
+  (one causal forward of the prior per code, one image at a time, the prior's share of decoding) on the first
+  --baseline-images images, with the new decoder's speed over it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a sweep's run directory with priors")
     parser.add_argument("--images", type=int, default=None, help="the first N test images [default: all]")
+    parser.add_argument("--baseline-images", type=int, default=32, help="images format 2's decoder is timed on")
     args = parser.parse_args()
     plan = RunPlan.load(args.run)
     images = load_splits(plan.cfg).test[:args.images]
     print(f"{args.run}: {len(images)} test images, header {HEADER_BYTES} bytes")
     print(f"{'unit':44s} {'file':>7s} {'payload':>8s} {'estimate':>9s} {'pay/est':>8s} {'file/fixed':>10s} "
-          f"{'same codes':>10s} {'comp/s':>8s} {'decomp/s':>9s} {'fixed comp/s':>12s}")
+          f"{'same codes':>10s} {'comp/s':>8s} {'decomp/s':>9s} {'fixed comp/s':>12s} {'v2 decomp/s':>11s} "
+          f"{'decomp ×':>8s}")
     for unit in plan.with_codes():
         prior_path = plan.run.prior(unit, "transformer") / "prior.pt"
         if not prior_path.exists():
@@ -54,6 +58,8 @@ def main() -> None:
         fixed.compress(images)
         fixed_s = time.perf_counter() - t0
         prior = load_model(prior_path, "prior")
+        baseline_s = format2_decode_seconds(prior, saved[:args.baseline_images])
+        baseline = min(args.baseline_images, len(saved)) / baseline_s
         with torch.no_grad():
             estimate = prior.token_nll(torch.as_tensor(saved, dtype=torch.long)).sum(1).numpy() / math.log(2)
         sizes = np.array([8 * len(f) for f in files])
@@ -62,7 +68,23 @@ def main() -> None:
         print(f"{unit.key:44s} {sizes.mean():7.1f} {payload.mean():8.1f} {estimate.mean():9.1f} "
               f"{payload.mean() / estimate.mean():8.3f} {sizes.mean() / fixed_bits:10.3f} "
               f"{(decoded == saved).all(1).mean():10.1%} {len(images) / compress_s:8.1f} "
-              f"{len(images) / decode_s:9.1f} {len(images) / fixed_s:12.1f}")
+              f"{len(images) / decode_s:9.1f} {len(images) / fixed_s:12.1f} {baseline:11.1f} "
+              f"{len(images) / decode_s / baseline:8.1f}")
+
+
+def format2_decode_seconds(prior: torch.nn.Module, codes: np.ndarray) -> float:
+    """Seconds format 2's decoder spent in the prior on these images: per image, per code t, one causal forward
+    of the whole (1, T) sequence with the codes before t and zeros after, on one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for row in torch.as_tensor(codes, dtype=torch.long):
+            for t in range(len(row)):
+                torch.softmax(prior.eval().logits(torch.where(torch.arange(len(row)) < t, row, 0)[None])[0, t]
+                              .double(), -1)
+    torch.set_num_threads(threads)
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

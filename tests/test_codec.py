@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from geovq.codec import HEADER_BYTES, VERSION, CodeCoder, Header, unit_tag
+from geovq.codec import BLOCK, HEADER_BYTES, VERSION, CodeCoder, Header, unit_tag
 from geovq.errors import GeovqError
 from geovq.models.priors.base import CodeGrid
 from test_priors import make_prior
@@ -107,19 +107,25 @@ def test_a_truncated_foreign_or_newer_file_is_refused_in_one_line():
 
 @pytest.mark.parametrize("kind", ["transformer", "pixelcnn"])
 @pytest.mark.parametrize("grid", [GRID, CodeGrid(7, 7, 1, 256), CodeGrid(8, 8, 1, 256)], ids=["T18", "T49", "T64"])
-def test_a_codes_probabilities_do_not_depend_on_later_codes_to_the_last_bit(kind, grid):
-    """What decoding relies on: the decoder's forward over the codes decoded so far (zeros after them) gives code
-    t's distribution bit for bit as the encoder's forward over the whole image did."""
+def test_an_images_probabilities_do_not_depend_on_its_block_to_the_last_bit(kind, grid):
+    """What decoding relies on: an image's probabilities come out bit for bit the same whichever row of a block it
+    is coded in and beside whichever images (a decoder's blocks are not the encoder's), and they are the prior's
+    own distributions (its teacher-forced forward's, to float precision)."""
     prior = make_prior(kind, grid)
     with torch.no_grad():
         for p in prior.parameters():
             p.mul_(4.0)
     coder = CodeCoder(grid.n_codes, grid.tokens, unit_tag("u"), prior, kind)
-    for row in np.random.default_rng(2).integers(0, grid.n_codes, (2, grid.tokens)):
-        full = coder._probabilities(row)
-        for t in range(grid.tokens):
-            prefix = np.where(np.arange(grid.tokens) < t, row, 0)
-            assert np.array_equal(coder._probabilities(prefix)[t], full[t]), t
+    rows = np.random.default_rng(2).integers(0, grid.n_codes, (2 * BLOCK, grid.tokens))
+    first = coder.block_probabilities(rows[:BLOCK])  # image 0 in row 0 of a full block
+    elsewhere = rows[BLOCK:].copy()
+    elsewhere[BLOCK - 3] = rows[0]  # the same image in row 13, among other images
+    assert np.array_equal(coder.block_probabilities(elsewhere)[BLOCK - 3], first[0])
+    assert np.array_equal(coder.block_probabilities(rows[:1])[0], first[0])  # alone, in a block padded with zeros
+    with torch.no_grad():
+        forward = torch.softmax(prior.eval().logits(torch.as_tensor(rows[:BLOCK])).double(), -1).numpy()
+    np.testing.assert_allclose(first, forward, rtol=0, atol=1e-5)
+    assert not np.array_equal(first[0], first[1])  # the images' distributions differ: the check above has teeth
 
 
 def test_a_decoder_whose_arithmetic_differs_is_caught_by_the_check_not_returned():

@@ -118,7 +118,7 @@ def test_logits_depend_on_earlier_codes_only_and_sampling_sees_the_same_logits(k
         assert not torch.allclose(other_class[:, 0], logits[:, 0])  # the first code depends on the class
         # The sampling path (key/value cache; row-wise PixelCNN) yields the teacher-forced logits.
         filled = codes.clone()
-        for t, step in enumerate(model._next_logits(filled, labels)):
+        for t, step in enumerate(model.next_logits(filled, labels)):
             torch.testing.assert_close(step, logits[:, t], rtol=1e-5, atol=1e-5)
 
 

@@ -127,14 +127,15 @@ def prior_stage(run: RunDir, cfg: SweepConfig, unit: Unit, device: torch.device,
     return result
 
 
-#: test images whose files are decoded back in every sweep (the full round trip is bench/codec.py's)
+#: test images whose files are decoded back in every sweep: one block of the codec's (the full round trip is
+#: bench/codec.py's)
 CODED_ROUND_TRIP_IMAGES = 16
 
 
 def coded_rate(unit: Unit, kind: str, prior: Prior, test_codes: np.ndarray) -> dict[str, Any]:
     """The rate in bytes: every test image's codes compressed to a file by the codec (`geovq compress`'s format,
     header included) under the unconditional `prior` (on the CPU, as the codec runs it), 8 × the mean file size;
-    the first CODED_ROUND_TRIP_IMAGES files decoded back by the codec's own one-image decoder and checked."""
+    the first CODED_ROUND_TRIP_IMAGES files decoded back by the codec's decoder and checked."""
     from geovq.codec import HEADER_BYTES, CodeCoder, unit_tag
 
     t0 = time.time()

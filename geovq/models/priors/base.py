@@ -3,7 +3,7 @@
 A subclass provides two things:
 - `logits(codes, labels) -> (N, T, K)`: position t's logits given c_<t (teacher forcing; the codes at
   positions ≥ t must not change them: tests check this for every prior);
-- `_next_logits(codes, labels)`: a generator for sampling that yields position t's (B, K) logits and then
+- `next_logits(codes, labels)`: a generator for sampling that yields position t's (B, K) logits and then
   reads codes[:, t], which the caller has filled in meanwhile (a Transformer keeps its key/value cache
   between the two; a PixelCNN simply reruns on the partly filled grid).
 """
@@ -102,7 +102,7 @@ class Prior(nn.Module):
         """(N, T) codes -> (N, T, K) logits of p(c_t | c_<t, label)."""
         raise NotImplementedError
 
-    def _next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """Yield (B, K) logits of position t = 0, 1, …; after each yield codes[:, t] holds the chosen code."""
         raise NotImplementedError
 
@@ -143,7 +143,7 @@ class Prior(nn.Module):
             b = min(batch_size, n - start)
             codes = torch.zeros(b, self.grid.tokens, dtype=torch.long, device=self.device)
             batch_labels = None if labels is None else labels[start:start + b].to(self.device)
-            for t, logits in enumerate(self._next_logits(codes, batch_labels)):
+            for t, logits in enumerate(self.next_logits(codes, batch_labels)):
                 probs = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)
                 codes[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
             out.append(codes)

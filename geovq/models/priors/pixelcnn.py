@@ -132,7 +132,7 @@ class PixelCNNPrior(Prior):
             h = layer.horizontal(h, above, labels, everything)
         return self._logits_of_rows(h)
 
-    def _next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
         # Once per row i: the vertical stack on the grid (rows ≥ i are not drawn yet, and `above` at row i
         # never sees them). Then per token of row i: the horizontal stack and head on that row alone.
         g = self.grid

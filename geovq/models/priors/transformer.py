@@ -107,7 +107,7 @@ class TransformerPrior(Prior):
             x = block(x)
         return self.head(self.ln_f(x))  # (N, T, K)
 
-    def _next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
         caches: list[dict[str, torch.Tensor]] = [{} for _ in self.blocks]
         position = self._position_emb()
         x = self._bos(labels, len(codes)) + position[0]  # (B, 1, D)

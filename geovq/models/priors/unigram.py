@@ -28,6 +28,6 @@ class UnigramPrior(Prior):
     def logits(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.log_probs.expand(len(codes), -1, -1)
 
-    def _next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def next_logits(self, codes: torch.Tensor, labels: torch.Tensor | None) -> Iterator[torch.Tensor]:
         for t in range(self.grid.tokens):
             yield self.log_probs[t].expand(len(codes), -1)
