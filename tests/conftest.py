@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,8 +59,64 @@ FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms":
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The multi-node cluster's tests (test_cluster.py) run last: their module stops the session's local Ray for a
-    `Cluster` of their own, and nothing runs after them that would need the local one started again."""
-    items.sort(key=lambda item: item.path.name == "test_cluster.py")  # stable: the order is kept otherwise
+    `Cluster` of their own, and nothing runs after them that would need the local one started again. When a test
+    reads the main job's run, the main job starts now, in the background (see `MainJob`). Meanwhile the modules
+    that start no Ray work of their own run first (in-process tests on one torch thread, beside the main job's
+    trials), then those whose sweeps need the session's Ray, then the modules that read the main job's run."""
+    waiting = {item.path for item in items if "quick_run" in item.fixturenames}
+    sweeping = {item.path for item in items if "ray_local" in item.fixturenames}
+    # stable: modules keep their order otherwise, and each module's tests stay together and in order
+    items.sort(key=lambda item: (item.path.name == "test_cluster.py", item.path in waiting, item.path in sweeping))
+    if waiting:
+        MAIN_JOB.start()
+
+
+class MainJob:
+    """The main job (`geovq sweep` with `sweeps.QUICK`), run once per session as users run it: a console process
+    with its own local Ray. It starts when the session's tests are collected and runs beside them, so that its idle
+    moments and theirs (a phase waiting on the one before, a lone trial on one of the two cores, Ray starting, a
+    lost node being noticed) overlap; `quick_run` waits for it to finish."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.root = self.out = self.log = None
+
+    def start(self) -> None:
+        if self.process is not None:
+            return
+        from sweeps import QUICK
+
+        self.root = Path(tempfile.mkdtemp(prefix="geovq-main-job-"))
+        self.out, self.log = self.root / "digits-quick", self.root / "sweep.out"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "geovq.cli", *QUICK, "--out", str(self.out)],
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def result(self) -> Path:
+        """The finished run's directory (waits for it); a failed job fails the tests that read it."""
+        self.start()
+        if self.process.wait() != 0:
+            pytest.fail(f"the main job exited {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+        return self.out
+
+    def stop(self) -> None:
+        """At the session's end: a job still running (the session was interrupted) is stopped as Ctrl-C stops it,
+        and its directory removed."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+MAIN_JOB = MainJob()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    MAIN_JOB.stop()
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +150,11 @@ def ray_cluster(multi_node_cluster):
 
 
 @pytest.fixture(scope="session")
-def quick_run(ray_local, tmp_path_factory):
-    """The main job's run directory (`sweeps.QUICK`), swept once per session: test_sweep pins its numbers,
-    test_report merges a copy of it with another run, and test_priors samples a copy's VQ-VAE. A test that changes
-    it restores it (test_sweep's resume)."""
-    from typer.testing import CliRunner
-
-    from geovq.cli import app
-    from sweeps import QUICK
-
-    out = tmp_path_factory.mktemp("sweep") / "digits-quick"
-    result = CliRunner().invoke(app, QUICK + ["--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+def quick_run(ray_local):
+    """The main job's run directory (`sweeps.QUICK`, see `MainJob`): test_sweep pins its numbers, test_report
+    merges a copy of it with another run, and test_priors samples a copy's VQ-VAE. A test that changes it restores
+    it (test_sweep's resume) on the session's Ray."""
+    return MAIN_JOB.result()
 
 
 @pytest.fixture(scope="session")
