@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms":
                    "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The multi-node cluster's tests (test_cluster.py) run last: their module stops the session's local Ray for a
     `Cluster` of their own, and nothing runs after them that would need the local one started again. When a test
     reads the main job's run, the main job starts now, in the background (see `MainJob`). Meanwhile the modules
@@ -67,56 +69,74 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     sweeping = {item.path for item in items if "ray_local" in item.fixturenames}
     # stable: modules keep their order otherwise, and each module's tests stay together and in order
     items.sort(key=lambda item: (item.path.name == "test_cluster.py", item.path in waiting, item.path in sweeping))
-    if waiting:
-        MAIN_JOB.start()
+    if waiting and not config.option.collectonly:
+        MainJob().start()
 
 
 class MainJob:
-    """The main job (`geovq sweep` with `sweeps.QUICK`), run once per session as users run it: a console process
-    with its own local Ray. It starts when the session's tests are collected and runs beside them, so that its idle
-    moments and theirs (a phase waiting on the one before, a lone trial on one of the two cores, Ray starting, a
-    lost node being noticed) overlap; `quick_run` waits for it to finish."""
+    """The main job (`geovq sweep` with `sweeps.QUICK`), run once per test run as users run it: a console process
+    with its own local Ray. It starts when the tests are collected and runs beside them, so that its idle moments
+    and theirs (a phase waiting on the one before, a lone trial on one of the two cores, Ray starting, a lost node
+    being noticed) overlap; `quick_run` waits for it to finish. With pytest-xdist, the first worker to collect
+    starts it and every worker waits for the same run: the job's folder lies in the folder the controlling process
+    made for the whole test run (SHARED), its exit status is written there when it ends (`rc`)."""
 
     def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-        self.root = self.out = self.log = None
+        self.dir = Path(os.environ[SHARED]) / "main-job"
 
     def start(self) -> None:
-        if self.process is not None:
-            return
         from sweeps import QUICK
 
-        self.root = Path(tempfile.mkdtemp(prefix="geovq-main-job-"))
-        self.out, self.log = self.root / "digits-quick", self.root / "sweep.out"
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "geovq.cli", *QUICK, "--out", str(self.out)],
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(self.dir.parent / "main-job.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.dir.exists():  # started by another worker
+                return
+            self.dir.mkdir()
+            # the shell writes the exit status however long the worker that started it lives
+            script = '"$0" -m geovq.cli "$@" > sweep.out 2>&1; echo $? > rc.tmp; mv rc.tmp rc'
+            job = subprocess.Popen(["sh", "-c", script, sys.executable, *QUICK, "--out", "digits-quick"],
+                                   cwd=self.dir, stdin=subprocess.DEVNULL, start_new_session=True)
+            (self.dir / "pgid").write_text(str(job.pid))
 
     def result(self) -> Path:
         """The finished run's directory (waits for it); a failed job fails the tests that read it."""
-        self.start()
-        if self.process.wait() != 0:
-            pytest.fail(f"the main job exited {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
-        return self.out
+        if not self.dir.exists():
+            self.start()
+        rc = self.dir / "rc"
+        deadline = time.time() + 900
+        while not rc.exists():
+            if time.time() > deadline:
+                pytest.fail("the main job did not finish within 900 s")
+            time.sleep(0.2)
+        if rc.read_text().strip() != "0":
+            output = (self.dir / "sweep.out").read_text()[-4000:]
+            pytest.fail(f"the main job exited {rc.read_text().strip()}:\n{output}")
+        return self.dir / "digits-quick"
 
     def stop(self) -> None:
-        """At the session's end: a job still running (the session was interrupted) is stopped as Ctrl-C stops it,
-        and its directory removed."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """When the whole test run ends: a job still running (the run was interrupted) is stopped as Ctrl-C stops
+        it."""
+        if not (self.dir / "pgid").exists() or (self.dir / "rc").exists():
+            return
+        os.killpg(int((self.dir / "pgid").read_text()), signal.SIGINT)
+        deadline = time.time() + 60
+        while not (self.dir / "rc").exists() and time.time() < deadline:
+            time.sleep(0.2)
 
 
-MAIN_JOB = MainJob()
+#: the folder the whole test run shares (pytest-xdist's workers too): made by the controlling process
+SHARED = "GEOVQ_TEST_RUN_DIR"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controlling process (or the only one): xdist's workers inherit it
+        os.environ[SHARED] = tempfile.mkdtemp(prefix="geovq-tests-")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    MAIN_JOB.stop()
+    if not hasattr(config, "workerinput"):
+        MainJob().stop()
+        shutil.rmtree(os.environ.pop(SHARED), ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +147,10 @@ def multi_node_cluster():
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the session's local Ray: test_cluster.py runs last, so no later test needs it again
+    # A Cluster writes its address where `ray.init()` without an address looks for one to join: in a Ray temporary
+    # folder of its own, no console sweep started meanwhile (by pytest-xdist's other worker) joins it.
+    temp_dir = os.environ["RAY_TMPDIR"]
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
                                                             "object_store_memory": 128 * 1024**2,
                                                             "_system_config": FAST_NODE_DEATH})
@@ -134,6 +158,7 @@ def multi_node_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+    os.environ["RAY_TMPDIR"] = temp_dir
 
 
 @pytest.fixture
@@ -152,9 +177,9 @@ def ray_cluster(multi_node_cluster):
 @pytest.fixture(scope="session")
 def quick_run(ray_local):
     """The main job's run directory (`sweeps.QUICK`, see `MainJob`): test_sweep pins its numbers, test_report
-    merges a copy of it with another run, and test_priors samples a copy's VQ-VAE. A test that changes it restores
-    it (test_sweep's resume) on the session's Ray."""
-    return MAIN_JOB.result()
+    merges a copy of it with another run, and test_priors samples a copy's VQ-VAE. A test that runs the sweep again
+    does it in a copy (test_sweep's `own_quick_run`)."""
+    return MainJob().result()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -181,24 +182,31 @@ def test_tensorboard_shows_geovqs_runs_and_an_hparams_view_of_the_rows(quick_run
         assert (start.hparams["method"].string_value, start.hparams["K"].number_value) == (row["method"], row["K"])
 
 
-def test_rerun_resumes_only_unfinished_units(quick_run):
-    rows = sorted((quick_run / "units").glob("*/row.json"))
+@pytest.fixture
+def own_quick_run(quick_run, tmp_path):
+    """A copy of the main job's run, for a test that runs the sweep in it again: other tests (pytest-xdist's
+    other worker among them) read the main job's own run meanwhile."""
+    return shutil.copytree(quick_run, tmp_path / "digits-quick")
+
+
+def test_rerun_resumes_only_unfinished_units(own_quick_run):
+    rows = sorted((own_quick_run / "units").glob("*/row.json"))
     victim = next(p for p in rows if p.parent.name.startswith("kmeans-plain-K16"))
     kept = {p: p.stat().st_mtime_ns for p in rows if p != victim}
-    (vae_dir,) = (quick_run / "vae").iterdir()
+    (vae_dir,) = (own_quick_run / "vae").iterdir()
     vae_mtime = (vae_dir / "model.pt").stat().st_mtime_ns
     codes_mtime = (victim.parent / "codes_test.npy").stat().st_mtime_ns
     victim.unlink()  # as if the sweep had been interrupted while scoring this unit
-    result = runner.invoke(app, QUICK + ["--out", str(quick_run)])
+    result = runner.invoke(app, QUICK + ["--out", str(own_quick_run)])
     assert result.exit_code == 0, result.output
     assert victim.exists()
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
     assert (vae_dir / "model.pt").stat().st_mtime_ns == vae_mtime
     assert (victim.parent / "codes_test.npy").stat().st_mtime_ns == codes_mtime  # only the score was redone
-    assert "resuming" in (quick_run / "sweep.log").read_text()
+    assert "resuming" in (own_quick_run / "sweep.log").read_text()
     # the command's log handlers end with it: what this process logs afterwards is not the run's
     logging.getLogger("geovq.training").info("after the sweep")
-    assert "after the sweep" not in (quick_run / "sweep.log").read_text()
+    assert "after the sweep" not in (own_quick_run / "sweep.log").read_text()
 
 
 def test_rerun_with_another_model_config_is_refused_naming_the_option(quick_run):
@@ -206,15 +214,15 @@ def test_rerun_with_another_model_config_is_refused_naming_the_option(quick_run)
     assert result.exit_code == 2 and "different configuration (--epochs 20 -> 3)" in result.output
 
 
-def test_a_rerun_of_other_methods_keeps_the_settings_of_the_methods_it_leaves_out(quick_run):
+def test_a_rerun_of_other_methods_keeps_the_settings_of_the_methods_it_leaves_out(own_quick_run):
     """--geodesic-* is refused without geodesic among --methods, so a k-means re-run cannot repeat them: they
     neither block it nor get reset to their defaults in the run's configuration."""
-    before = (quick_run / "config.yaml").read_text()
+    before = (own_quick_run / "config.yaml").read_text()
     result = runner.invoke(app, ["sweep", "digits", "--quick", "--vae", "plain", "--methods", "kmeans", "--prior",
-                                 "transformer", "--out", str(quick_run)])
+                                 "transformer", "--out", str(own_quick_run)])
     assert result.exit_code == 0, result.output
     assert "0 jobs to run" in result.output  # every k-means unit was finished: nothing ran again
-    assert (quick_run / "config.yaml").read_text() == before
+    assert (own_quick_run / "config.yaml").read_text() == before
     assert yaml.safe_load(before)["method_params"]["geodesic"] == {"max_landmarks": 5000, "paths": "graph"}
 
 
