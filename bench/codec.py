@@ -6,7 +6,8 @@ For every unit of the run whose prior the sweep trained (the Transformer's, wher
 images (all, or the first --images) are compressed one file each, and decompressed. Printed per unit:
 - files: mean bits per image with the 7-byte header, the payload's mean bits, the prior's estimate
   (−Σ log2 p of the same codes), the payload over the estimate (the coder's flush: at most one 32-bit word
-  per file), and the file over fixed length (tokens × log2 K, no header: the sweep's `bits_per_image`);
+  per file), the largest payload − estimate of any one image (bits; at most 32), and the file over fixed length
+  (tokens × log2 K, no header: the sweep's `bits_per_image`);
 - round trip: the share of images whose decoded codes equal the sweep's saved test codes (must be 100%);
 - speed: compress and entropy-decode images/s (the prior stepped through blocks of 16 images: see geovq/codec.py);
   baselines in the same run: the fixed-length codec's compress images/s on the same images, and format 2's decoder
@@ -39,9 +40,9 @@ def main() -> None:
     plan = RunPlan.load(args.run)
     images = load_splits(plan.cfg).test[:args.images]
     print(f"{args.run}: {len(images)} test images, header {HEADER_BYTES} bytes")
-    print(f"{'unit':44s} {'file':>7s} {'payload':>8s} {'estimate':>9s} {'pay/est':>8s} {'file/fixed':>10s} "
-          f"{'same codes':>10s} {'comp/s':>8s} {'decomp/s':>9s} {'fixed comp/s':>12s} {'v2 decomp/s':>11s} "
-          f"{'decomp ×':>8s}")
+    print(f"{'unit':44s} {'file':>7s} {'payload':>8s} {'estimate':>9s} {'pay/est':>8s} {'max over':>8s} "
+          f"{'file/fixed':>10s} {'same codes':>10s} {'comp/s':>8s} {'decomp/s':>9s} {'fixed comp/s':>12s} "
+          f"{'v2 decomp/s':>11s} {'decomp ×':>8s}")
     for unit in plan.with_codes():
         prior_path = plan.run.prior(unit, "transformer") / "prior.pt"
         if not prior_path.exists():
@@ -66,8 +67,9 @@ def main() -> None:
         payload = sizes - 8 * HEADER_BYTES
         fixed_bits = codec.coder.tokens * math.log2(unit.n_codes)
         print(f"{unit.key:44s} {sizes.mean():7.1f} {payload.mean():8.1f} {estimate.mean():9.1f} "
-              f"{payload.mean() / estimate.mean():8.3f} {sizes.mean() / fixed_bits:10.3f} "
-              f"{(decoded == saved).all(1).mean():10.1%} {len(images) / compress_s:8.1f} "
+              f"{payload.mean() / estimate.mean():8.3f} {(payload - estimate).max():8.1f} "
+              f"{sizes.mean() / fixed_bits:10.3f} {(decoded == saved).all(1).mean():10.1%} "
+              f"{len(images) / compress_s:8.1f} "
               f"{len(images) / decode_s:9.1f} {len(images) / fixed_s:12.1f} {baseline:11.1f} "
               f"{len(images) / decode_s / baseline:8.1f}")
 
