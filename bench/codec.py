@@ -67,7 +67,7 @@ def main() -> None:
         payload = sizes - 8 * HEADER_BYTES
         fixed_bits = codec.coder.tokens * math.log2(unit.n_codes)
         print(f"{unit.key:44s} {sizes.mean():7.1f} {payload.mean():8.1f} {estimate.mean():9.1f} "
-              f"{payload.mean() / estimate.mean():8.3f} {(payload - estimate).max():8.1f} "
+              f"{payload.mean() / estimate.mean():8.3f} {(payload - estimate).max():8.2f} "
               f"{sizes.mean() / fixed_bits:10.3f} {(decoded == saved).all(1).mean():10.1%} "
               f"{len(images) / compress_s:8.1f} "
               f"{len(images) / decode_s:9.1f} {len(images) / fixed_s:12.1f} {baseline:11.1f} "
