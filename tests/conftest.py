@@ -118,10 +118,16 @@ class MainJob:
         it."""
         if not (self.dir / "pgid").exists() or (self.dir / "rc").exists():
             return
-        os.killpg(int((self.dir / "pgid").read_text()), signal.SIGINT)
-        deadline = time.time() + 60
-        while not (self.dir / "rc").exists() and time.time() < deadline:
-            time.sleep(0.2)
+        group = int((self.dir / "pgid").read_text())
+        try:
+            os.killpg(group, signal.SIGINT)
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                os.killpg(group, 0)  # ProcessLookupError once the job's processes are gone
+                time.sleep(0.2)
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 #: the folder the whole test run shares (pytest-xdist's workers too): made by the controlling process
