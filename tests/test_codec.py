@@ -103,6 +103,13 @@ def test_a_truncated_foreign_or_newer_file_is_refused_in_one_line():
         other.decode([plain], ["f"])
     with pytest.raises(GeovqError, match="holds fixed-length codes; this codec reads the transformer prior's"):
         coder.decode([plain], ["f"])
+    # among files decoded a block at a time, the damaged one is the one named
+    files = coder.encode(random_codes(BLOCK + 4, seed=9))
+    files[BLOCK + 2] = files[BLOCK + 2][:HEADER_BYTES + 2]
+    names = [f"img{i}.gvq" for i in range(len(files))]
+    with pytest.raises(GeovqError, match=f"^img{BLOCK + 2}.gvq: "):
+        coder.decode(files, names)
+    np.testing.assert_array_equal(coder.decode(files[:BLOCK + 2], names), random_codes(BLOCK + 4, seed=9)[:BLOCK + 2])
 
 
 @pytest.mark.parametrize("kind", ["transformer", "pixelcnn"])
