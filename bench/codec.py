@@ -79,12 +79,12 @@ def format2_decode_seconds(prior: torch.nn.Module, codes: np.ndarray) -> float:
     of the whole (1, T) sequence with the codes before t and zeros after, on one torch thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    prior.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         for row in torch.as_tensor(codes, dtype=torch.long):
             for t in range(len(row)):
-                torch.softmax(prior.eval().logits(torch.where(torch.arange(len(row)) < t, row, 0)[None])[0, t]
-                              .double(), -1)
+                torch.softmax(prior.logits(torch.where(torch.arange(len(row)) < t, row, 0)[None])[0, t].double(), -1)
     torch.set_num_threads(threads)
     return time.perf_counter() - t0
 

@@ -26,6 +26,7 @@ import torch
 
 from geovq.geometry.decoders import GridTokenDecoder
 from geovq.geometry.lengths import node_metrics
+from geovq.nearest import metric_costs
 from geovq.stages.fit import load_fitted, load_latents
 from geovq.stages.plan import RunPlan
 
@@ -53,8 +54,8 @@ def main() -> None:
         tokens = GridTokenDecoder.from_latents(quantizer.decoder, latents)
         metrics = node_metrics(tokens)  # (N, d, d)
         seconds = time.perf_counter() - t0
-        delta = quantizer.codebook_.astype(np.float64)[None] - tokens.points[:, None]  # (N, K, d)
-        dist = np.sqrt(np.maximum(np.einsum("nkd,nde,nke->nk", delta, metrics, delta), 0))
+        # ‖c − z_i‖_{G_i} for every code: the first-order cost the quantizer's own rules use
+        dist = np.sqrt(np.maximum(metric_costs(tokens.points, metrics, quantizer.codebook_), 0))  # (N, K)
         nearest = np.sort(dist, axis=1)
         ratio = nearest[:, 1] / np.maximum(nearest[:, 0], 1e-12)
         own = dist.argmin(1)
