@@ -181,6 +181,7 @@ def _sweep(
     finetune_decoder: bool = typer.Option(False, "--finetune-decoder", metavar="", help="also report each post-hoc method with its decoder fine-tuned on the codebook"),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="max epochs of the decoder fine-tune (early-stopped on val)"),
     cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="torch threads (and CPUs reserved) per trial"),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="trials at once \\[default: cluster CPUs / --cpus-per-trial]; each trial's worker imports torch once, so short trials (--tiny) are cheapest one at a time"),
     gpus_per_trial: str = typer.Option("auto", "--gpus-per-trial", help="GPUs per trial: auto (1 where the cluster has GPUs, else 0), or a number; fractions share a GPU"),
     max_failures: int = typer.Option(2, "--max-failures", help="retries of a crashed trial (killed worker, lost node); geovq errors are not retried"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address \\[default: start local Ray]"),
@@ -211,7 +212,8 @@ def _sweep(
                     epochs=epochs, quick=quick, tiny=tiny, download=download, token_dim=token_dim,
                     grouping=grouping, tdc_bits=tdc_bits, finetune_decoder=finetune_decoder,
                     finetune_epochs=finetune_epochs, prior=None if no_prior else prior, prior_samples=prior_samples,
-                    cpus_per_trial=cpus_per_trial, gpus_per_trial=_gpus(gpus_per_trial), max_failures=max_failures)
+                    cpus_per_trial=cpus_per_trial, max_concurrent_trials=max_concurrent,
+                    gpus_per_trial=_gpus(gpus_per_trial), max_failures=max_failures)
     if tuned is not None:  # each method at its tuned configuration, which fixes its rate, VAE and settings
         given = [option for option, value in (("--codebook-sizes", codebook_sizes), ("--token-dim", token_dim),
                                               ("--vae", vae), ("--tdc-bits", tdc_bits), ("--epochs", epochs),
@@ -237,7 +239,8 @@ _SETTING_OF_OPTION = {"methods": "methods", "codebook_sizes": "codebook_sizes", 
                       "epochs": "epochs", "token_dim": "token_dim", "grouping": "grouping", "tdc_bits": "tdc_bits",
                       "prior": "prior", "no_prior": "prior", "prior_samples": "prior_samples",
                       "finetune_decoder": "finetune_decoder", "finetune_epochs": "finetune_epochs",
-                      "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial",
+                      "cpus_per_trial": "cpus_per_trial", "max_concurrent": "max_concurrent_trials",
+                      "gpus_per_trial": "gpus_per_trial",
                       "max_failures": "max_failures", "download": "download"}
 
 

@@ -141,6 +141,7 @@ OPTIONS = {"dataset": "DATASET", "methods": "--methods", "codebook_sizes": "--co
            "data_root": "--data-root", "token_dim": "--token-dim", "grouping": "--grouping", "vaes": "--vae",
            "tdc_bits": "--tdc-bits", "train.epochs": "--epochs", "max_train_images": "--quick",
            "finetune_epochs": "--finetune-epochs", "cpus_per_trial": "--cpus-per-trial",
+           "max_concurrent_trials": "--max-concurrent",
            "gpus_per_trial": "--gpus-per-trial", "max_failures": "--max-failures", "prior": "--prior",
            "prior_samples": "--prior-samples", "tuned": "--tuned"}
 #: one tuned configuration: the rate (K codes of token_dim channels), the VAE variant (None: end to end) with its
@@ -193,6 +194,9 @@ class SweepConfig:
     finetune_epochs: int = 10
     finetune_max_images: int = 10_000  # training images the decoder fine-tune sees (a fixed random subset)
     cpus_per_trial: int = 1
+    #: trials at once; None: as many as the cluster's CPUs hold at cpus_per_trial each. A trial's worker process
+    #: imports torch and Ray Tune once (~7 CPU-s on 2 cores), so short trials run fastest one at a time
+    max_concurrent_trials: int | None = None
     max_failures: int = 2  # retries of a crashed trial (killed worker, lost node); geovq errors are not retried
     gpus_per_trial: float | None = None  # None: auto (1 where the cluster has GPUs, else 0); fractions share one
     quick: bool = False
@@ -243,11 +247,11 @@ class SweepConfig:
         """What must match for a run directory to be resumed or extended: everything that shapes a model
         or a split. Methods, VAE variants, codebook sizes and seed count may grow (new units join the run),
         and --finetune-decoder and priors may be switched on (finished units gain their fine-tuned rows, their
-        priors and samples). Threads and
-        GPUs per trial are a matter of the machine, not of the run."""
+        priors and samples). Threads and GPUs per trial, and trials at once, are a matter of the machine, not of
+        the run."""
         out = self.as_dict()
         for key in ("methods", "codebook_sizes", "seeds", "vaes", "finetune_decoder", "cpus_per_trial",
-                    "gpus_per_trial", "max_failures", "prior"):
+                    "max_concurrent_trials", "gpus_per_trial", "max_failures", "prior"):
             out.pop(key)
         return out
 
@@ -524,6 +528,9 @@ def validate(cfg: SweepConfig, train_images: int | None = None) -> None:
         raise GeovqError(f"--finetune-epochs {cfg.finetune_epochs} must be >= 1")
     if cfg.cpus_per_trial < 1:
         raise GeovqError(f"--cpus-per-trial {cfg.cpus_per_trial} must be >= 1")
+    if cfg.max_concurrent_trials is not None and cfg.max_concurrent_trials < 1:
+        raise GeovqError(f"--max-concurrent {cfg.max_concurrent_trials} must be >= 1 (or left out: as many trials "
+                         "as the cluster's CPUs hold)")
     if cfg.prior is not None:
         check_prior_kind(cfg.prior)
     if cfg.prior_samples < 1:

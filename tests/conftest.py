@@ -19,6 +19,11 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# No idle workers started ahead of demand (Ray starts one per CPU for each driver that connects): the tests' trials
+# are Tune actors, which get workers of their own, so those sat idle, ~1 CPU-s of imports each, about 18 per suite.
+# Ray's own system settings (its raylet reads RAY_<name>), inherited by every Ray the tests start.
+os.environ.setdefault("RAY_enable_worker_prestart", "0")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 # Quantizers defined outside geovq (tests/plugins): importable here and, through PYTHONPATH, in Ray workers.
 PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
@@ -34,10 +39,13 @@ LOCAL_RAY = dict(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_m
 
 def tiny_config(methods: list[str], codebook_sizes: list[int] | None = None, **options):
     """The tests' one small sweep configuration: digits at `--tiny` (the small trunk, 2 epochs, 300 training
-    images), one seed, K = 16 and no prior unless told; `options` are resolve_config's (SweepConfig fields)."""
+    images), one seed, K = 16, no prior and one trial at a time unless told; `options` are resolve_config's
+    (SweepConfig fields). One at a time: a tiny trial lasts about a second, a second trial worker costs ~7 CPU-s of
+    imports, and the suite's other xdist worker keeps the second core busy."""
     from geovq.config import resolve_config
 
     options.setdefault("prior", None)
+    options.setdefault("max_concurrent_trials", 1)
     return resolve_config("digits", (1, 16, 16), methods, codebook_sizes or [16], 1, options.pop("epochs", None),
                           False, options.pop("method_params", None), tiny=True, **options)
 

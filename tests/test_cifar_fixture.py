@@ -111,15 +111,15 @@ def test_a_malformed_declaration_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow  # the 5,000 validation images dominate; --tiny's small trunk keeps it to seconds
 def test_one_sweep_runs_cifar10_through_its_trunk_beside_digits_each_with_its_own_run_directory(ray_local, tmp_path):
-    """`geovq sweep digits,cifar10`: one Tune experiment for both datasets (their trials share the cluster at
-    once), a run directory each inside --out, and CIFAR-10's rows through its own layout."""
+    """`geovq sweep digits,cifar10`: one Tune experiment for both datasets (their trials share the cluster), a
+    run directory each inside --out, and CIFAR-10's rows through its own layout."""
     from geovq.cli import app
 
     write_cifar10(tmp_path / "data", 5200, 200)  # the fewest training images geovq takes: 5,000 go to validation
     parent = tmp_path / "runs"
     result = CliRunner().invoke(app, ["sweep", "digits,cifar10", "--data-root", str(tmp_path / "data"), "--tiny",
                                       "--vae", "plain", "--methods", "kmeans,vqvae", "--codebook-sizes", "16",
-                                      "--epochs", "1", "--no-prior", "--out", str(parent)])
+                                      "--epochs", "1", "--no-prior", "--max-concurrent", "1", "--out", str(parent)])
     assert result.exit_code == 0, result.output
     for name in ("digits", "cifar10"):
         run = parent / f"{name}-tiny"  # each dataset's default run directory's name, inside --out
@@ -130,6 +130,9 @@ def test_one_sweep_runs_cifar10_through_its_trunk_beside_digits_each_with_its_ow
     assert experiments == ["sweep"]
     trials = [p for p in (parent / "ray").glob("sweep-*/*") if p.is_dir()]
     assert len(trials) == 6  # each dataset's VAE, and its k-means and VQ-VAE units
+    # --max-concurrent 1: the trials ran one after another, so Tune's reused worker ran them all in one process
+    results = [json.loads((trial / "result.json").read_text().splitlines()[-1]) for trial in trials]
+    assert len({r["pid"] for r in results}) == 1
 
     out = parent / "cifar10-tiny"
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}

@@ -28,6 +28,7 @@ runner = CliRunner()
     (["sweep", "digits", "--grouping", "diagonal"], "--grouping 'diagonal' is unknown"),
     (["sweep", "digits", "--codebook-sizes", "sixteen"], "'sixteen' must be a comma list of integers"),
     (["sweep", "digits", "--epochs", "-3"], "--epochs -3 must be >= 0"),
+    (["sweep", "digits", "--max-concurrent", "0"], "--max-concurrent 0 must be >= 1 (or left out"),
     (["sweep", "digits", "--token-dim", "3"], "--token-dim 3 must divide the latent channels C=8"),
     (["sweep", "digits", "--token-dim", "0"], "--token-dim 0 must divide the latent channels C=8"),  # not d = C
     (["sweep", "mnist", "--data-root", "__missing__"], "__missing__"),

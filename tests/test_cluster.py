@@ -95,7 +95,7 @@ def test_trials_spread_over_nodes_and_a_lost_node_loses_no_finished_unit(ray_clu
     ray_cluster.wait_for_nodes()
     # VQ-VAEs: one phase, no VAE; a post-hoc unit would add its VAE's Ray Data extraction and a second Tune
     # experiment (test_ray_data runs that stage on its own)
-    cfg = tiny_config(["vqvae"], [16, 64, 256], max_failures=3)
+    cfg = tiny_config(["vqvae"], [16, 64, 256], max_failures=3, max_concurrent_trials=None)  # as the CPUs hold
     cfg.train.epochs = 3
     run = RunDir(tmp_path / "run")
     run.root.mkdir()

@@ -23,13 +23,15 @@ from consoles import sigint_at_default
 from geovq.cli import app
 
 runner = CliRunner()
-SMALL = ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--no-prior"]
+#: one trial at a time (see conftest.tiny_config)
+SMALL = ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "vqvae,kmeans,gq", "--no-prior", "--max-concurrent",
+         "1"]
 
 
-# The interrupted sweep: its units one at a time (--cpus-per-trial 2 of local Ray's 2 CPUs), 10 epochs each, so that
-# a Ctrl-C after the first finished one lands while others are still to run (at --tiny's 2 epochs, two at a time,
-# they finish within a second of each other)
-INTERRUPTIBLE = SMALL + ["--epochs", "10", "--cpus-per-trial", "2"]
+# The interrupted sweep: its units one at a time, 10 epochs each, so that a Ctrl-C after the first finished one
+# lands while others are still to run (at --tiny's 2 epochs, two at a time, they finish within a second of each
+# other)
+INTERRUPTIBLE = SMALL + ["--epochs", "10"]
 UNIT_LINE = re.compile(r"geovq: \[\d+/\d+\] digits/")  # the driver's line for a finished job
 
 
@@ -294,7 +296,7 @@ def test_rerun_with_a_subset_keeps_the_whole_run_in_its_configuration(finished_r
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     result = runner.invoke(app, ["sweep", "digits", "--tiny", "--vae", "plain", "--methods", "kmeans",
-                                 "--codebook-sizes", "16", "--no-prior", "--out", str(run)])
+                                 "--codebook-sizes", "16", "--no-prior", "--max-concurrent", "1", "--out", str(run)])
     assert result.exit_code == 0, result.output
     import yaml
 

@@ -406,8 +406,8 @@ def test_every_event_file_parses_back_and_the_hparams_compare_trials(search):
 
 
 def test_tuned_sweep_scores_each_method_at_its_own_configuration_on_test(search, tmp_path):
-    result = runner.invoke(app, ["sweep", "digits", "--tuned", str(search), "--seeds", "1", "--no-prior", "--out",
-                                 str(tmp_path / "t")])
+    result = runner.invoke(app, ["sweep", "digits", "--tuned", str(search), "--seeds", "1", "--no-prior",
+                                 "--max-concurrent", "1", "--out", str(tmp_path / "t")])
     assert result.exit_code == 0, result.output
     best = yaml.safe_load((search / "best.yaml").read_text())["methods"]
     rows = json.loads((tmp_path / "t" / "results.json").read_text())

@@ -331,6 +331,9 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
         return {}
     threads = max(job.cfg.cpus_per_trial for job in jobs)
     cpus = check_cpus_per_trial(threads)
+    # as many trials at once as the CPUs hold, unless a run asks for fewer (the least of the runs' --max-concurrent)
+    concurrent = min([max(1, int(cpus // threads))]
+                     + [job.cfg.max_concurrent_trials for job in jobs if job.cfg.max_concurrent_trials is not None])
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
         cfg = config["job"]["config"]
@@ -341,7 +344,7 @@ def run_trials(jobs: list[Job], phase: str, storage: Path, failed: dict[str, str
         tune.with_resources(_trial, resources),
         # reuse_actors: a finished trial's worker (torch already imported) takes the next unit
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(jobs),
-                                    max_concurrent_trials=max(1, int(cpus // threads)), reuse_actors=True,
+                                    max_concurrent_trials=concurrent, reuse_actors=True,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(storage.resolve()), verbose=0,
