@@ -11,7 +11,11 @@ For every geodesic unit of the run whose saved codes of the split were decided b
   (argmin_c ‖c − z_i‖_{G_i}; d tangent passes per token), and the seconds its metric tensors took;
 - margin r: a rule that keeps the own first-order code where the runner-up is more than r times farther, and
   leaves the rest to the exact rule's curves: the share of tokens it sends to curves, and its agreement (those
-  tokens take their saved exact code, so the agreement is what the rule would reach).
+  tokens take their saved exact code, so the agreement is what the rule would reach);
+- probed: the rule built on it, `context_probed` (each token's metric estimated by the quantizer's output probes,
+  its margin shown at PROBE_CONFIDENCE standard errors; the rest by the exact rule), run for real: the share of
+  tokens it sent to curves, its agreement, its seconds against the exact rule's (both timed here, one thread) and
+  its decoder forward-equivalents per token.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ def main() -> None:
     torch.set_num_threads(1)
     plan = RunPlan.load(args.run)
     print(f"{'unit':40s} {'tokens':>7s} {'borrowed':>9s} {'own':>7s} {'own s':>6s} "
-          + " ".join(f"{'r=' + str(r) + ' curves/agree':>20s}" for r in MARGINS))
+          + " ".join(f"{'r=' + str(r) + ' curves/agree':>20s}" for r in MARGINS)
+          + f" {'probed curves/agree':>20s} {'probed s':>8s} {'exact s':>8s} {'FE/tok':>7s}")
     for unit in plan.with_codes():
         record = json.loads((plan.run.unit(unit) / "encode.json").read_text()).get(args.split, {})
         if unit.method != "geodesic" or record.get("rule") != "context":
@@ -63,8 +68,18 @@ def main() -> None:
         for r in MARGINS:
             sure = ratio > r
             cells.append(f"{1 - sure.mean():9.3f} / {np.mean(np.where(sure, own, exact) == exact):.4f}")
+        t0 = time.perf_counter()
+        again = quantizer.encode_tokens(latents, rule="context")  # the exact rule, timed beside the probed one
+        exact_seconds = time.perf_counter() - t0
+        assert (again == exact).all(), f"{unit.key}: the exact rule no longer gives the saved codes"
+        quantizer.exact_encode_limit, quantizer.approx_rule = 0, "context_probed"  # (a saved unit keeps its own)
+        probed, info = quantizer.encode_with_info(latents)
+        probed = probed.reshape(-1)
+        cells.append(f"{info['curve_fraction']:9.3f} / {np.mean(probed == exact):.4f}")
         print(f"{unit.key:40s} {len(exact):7d} {np.mean(borrowed == exact):9.4f} {np.mean(own == exact):7.4f} "
-              f"{seconds:6.1f} " + " ".join(f"{c:>20s}" for c in cells))
+              f"{seconds:6.1f} " + " ".join(f"{c:>20s}" for c in cells)
+              + f" {info['seconds_probes'] + info['seconds_curves']:8.2f} {exact_seconds:8.2f}"
+              f" {info['encode_forward_equivalents_per_token']:7.2f}")
 
 
 if __name__ == "__main__":

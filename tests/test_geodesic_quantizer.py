@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -322,3 +323,75 @@ def test_encode_in_chunks_gives_the_same_codes_and_logs_its_progress(paths, monk
     lines = [r.getMessage() for r in caplog.records if "encode:" in r.getMessage()]
     assert [int(line.split()[3]) for line in lines] == [40, 80, 96]
     assert all(line.startswith(f"geodesic {q.exact_rule} encode: ") and " of 96 tokens" in line for line in lines)
+
+
+def own_metrics(decoder, latents: LatentSet) -> np.ndarray:
+    """(n, d, d) each token's metric J_iᵀJ_i in its own image, from the decoder's full Jacobian by autograd (an
+    implementation independent of the probes and of the engine's tangent passes)."""
+    out = []
+    for image in latents.mu:
+        grid = torch.as_tensor(image[None], dtype=torch.float32)
+        jac = torch.autograd.functional.jacobian(lambda g: decoder(g).reshape(-1), grid)
+        jac = jac.reshape(jac.shape[0], -1).double().numpy()  # (P, h·w·C)
+        for cols in latents.layout.flat_positions(np.arange(latents.tokens_per_image)):
+            out.append(jac[:, cols].T @ jac[:, cols])
+    return np.stack(out)
+
+
+def test_the_probed_in_context_rule_keeps_a_first_order_code_only_where_its_margin_holds():
+    """context_probed with a full frame of probes (each token's exact metric): a token it keeps has the nearest
+    code under its own metric, with every other code more than `margin` times farther at first order; every other
+    token goes to the exact rule "context" and gets its code. With margin = inf every token goes there."""
+    from geovq.nearest import metric_costs
+
+    q, decoder, test = grid_quantizer_and_test(6, paths="context", probes=100_000, margin=1.2)
+    calls = []  # the tokens the rule leaves to the exact rule's curves
+    exact_insert = q._context_insert
+    q._context_insert = lambda latents, tokens, similar: (calls.append(tokens.copy()),
+                                                          exact_insert(latents, tokens, similar))[1]
+    codes = q.encode_tokens(test, rule="context_probed")
+    q._context_insert = exact_insert
+    sent = np.concatenate(calls)
+    kept = np.setdiff1d(np.arange(test.n_tokens), sent)
+    assert 0 < len(sent) < test.n_tokens  # the margin decides some tokens, curves the others
+    costs = metric_costs(test.token_mu.astype(np.float64), own_metrics(decoder, test), q.codebook_)
+    ordered = np.sort(costs, axis=1)
+    np.testing.assert_array_equal(codes[kept], costs[kept].argmin(1))
+    assert (np.sqrt(ordered[kept, 1] / ordered[kept, 0]) > 1.2).all()
+    exact = q.encode_tokens(test, rule="context")
+    np.testing.assert_array_equal(codes[sent], exact[sent])
+    assert (np.sqrt(ordered[:, 1] / ordered[:, 0]) <= 1.2)[sent].any()  # the rule sent tokens it had to
+    q.margin = np.inf
+    np.testing.assert_array_equal(q.encode_tokens(test, rule="context_probed"), exact)
+    assert q.encode_stats()["curve_tokens"] == test.n_tokens
+
+
+def test_a_large_split_gets_the_probed_in_context_rule_its_figures_and_the_same_codes_in_shards():
+    q, _, test = grid_quantizer_and_test(8, paths="context", probes=8, exact_encode_limit=100)  # 256 test tokens
+    codes, info = q.encode_with_info(test)
+    assert info["rule"] == "context_probed" and info["probes"] == 8 and info["margin"] == 1.2
+    assert 0 < info["curve_fraction"] < 1 and info["encode_forward_equivalents_per_token"] > 0
+    exact = q.encode_tokens(test, rule="context").reshape(codes.shape)
+    assert info["agreement"] == pytest.approx((codes == exact).mean())  # a split this small is all checked
+    # two shards, each image probed by its index in the split: the split's codes
+    halves = [np.arange(0, 3), np.arange(3, 8)]
+    shards = [q.encode(replace(test.subset(images), split_images=8)) for images in halves]
+    np.testing.assert_array_equal(np.concatenate(shards), codes)
+    q.probed_encode_limit = 255  # auto: a split above it gets the first-order rule, without any decoder call
+    assert q.encode_with_info(test)[1]["rule"] == "landmark_metric"
+    q.probed_encode_limit, q.probes = 256, 64  # and so do images with no more metric directions (32 × 2) than probes
+    assert q.rule_for(test) == "landmark_metric"
+    q.probes = 63
+    assert q.rule_for(test) == "context_probed"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"paths": "graph", "approx_rule": "context_probed"}, "needs paths='context'"),
+    ({"probes": 0}, "probes >= 1, margin >= 1 and probed_encode_limit >= 0; got probes=0"),
+    ({"probed_encode_limit": -1}, "probed_encode_limit=-1"),
+    ({"margin": 0.9}, "margin=0.9"),
+    ({"margin": float("nan")}, "margin=nan"),
+])
+def test_bad_probed_rule_settings_are_one_line(params, message):
+    with pytest.raises(GeovqError, match=message):
+        make_quantizer("geodesic", 4, decoder=ConvDecoder(4), **params)

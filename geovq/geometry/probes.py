@@ -11,7 +11,7 @@ scaled so that E[Σ_j q_j q_jᵀ] = (s/P)·I over the P output values) and g_ij 
 at s backward passes per image: on MNIST (P = 784, 49 tokens) s = 32 probes cost about 0.7 decoder passes per
 token against 16 for the exact metrics. The estimate alone picks the exact rule's code for ~91% of MNIST
 tokens; `image_probes` returns the per-probe g_ij, so that a caller can test which codes the estimate cannot rule
-out (quantize/pullback.py, `probe_candidates`), and `image_tangent_norms` settles those exactly (‖J_i δ‖² for a
+out (`geovq.nearest.probe_candidates`), and `image_tangent_norms` settles those exactly (‖J_i δ‖² for a
 few δ per token, a forward-mode pass each, the image's primal pass shared).
 
 Both run on the decoder's own device (an nn.Module's parameters', or a wrapper's `device`), in its dtype; the
@@ -20,13 +20,16 @@ numbers come back as float64 numpy arrays.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from geovq.errors import GeovqError
 from geovq.geometry.decoders import _module_device, _module_dtype
+
+if TYPE_CHECKING:
+    from geovq.latents import LatentSet
 
 GridDecoderFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,6 +39,9 @@ ROWS_PER_CALL = 128
 #: the same on a CUDA device, where a call of 128 rows would leave it idle (not measured: no GPU here yet;
 #: bench/gpu_check.py times this stage)
 CUDA_ROWS_PER_CALL = 16384
+#: images decoded to time a plain forward pass, against which an encode's cost is stated, and times it is run
+FORWARD_PROBE = 256
+FORWARD_REPEATS = 3
 
 
 def rows_per_call(device: torch.device) -> int:
@@ -97,3 +103,24 @@ def image_tangent_norms(decoder: GridDecoderFn, grids: np.ndarray, tangents: np.
                 jt = torch.func.vmap(lambda v: torch.func.jvp(decoder, (z,), (v,))[1])(t)
             out[:, start:start + step] = jt.reshape(m, len(z), -1).double().pow(2).sum(-1).cpu().numpy()
     return out
+
+
+def forward_seconds_per_image(decoder: GridDecoderFn, latents: "LatentSet") -> float:
+    """Wall seconds per image of a plain decoder forward of (up to FORWARD_PROBE of) the split's μ-grids in one
+    batch (each image's first token in its own context: the μ-grid unchanged), fastest of FORWARD_REPEATS: the
+    unit an encode's cost is stated in (decoder forward-equivalents)."""
+    import time
+
+    from geovq.geometry.decoders import GridTokenDecoder
+
+    n = min(latents.n_images, FORWARD_PROBE)
+    dec = GridTokenDecoder.from_latents(decoder, latents, np.arange(n) * latents.tokens_per_image)
+    z, nodes = dec.tensor(dec.points), torch.arange(n, device=dec.device)
+    best = np.inf
+    with torch.no_grad():
+        dec.decode(z[:2], nodes[:2]).cpu()  # warm-up
+        for _ in range(FORWARD_REPEATS):  # the fastest: other jobs on the machine only ever add time
+            t0 = time.perf_counter()
+            dec.decode(z, nodes).cpu()  # .cpu(): waits for the device
+            best = min(best, time.perf_counter() - t0)
+    return best / n

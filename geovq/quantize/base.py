@@ -216,9 +216,9 @@ class Quantizer(Configurable, ABC):
 
     def encode_stats(self) -> dict[str, float]:
         """Additive figures of the last encode (seconds of its steps, tokens it settled exactly, ...), which its
-        record reports; when shards of a split are encoded apart (the Ray Data codes stage), their sum. {} unless
-        the method keeps some."""
-        return {}
+        record reports; when shards of a split are encoded apart (the Ray Data codes stage), their sum: a method's
+        encode keeps them in `self._encode_stats` ({} unless it keeps some)."""
+        return {k: float(v) for k, v in getattr(self, "_encode_stats", {}).items()}
 
     def encode_record(self, latents: LatentSet, codes: np.ndarray, seconds: float, stats: dict[str, float]
                       ) -> dict[str, Any]:
@@ -229,6 +229,7 @@ class Quantizer(Configurable, ABC):
 
     def _set_encode_stats(self, stats: dict[str, float]) -> None:
         """Take `stats` as the last encode's (see `encode_stats`)."""
+        self._encode_stats = stats
 
     def _check_layout(self, latents: LatentSet) -> None:
         self._check_fitted()

@@ -62,7 +62,7 @@ import numpy as np
 
 from geovq.errors import GeovqError
 from geovq.latents import LatentSet
-from geovq.nearest import metric_nearest, metric_shortlist
+from geovq.nearest import metric_nearest, metric_shortlist, probe_candidates
 from geovq.quantize.base import EncodeProgress, Quantizer, register
 
 if TYPE_CHECKING:  # the geometry engine imports torch: loaded when a fit or encode needs it
@@ -80,9 +80,6 @@ CUDA_CHUNK_ELEMENTS = 2**24
 BORROW_POOL = 10_000
 #: tokens per borrowed-metric assignment block
 BORROW_CHUNK = 65_536
-#: images decoded to time a plain forward pass, against which an encode's cost is stated, and times it is run
-FORWARD_PROBE = 256
-FORWARD_REPEATS = 3
 
 
 def token_features(latents: LatentSet, tokens: np.ndarray) -> np.ndarray:
@@ -148,34 +145,8 @@ def cluster_costs(centres: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarr
     return np.einsum("ki,kij,kj->k", centres, a, centres) - 2.0 * np.einsum("ki,ki->k", centres, b)
 
 
-#: codes (the cheapest by the probes' estimate) that the probed rule's confidence test considers per token: on the
-#: MNIST TDC VAE the exact rule's code was among the 4 cheapest for 99.9% of tokens (32 probes)
-PROBE_SHORTLIST = 16
 #: images per forward-mode call of the probed rule's exact passes, grouped by their number of unsure pairs
 SETTLE_GROUP = 4
-
-
-def probe_candidates(probe_grads: np.ndarray, points: np.ndarray, codebook: np.ndarray, confidence: float
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """From probe gradients g (n, s, d) (Σ_j g_j g_jᵀ estimates each token's metric): each token's estimated best
-    code (n,) and the (n, K) mask of codes not ruled out: the best, and every code among the PROBE_SHORTLIST
-    cheapest by the estimate whose estimated cost exceeds the best's by less than `confidence` standard errors of
-    the per-probe differences."""
-    n, s, _ = probe_grads.shape
-    estimated = np.einsum("nsi,nsj->nij", probe_grads, probe_grads)
-    shortlist = metric_shortlist(points, estimated, codebook, PROBE_SHORTLIST)  # (n, M), cheapest first
-    best = shortlist[:, 0]
-    # per-probe terms s·(g_jᵀ(c − z))², (n, s, M): their mean over j is the estimated cost of each listed code
-    delta = codebook[shortlist] - points[:, None, :]  # (n, M, d)
-    terms = s * np.einsum("nsd,nmd->nsm", probe_grads, delta) ** 2
-    gap = terms.mean(1) - terms[:, :, :1].mean(1)
-    spread = (terms - terms[:, :, :1]).std(1, ddof=1) / np.sqrt(s) if s > 1 else np.zeros_like(gap)
-    with np.errstate(invalid="ignore"):  # inf × 0: confidence=inf keeps every listed code (below)
-        listed = (gap < confidence * spread) | np.isinf(confidence)
-    listed[:, 0] = True
-    keep = np.zeros((n, len(codebook)), dtype=bool)
-    keep[np.repeat(np.arange(n), listed.sum(1)), shortlist[listed]] = True
-    return best, keep
 
 
 @dataclass
@@ -508,12 +479,6 @@ class PullbackQuantizer(Quantizer):
             codes[s:s + len(chunk)], _ = assign(latents.token_mu[chunk].astype(np.float64), metrics, self.codebook_)
         return codes
 
-    def encode_stats(self) -> dict[str, float]:
-        return {k: float(v) for k, v in getattr(self, "_encode_stats", {}).items()}
-
-    def _set_encode_stats(self, stats: dict[str, float]) -> None:
-        self._encode_stats = stats
-
     def _encode_info(self, latents: LatentSet, codes: np.ndarray) -> dict[str, Any]:
         rule = self.rule_for(latents)
         if rule == "borrowed":
@@ -556,7 +521,9 @@ class PullbackQuantizer(Quantizer):
     def _forward_equivalents(self, latents: LatentSet, seconds: float) -> dict[str, float]:
         """An encode's `seconds` against a plain decoder forward of the split's μ-grids timed now: per image, and the
         encode in forward-equivalents per token and per image."""
-        per_image = self._forward_seconds(latents)
+        from geovq.geometry.probes import forward_seconds_per_image
+
+        per_image = forward_seconds_per_image(self.decoder, latents)
         return {"forward_seconds_per_image": per_image,
                 "encode_forward_equivalents_per_token": seconds / max(latents.n_tokens, 1) / per_image,
                 "encode_forward_equivalents_per_image": seconds / max(latents.n_images, 1) / per_image}
@@ -581,26 +548,6 @@ class PullbackQuantizer(Quantizer):
                          "rerank_sq_error": stats["error_rerank"] / max(n, 1),
                          "rerank_sq_error_predicted": stats["predicted"] / max(n, 1)})
         return info
-
-    def _forward_seconds(self, latents: LatentSet) -> float:
-        """Wall seconds per image of a plain decoder forward of (up to FORWARD_PROBE of) the split's μ-grids
-        in one batch (each image's first token in its own context: the μ-grid unchanged), fastest of
-        FORWARD_REPEATS."""
-        import torch
-
-        from geovq.geometry.decoders import GridTokenDecoder
-
-        n = min(latents.n_images, FORWARD_PROBE)
-        dec = GridTokenDecoder.from_latents(self.decoder, latents, np.arange(n) * latents.tokens_per_image)
-        z, nodes = dec.tensor(dec.points), torch.arange(n, device=dec.device)
-        best = np.inf
-        with torch.no_grad():
-            dec.decode(z[:2], nodes[:2]).cpu()  # warm-up
-            for _ in range(FORWARD_REPEATS):  # the fastest: other jobs on the machine only ever add time
-                t0 = time.perf_counter()
-                dec.decode(z, nodes).cpu()  # .cpu(): waits for the device
-                best = min(best, time.perf_counter() - t0)
-        return best / n
 
     # -- persistence --------------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
