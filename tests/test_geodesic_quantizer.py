@@ -340,17 +340,17 @@ def own_metrics(decoder, latents: LatentSet) -> np.ndarray:
 
 def test_the_probed_in_context_rule_keeps_a_first_order_code_only_where_its_margin_holds():
     """context_probed with a full frame of probes (each token's exact metric): a token it keeps has the nearest
-    code under its own metric, with every other code more than `margin` times farther at first order; every other
-    token goes to the exact rule "context" and gets its code. With margin = inf every token goes there."""
+    code under its own metric, with every other code more than `margin` times farther at first order; the other
+    tokens are settled by curves among the codes left, and get the exact rule's code. With margin = inf every
+    token is settled so, among its `shortlist` cheapest codes, as the exact rule "context" settles it."""
     from geovq.nearest import metric_costs
 
     q, decoder, test = grid_quantizer_and_test(6, paths="context", probes=100_000, margin=1.2)
-    calls = []  # the tokens the rule leaves to the exact rule's curves
-    exact_insert = q._context_insert
-    q._context_insert = lambda latents, tokens, similar: (calls.append(tokens.copy()),
-                                                          exact_insert(latents, tokens, similar))[1]
+    calls = []  # the tokens the rule leaves to curves
+    settle = q._settle_by_curves
+    q._settle_by_curves = lambda latents, tokens, *rest: (calls.append(tokens.copy()), settle(latents, tokens, *rest))[1]
     codes = q.encode_tokens(test, rule="context_probed")
-    q._context_insert = exact_insert
+    q._settle_by_curves = settle
     sent = np.concatenate(calls)
     kept = np.setdiff1d(np.arange(test.n_tokens), sent)
     assert 0 < len(sent) < test.n_tokens  # the margin decides some tokens, curves the others

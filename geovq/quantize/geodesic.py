@@ -44,12 +44,14 @@ paths (what decides a code; recorded in fit_info["paths"]):
   whose images have more metric directions, d × tokens, than `probes`: MNIST, CIFAR-10, not digits) decides by the exact rule wherever a first-order margin cannot: `probes` output probes per image estimate every
   token's own metric at once (`geometry.probes`, as pull-back's probed encode), and a token keeps the estimate's
   nearest code when every other code's first-order length is shown, at PROBE_CONFIDENCE standard errors of the
-  probes, to exceed `margin` times its length; the other tokens get the exact rule "context". Measured
-  (bench/geodesic_margin.py, 2026-12-08): on the digits main job's test splits 99.98-100% of the exact codes,
-  24-56% of tokens to curves (32 probes), no faster than the exact rule there; on 100 MNIST test images (TDC VAE of
-  a quick run, K = 64, 1,000 landmarks) 99.98% of the exact codes, 53% of tokens to curves, 1.44x cheaper than
-  the exact rule (42 decoder forward-equivalents per token), where landmark_metric agrees on 73.7% only. Its cost
-  is the margin's: a token whose runner-up lies within 1.2x at first order needs curves.
+  probes, to exceed `margin` times its length; the other tokens are settled as the exact rule settles them, by
+  refined curves in their own image, among the codes the probes left (at most `shortlist`, where the exact rule
+  takes its shortlist by the exact metric: d tangent passes per token). Measured (2026-12-08): on 100 MNIST test
+  images (TDC VAE of a quick run, K = 64, 1,000 landmarks) 99.90% of the exact codes, ΔPSNR -0.0006 dB on the
+  check sample, 53% of tokens to curves, 2.0-2.3x cheaper than the exact rule (37-45 decoder forward-equivalents
+  per token; bench/geodesic_probed.py), where landmark_metric agrees on 73.7% only; on digits' main job (bench/geodesic_margin.py) 99.95-100%,
+  but slower than the exact rule, as 128 probes are as many as digits' metric directions (16 tokens × d = 8).
+  Its cost is the margin's: a token whose runner-up lies within 1.2x at first order needs curves.
 
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
@@ -446,16 +448,42 @@ class GeodesicQuantizer(Quantizer):
         probe_grads = grads[inverse[:, None, None], np.arange(grads.shape[1])[None, :, None],
                             positions[:, None, :]]  # (n, s, d)
         points = latents.token_mu[tokens].astype(np.float64)
-        codes, candidates = probe_candidates(probe_grads, points, self.codebook_.astype(np.float64),
-                                             PROBE_CONFIDENCE, ratio=self.margin)
+        codebook = self.codebook_.astype(np.float64)
+        codes, candidates = probe_candidates(probe_grads, points, codebook, PROBE_CONFIDENCE, ratio=self.margin)
         t1 = time.perf_counter()
         unsure = np.flatnonzero(candidates.sum(1) > 1)
         if len(unsure):
-            codes[unsure] = self._context_insert(latents, tokens[unsure], None)
+            codes[unsure] = self._settle_by_curves(latents, tokens[unsure], points[unsure], probe_grads[unsure],
+                                                   candidates[unsure], codebook)
         stats = self._encode_stats
         stats["probes"] += t1 - t0
         stats["curves"] += time.perf_counter() - t1
         stats["curve_tokens"] += len(unsure)
+        return codes
+
+    def _settle_by_curves(self, latents: LatentSet, tokens: np.ndarray, points: np.ndarray, probe_grads: np.ndarray,
+                          candidates: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+        """The exact rule's step for tokens whose margin the probes could not show: refined curves in each token's
+        own image to its candidates (the codes the probes left, at most `shortlist` of them, cheapest by the
+        estimate first), where the exact rule "context" takes its `shortlist` cheapest codes by the exact metric
+        (d tangent passes per token). Tokens are grouped by their number of candidates, so no curve is padding."""
+        from geovq.geometry.curves import nearest_in_context
+        from geovq.geometry.decoders import GridTokenDecoder
+        from geovq.nearest import metric_costs
+
+        estimated = metric_costs(points, np.einsum("nsi,nsj->nij", probe_grads, probe_grads), codebook)  # (n, K)
+        estimated[~candidates] = np.inf
+        width = min(self.shortlist, int(candidates.sum(1).max()))
+        short = np.argsort(estimated, axis=1, kind="stable")[:, :width]  # (n, width) cheapest candidates first
+        count = np.minimum(candidates.sum(1), width)
+        queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
+        codes = short[:, 0].copy()
+        for m in range(2, width + 1):
+            rows = np.flatnonzero(count == m)
+            if len(rows):
+                best, _, _ = nearest_in_context(queries, rows, codebook[short[rows, :m]], bounds=self._box(),
+                                                lengths=False, **self._chunking)
+                codes[rows] = short[rows, best]
         return codes
 
     def _probed_info(self, latents: LatentSet) -> dict[str, Any]:
