@@ -14,13 +14,15 @@ landmarks (chosen the way the graph chose them), measures L_qj = ½(ℓ_q + ℓ_
 ℓ_j in j's, and gets label[argmin_j (L_qj + D(j))]. It needs q's own metric tensor: d tangent passes of
 the full decoder per token, about 5 ms per MNIST token on one core, i.e. 40 min for the 490k tokens of
 MNIST's test split. So `encode` uses it for splits of at most `exact_encode_limit` tokens (default 10k:
-under a minute on MNIST) and otherwise `approx_rule`, an approximation without any decoder call:
-- `landmark_metric` (default): the same rule with the endpoint length, q's metric tensor G_q replaced by the
-  mean metric tensor of the BORROWED landmarks most like q in the decoder's eyes: nearest in [token μ,
-  CONTEXT_WEIGHT · μ of the 3×3 cells around it (all channels), POSITION_WEIGHT · (row, col)]. On MNIST
-  test tokens (6000, stratified) it agrees with the exact rule on 98.5% (20k landmarks; 97.8% with 10k).
-  Borrowing from the Euclidean-nearest landmark instead gives 97.6% (96.1%), the mean of the 5 nearest
-  98.2% (96.9%): a token's metric depends on its context and its place in the image, not only on its μ.
+under a minute on MNIST) and otherwise `approx_rule` (with paths="context", "auto" mostly takes context_probed,
+below), or an approximation without any decoder call:
+- `landmark_metric` ("auto"'s rule with paths="graph"): the same rule with the endpoint length, q's metric
+  tensor G_q replaced by the mean metric tensor of the BORROWED landmarks most like q in the decoder's eyes:
+  nearest in [token μ, CONTEXT_WEIGHT · μ of the 3×3 cells around it (all channels), POSITION_WEIGHT · (row,
+  col)]. On MNIST test tokens (6000, stratified) it agrees with the exact rule on 98.5% (20k landmarks; 97.8%
+  with 10k; 73.7% on a quick run's 1,000-landmark fit, bench/geodesic_probed.py). Borrowing from the
+  Euclidean-nearest landmark instead gives 97.6% (96.1%), the mean of the 5 nearest 98.2% (96.9%): a token's
+  metric depends on its context and its place in the image, not only on its μ.
   The landmark searches use inverted lists (see landmark_index); 490k MNIST tokens take under a minute.
 - `nearest_landmark`: the Euclidean-nearest landmark's code (86% agreement with 20k landmarks, 80% with 10k).
 Every approximately encoded split is measured against the exact rule on a stratified sample of its tokens
