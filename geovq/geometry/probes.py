@@ -105,6 +105,15 @@ def image_tangent_norms(decoder: GridDecoderFn, grids: np.ndarray, tangents: np.
     return out
 
 
+def forward_equivalents(decoder: GridDecoderFn, latents: "LatentSet", seconds: float) -> dict[str, float]:
+    """An encode's `seconds` of `latents` in decoder forward-equivalents (a plain forward of the split's μ-grids,
+    timed now: `forward_seconds_per_image`): forward_seconds_per_image, and the encode per token and per image."""
+    per_image = forward_seconds_per_image(decoder, latents)
+    return {"forward_seconds_per_image": per_image,
+            "encode_forward_equivalents_per_token": seconds / max(latents.n_tokens, 1) / per_image,
+            "encode_forward_equivalents_per_image": seconds / max(latents.n_images, 1) / per_image}
+
+
 def forward_seconds_per_image(decoder: GridDecoderFn, latents: "LatentSet") -> float:
     """Wall seconds per image of a plain decoder forward of (up to FORWARD_PROBE of) the split's μ-grids in one
     batch (each image's first token in its own context: the μ-grid unchanged), fastest of FORWARD_REPEATS: the

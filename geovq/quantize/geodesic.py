@@ -491,17 +491,15 @@ class GeodesicQuantizer(Quantizer):
     def _probed_info(self, latents: LatentSet) -> dict[str, Any]:
         """Figures of the last context_probed encode (JSON-safe): probes, margin, confidence; seconds of the probes
         and of the exact rule's curves; curve_fraction (tokens the margin left to the exact rule); and the encode in
-        decoder forward-equivalents per token and per image (`geometry.probes.forward_seconds_per_image`)."""
-        from geovq.geometry.probes import forward_seconds_per_image
+        decoder forward-equivalents per token and per image (`geometry.probes.forward_equivalents`)."""
+        from geovq.geometry.probes import forward_equivalents
 
-        stats, n = self.encode_stats(), max(latents.n_tokens, 1)
-        seconds = stats.get("probes", 0.0) + stats.get("curves", 0.0)
-        per_image = forward_seconds_per_image(self.decoder, latents)
+        stats = self.encode_stats()
+        probes, curves = stats.get("probes", 0.0), stats.get("curves", 0.0)
         return {"probes": int(self.probes), "margin": float(self.margin), "confidence": PROBE_CONFIDENCE,
-                "seconds_probes": stats.get("probes", 0.0), "seconds_curves": stats.get("curves", 0.0),
-                "curve_fraction": stats.get("curve_tokens", 0) / n, "forward_seconds_per_image": per_image,
-                "encode_forward_equivalents_per_token": seconds / n / per_image,
-                "encode_forward_equivalents_per_image": seconds / max(latents.n_images, 1) / per_image}
+                "seconds_probes": probes, "seconds_curves": curves,
+                "curve_fraction": stats.get("curve_tokens", 0) / max(latents.n_tokens, 1),
+                **forward_equivalents(self.decoder, latents, probes + curves)}
 
     def _insert(self, latents: LatentSet, tokens: np.ndarray, index: faiss.Index, rule: str,
                 similar: faiss.Index | None) -> np.ndarray:

@@ -511,22 +511,14 @@ class PullbackQuantizer(Quantizer):
         """Figures of the last probed encode: probes, confidence, seconds of its three steps, the unsure share
         of tokens and the exact passes they took, and its cost in decoder forward-equivalents (a plain forward
         of the split's μ-grids timed in this call)."""
+        from geovq.geometry.probes import forward_equivalents
+
         stats = self._encode_stats
         n = max(latents.n_tokens, 1)
         return {"probes": int(self.probes), "confidence": float(self.confidence), "seconds_probes": stats["probes"],
                 "seconds_assign": stats["assign"], "seconds_verify": stats["verify"],
                 "unsure_fraction": stats["unsure"] / n, "verify_passes_per_token": stats["verify_passes"] / n,
-                **self._forward_equivalents(latents, stats["probes"] + stats["assign"] + stats["verify"])}
-
-    def _forward_equivalents(self, latents: LatentSet, seconds: float) -> dict[str, float]:
-        """An encode's `seconds` against a plain decoder forward of the split's μ-grids timed now: per image, and the
-        encode in forward-equivalents per token and per image."""
-        from geovq.geometry.probes import forward_seconds_per_image
-
-        per_image = forward_seconds_per_image(self.decoder, latents)
-        return {"forward_seconds_per_image": per_image,
-                "encode_forward_equivalents_per_token": seconds / max(latents.n_tokens, 1) / per_image,
-                "encode_forward_equivalents_per_image": seconds / max(latents.n_images, 1) / per_image}
+                **forward_equivalents(self.decoder, latents, stats["probes"] + stats["assign"] + stats["verify"])}
 
     def _exact_info(self, latents: LatentSet) -> dict[str, Any]:
         """JSON-safe figures of the last exact encode:
@@ -537,10 +529,13 @@ class PullbackQuantizer(Quantizer):
           and mean over tokens of the true in-context decode error of the linearised argmin
           (rerank_sq_error_linearised), of the chosen code (rerank_sq_error), and the linearised prediction
           of the former (rerank_sq_error_predicted)."""
+        from geovq.geometry.probes import forward_equivalents
+
         stats = self._encode_stats
         n = latents.n_tokens
         info = {"rule": "exact", "tokens": int(n), "seconds_metrics": stats["metrics"], "seconds_assign": stats["assign"],
-                **self._forward_equivalents(latents, stats["metrics"] + stats["assign"]), "rerank": int(self.rerank)}
+                **forward_equivalents(self.decoder, latents, stats["metrics"] + stats["assign"]),
+                "rerank": int(self.rerank)}
         if self.rerank:
             info.update({"seconds_rerank": stats["rerank"], "rerank_changed": stats["changed"],
                          "rerank_changed_fraction": stats["changed"] / max(n, 1),
