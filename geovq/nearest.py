@@ -1,6 +1,6 @@
 """The one exact nearest-neighbour search (faiss flat L2) that codebooks, W2 medoids and landmarks share, the
 one first-order cost of codes under each point's own metric tensor (pull-back and geodesic codes), and the test
-of which codes a probed estimate of that metric cannot rule out (`probe_candidates`)."""
+of which codes a probed estimate of that metric cannot rule out (`probe_shortlist`, `probe_candidates`)."""
 
 from __future__ import annotations
 
@@ -72,18 +72,17 @@ def metric_shortlist(points: np.ndarray, metrics: np.ndarray, codebook: np.ndarr
 PROBE_SHORTLIST = 16
 
 
-def probe_candidates(probe_grads: np.ndarray, points: np.ndarray, codebook: np.ndarray, confidence: float,
-                     ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def probe_shortlist(probe_grads: np.ndarray, points: np.ndarray, codebook: np.ndarray, confidence: float,
+                    ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """From probe gradients g (n, s, d) (Σ_j g_j g_jᵀ estimates each token's metric, `geometry.probes`): each
-    token's estimated best code b (n,) and the (n, K) mask of codes not ruled out: b, and every code c among the
-    PROBE_SHORTLIST cheapest by the estimate for which cost(c) > ratio²·cost(b) is not shown at `confidence`
-    standard errors of the per-probe differences. ratio 1: codes that might be cheaper than b (pull-back's exact
-    rule decides by this cost); ratio r > 1: codes whose first-order length might be within r times b's
-    (the geodesic rule, whose curves may reorder codes that close)."""
+    token's PROBE_SHORTLIST cheapest codes by the estimate, cheapest (its estimated best b) first, (n, M), and which
+    of them are not ruled out, (n, M) bool: b, and every code c for which cost(c) > ratio²·cost(b) is not shown at
+    `confidence` standard errors of the per-probe differences. ratio 1: codes that might be cheaper than b
+    (pull-back's exact rule decides by this cost); ratio r > 1: codes whose first-order length might be within r
+    times b's (the geodesic rule, whose curves may reorder codes that close)."""
     n, s, _ = probe_grads.shape
     estimated = np.einsum("nsi,nsj->nij", probe_grads, probe_grads)
     shortlist = metric_shortlist(points, estimated, codebook, PROBE_SHORTLIST)  # (n, M), cheapest first
-    best = shortlist[:, 0]
     # per-probe terms s·(g_jᵀ(c − z))², (n, s, M): their mean over j is the estimated cost of each listed code
     delta = codebook[shortlist] - points[:, None, :]  # (n, M, d)
     terms = s * np.einsum("nsd,nmd->nsm", probe_grads, delta) ** 2
@@ -93,6 +92,13 @@ def probe_candidates(probe_grads: np.ndarray, points: np.ndarray, codebook: np.n
         spread = differences.std(1, ddof=1) / np.sqrt(s) if s > 1 else np.zeros_like(gap)
         listed = (gap < confidence * spread) | np.isinf(confidence) | np.isinf(ratio)
     listed[:, 0] = True
-    keep = np.zeros((n, len(codebook)), dtype=bool)
-    keep[np.repeat(np.arange(n), listed.sum(1)), shortlist[listed]] = True
-    return best, keep
+    return shortlist, listed
+
+
+def probe_candidates(probe_grads: np.ndarray, points: np.ndarray, codebook: np.ndarray, confidence: float,
+                     ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """`probe_shortlist` as each token's estimated best code (n,) and the (n, K) mask of the codes not ruled out."""
+    shortlist, listed = probe_shortlist(probe_grads, points, codebook, confidence, ratio)
+    keep = np.zeros((len(shortlist), len(codebook)), dtype=bool)
+    keep[np.repeat(np.arange(len(shortlist)), listed.sum(1)), shortlist[listed]] = True
+    return shortlist[:, 0], keep

@@ -42,18 +42,19 @@ paths (what decides a code; recorded in fit_info["paths"]):
   shortlists, its refined curves decide; a code that chord and straight-segment bounds leave alone is taken
   without refining, see `nearest_in_context`); for larger splits "landmark_metric" is the first-order
   in-context rule argmin_c ‖c − z_q‖_G with G borrowed as above, and "nearest_landmark" the landmark's
-  in-context code. "context_probed" (`approx_rule="auto"`'s rule for splits up to `probed_encode_limit` tokens
-  whose images have more metric directions, d × tokens, than `probes`: MNIST, CIFAR-10, not digits) decides by the exact rule wherever a first-order margin cannot: `probes` output probes per image estimate every
-  token's own metric at once (`geometry.probes`, as pull-back's probed encode), and a token keeps the estimate's
-  nearest code when every other code's first-order length is shown, at PROBE_CONFIDENCE standard errors of the
-  probes, to exceed `margin` times its length; the other tokens are settled as the exact rule settles them, by
-  refined curves in their own image, among the codes the probes left (at most `shortlist`, where the exact rule
-  takes its shortlist by the exact metric: d tangent passes per token). Measured (2026-12-08): on 100 MNIST test
-  images (TDC VAE of a quick run, K = 64, 1,000 landmarks) 99.90% of the exact codes, ΔPSNR -0.0006 dB on the
-  check sample, 53% of tokens to curves, 2.0-2.3x cheaper than the exact rule (37-45 decoder forward-equivalents
-  per token; bench/geodesic_probed.py), where landmark_metric agrees on 73.7% only; on digits' main job (bench/geodesic_margin.py) 99.95-100%,
-  but slower than the exact rule, as 128 probes are as many as digits' metric directions (16 tokens × d = 8).
-  Its cost is the margin's: a token whose runner-up lies within 1.2x at first order needs curves.
+  in-context code. "context_probed" (`approx_rule="auto"`'s rule for splits up to `probed_encode_limit` tokens whose
+  images have more metric directions, d × tokens, than `probes`: MNIST, CIFAR-10, not digits) decides by the exact
+  rule wherever a first-order margin cannot: `probes` output probes per image estimate every token's own metric at
+  once (`geometry.probes`, as pull-back's probed encode), and a token keeps the estimate's nearest code when every
+  other code's first-order length is shown, at PROBE_CONFIDENCE standard errors of the probes, to exceed `margin`
+  times its length; the other tokens are settled as the exact rule settles them, by refined curves in their own
+  image, among the codes the probes left (at most `shortlist`, where the exact rule takes its shortlist by the exact
+  metric: d tangent passes per token). Measured (2026-12-08): on 1,000 MNIST test images (TDC VAE of a quick run, K
+  = 64, 1,000 landmarks) 99.88% of the exact codes, ΔPSNR -0.0004 dB on the check sample, 53% of tokens to curves,
+  2.0-2.3x cheaper than the exact rule (37-45 decoder forward-equivalents per token; bench/geodesic_probed.py),
+  where landmark_metric agrees on 73.7% only; on digits' main job (bench/geodesic_margin.py) 99.95-100%, but slower
+  than the exact rule, as 128 probes are as many as digits' metric directions (16 tokens × d = 8). Its cost is the
+  margin's: a token whose runner-up lies within 1.2x at first order needs curves.
 
 The quantizer needs the decoder: a callable from μ-grids (B, h, w, C) to images (B, ...), in eval mode.
 """
@@ -167,7 +168,8 @@ class GeodesicQuantizer(Quantizer):
                              "nearest_landmark, auto")
         if self.probes < 1 or not self.margin >= 1 or self.probed_encode_limit < 0:
             raise GeovqError(f"geodesic needs probes >= 1, margin >= 1 and probed_encode_limit >= 0; got "
-                             f"probes={self.probes}, margin={self.margin}, probed_encode_limit={self.probed_encode_limit}")
+                             f"probes={self.probes}, margin={self.margin}, "
+                             f"probed_encode_limit={self.probed_encode_limit}")
         if self.chunk_elements is not None and self.chunk_elements < 1:
             raise GeovqError(f"geodesic chunk_elements={self.chunk_elements} must be >= 1 (or None)")
 
@@ -437,9 +439,9 @@ class GeodesicQuantizer(Quantizer):
 
     def _context_probed(self, latents: LatentSet, tokens: np.ndarray) -> np.ndarray:
         """Codes of one chunk of tokens by context_probed (module docstring): the probes' nearest code where its
-        margin is shown, the exact rule "context" elsewhere."""
+        margin is shown, the exact rule's curves among the codes left elsewhere (`_settle_by_curves`)."""
         from geovq.geometry.probes import image_probes
-        from geovq.nearest import probe_candidates
+        from geovq.nearest import probe_shortlist
 
         t0 = time.perf_counter()
         image, inverse = np.unique(tokens // latents.tokens_per_image, return_inverse=True)
@@ -451,33 +453,33 @@ class GeodesicQuantizer(Quantizer):
                             positions[:, None, :]]  # (n, s, d)
         points = latents.token_mu[tokens].astype(np.float64)
         codebook = self.codebook_.astype(np.float64)
-        codes, candidates = probe_candidates(probe_grads, points, codebook, PROBE_CONFIDENCE, ratio=self.margin)
+        shortlist, listed = probe_shortlist(probe_grads, points, codebook, PROBE_CONFIDENCE, ratio=self.margin)
+        codes = shortlist[:, 0].copy()
         t1 = time.perf_counter()
-        unsure = np.flatnonzero(candidates.sum(1) > 1)
+        unsure = np.flatnonzero(listed.sum(1) > 1)
         if len(unsure):
-            codes[unsure] = self._settle_by_curves(latents, tokens[unsure], points[unsure], probe_grads[unsure],
-                                                   candidates[unsure], codebook)
+            codes[unsure] = self._settle_by_curves(latents, tokens[unsure], shortlist[unsure], listed[unsure],
+                                                   codebook)
         stats = self._encode_stats
         stats["probes"] += t1 - t0
         stats["curves"] += time.perf_counter() - t1
         stats["curve_tokens"] += len(unsure)
         return codes
 
-    def _settle_by_curves(self, latents: LatentSet, tokens: np.ndarray, points: np.ndarray, probe_grads: np.ndarray,
-                          candidates: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    def _settle_by_curves(self, latents: LatentSet, tokens: np.ndarray, shortlist: np.ndarray, listed: np.ndarray,
+                          codebook: np.ndarray) -> np.ndarray:
         """The exact rule's step for tokens whose margin the probes could not show: refined curves in each token's
-        own image to its candidates (the codes the probes left, at most `shortlist` of them, cheapest by the
-        estimate first), where the exact rule "context" takes its `shortlist` cheapest codes by the exact metric
-        (d tangent passes per token). Tokens are grouped by their number of candidates, so no curve is padding."""
+        own image to its candidates (`probe_shortlist`'s codes not ruled out, at most `shortlist` of them, cheapest
+        by the estimate first), where the exact rule "context" takes its `shortlist` cheapest codes by the exact
+        metric (d tangent passes per token). Tokens are grouped by their number of candidates, so no curve is
+        padding."""
         from geovq.geometry.curves import nearest_in_context
         from geovq.geometry.decoders import GridTokenDecoder
-        from geovq.nearest import metric_costs
 
-        estimated = metric_costs(points, np.einsum("nsi,nsj->nij", probe_grads, probe_grads), codebook)  # (n, K)
-        estimated[~candidates] = np.inf
-        width = min(self.shortlist, int(candidates.sum(1).max()))
-        short = np.argsort(estimated, axis=1, kind="stable")[:, :width]  # (n, width) cheapest candidates first
-        count = np.minimum(candidates.sum(1), width)
+        width = min(self.shortlist, int(listed.sum(1).max()))
+        # each token's listed codes in the shortlist's order (cheapest by the estimate first), (n, width)
+        short = np.take_along_axis(shortlist, np.argsort(~listed, axis=1, kind="stable")[:, :width], 1)
+        count = np.minimum(listed.sum(1), width)
         queries = GridTokenDecoder.from_latents(self.decoder, latents, tokens)
         codes = short[:, 0].copy()
         for m in range(2, width + 1):
